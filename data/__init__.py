@@ -1,0 +1,1 @@
+"""Data side of the pipeline: prompts -> generation + capture -> activation store -> labels."""
