@@ -1,0 +1,54 @@
+"""W&B logging that never hangs: offline automatically when no API key is configured.
+
+On a cluster node without credentials, ``wandb.init`` would prompt for a key (and block a batch
+job). This logger decides up front: with a key (``WANDB_API_KEY`` or a ``~/.netrc`` entry for
+api.wandb.ai) it logs online; without one it logs offline into the run folder, to be uploaded
+later with ``wandb sync <run>/wandb/offline-run-*``. ``WANDB_MODE=disabled`` still wins.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any
+
+from pytorch_lightning.loggers import WandbLogger as _WandbLogger
+
+
+def wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
+        return any(host.endswith("wandb.ai") for host in auth.hosts)
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class WandbLogger(_WandbLogger):
+    """Lightning's ``WandbLogger``, with ``offline=None`` meaning "offline unless a key is set".
+
+    :param offline: ``True``/``False`` force the mode; ``None`` decides from the credentials.
+    Other arguments are those of ``pytorch_lightning.loggers.WandbLogger``.
+    """
+
+    def __init__(self, project: str = "diffusion-probes", save_dir: str = ".", offline: bool | None = None,
+                 **kwargs: Any) -> None:
+        if offline is None:
+            offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_api_key_available()
+        if offline:
+            os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.makedirs(save_dir, exist_ok=True)
+        super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
+        self.is_offline = offline
+
+    def log_results(self, rows: list[dict], best: list[dict], written: dict[str, Any]) -> None:
+        """Final results as W&B tables (one row per split, task, layer, step, timestep, metric)."""
+        import wandb
+
+        cols = ["split", "task", "layer", "step", "timestep", "metric", "value"]
+        self.experiment.log({
+            "results/metrics": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows]),
+            "results/best": wandb.Table(columns=list(best[0]) if best else [],
+                                        data=[list(b.values()) for b in best]),
+        })

@@ -1,0 +1,97 @@
+"""Results as data: ``metrics.csv`` in long form, the best (layer, step) per task, a text table.
+
+Long form (one row per split, task, layer, step, metric) is what pandas, W&B tables and
+spreadsheets all read without reshaping. Best heads are picked on the validation split and
+their test value is reported, so the test set is never used for selection.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Iterable
+
+from probes.tasks import LOWER_IS_BETTER
+
+COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
+REAL_COMMAND = "python train.py fit --config configs/sd14/all.yaml"
+RANDOM_WARNING = (
+    "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number above is meaningless by "
+    "design: the run only shows that the pipeline works end to end.\n"
+    f"      The real experiment (SD v1.4 weights, GPU): {REAL_COMMAND}")
+
+
+def write_metrics_csv(rows: Iterable[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def read_metrics_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{**r, "step": int(r["step"]), "timestep": float(r["timestep"]), "value": float(r["value"])}
+                for r in csv.DictReader(f)]
+
+
+def _better(metric: str, a: float, b: float) -> bool:
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def best_heads(rows: list[dict], select_split: str = "val") -> list[dict]:
+    """Per (task, metric): the (layer, step) best on ``select_split`` and its value on every split."""
+    index = {(r["split"], r["task"], r["metric"], r["layer"], r["step"]): r for r in rows}
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    if select_split not in splits:
+        select_split = splits[0]
+    out = []
+    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] != "loss"):
+        cands = [r for r in rows if r["split"] == select_split and r["task"] == task and r["metric"] == metric
+                 and r["value"] == r["value"]]
+        if not cands:
+            continue
+        best = cands[0]
+        for r in cands[1:]:
+            if _better(metric, r["value"], best["value"]):
+                best = r
+        entry = {"task": task, "metric": metric, "layer": best["layer"], "step": best["step"],
+                 "timestep": best["timestep"], "selected_on": select_split}
+        for s in splits:
+            hit = index.get((s, task, metric, best["layer"], best["step"]))
+            entry[s] = hit["value"] if hit else float("nan")
+        out.append(entry)
+    return out
+
+
+def reference_heads(rows: list[dict], layer: str = "up3.0") -> list[dict]:
+    """The published comparison point: layer ``up3.0`` at the last step, per task and metric."""
+    out = []
+    last = max((r["step"] for r in rows), default=None)
+    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] != "loss"):
+        vals = {r["split"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric
+                and r["layer"] == layer and r["step"] == last}
+        if vals:
+            out.append({"task": task, "metric": metric, "layer": layer, "step": last, **vals})
+    return out
+
+
+def format_table(rows: list[dict], is_random: bool) -> str:
+    """The table printed at the end of a run."""
+    lines = []
+    best = best_heads(rows)
+    splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
+    head = f"{'task':<11}{'metric':<10}{'best layer':<12}{'step':>5}{'t':>8}" + "".join(f"{s:>9}" for s in splits)
+    lines += ["", "Best (layer, step) per task and metric, selected on the validation split:", head, "-" * len(head)]
+    for b in best:
+        lines.append(f"{b['task']:<11}{b['metric']:<10}{b['layer']:<12}{b['step']:>5}{b['timestep']:>8.1f}"
+                     + "".join(f"{b.get(s, float('nan')):>9.3f}" for s in splits))
+    ref = reference_heads(rows)
+    if ref:
+        lines += ["", f"Published comparison point (layer up3.0, last step {ref[0]['step']}):"]
+        for r in ref:
+            lines.append(f"{r['task']:<11}{r['metric']:<10}" + "".join(f"{s}={r.get(s, float('nan')):.3f}  " for s in splits))
+    if is_random:
+        lines += ["", RANDOM_WARNING]
+    return "\n".join(lines)

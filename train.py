@@ -1,0 +1,12 @@
+"""Train (and test, and export) linear probes: ``python train.py fit --config configs/tiny.yaml``."""
+from data.datamodule import ActivationDataModule
+from probes.cli import ProbeCLI
+from probes.module import ProbeModule
+
+
+def main() -> None:
+    ProbeCLI(ProbeModule, ActivationDataModule)
+
+
+if __name__ == "__main__":
+    main()
