@@ -9,6 +9,7 @@ activations of the same layer and step.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -173,8 +174,8 @@ def module_from_export(path: str | Path):
     from probes.module import ProbeModule
 
     probes = load_probes(path)
-    hp = dict(probes.meta["hparams"])
-    module = ProbeModule(**hp)
+    allowed = inspect.signature(ProbeModule.__init__).parameters
+    module = ProbeModule(**{k: v for k, v in probes.meta["hparams"].items() if k in allowed})
     module.build(probes.spec)
     with torch.no_grad():
         for t, bank in module.banks.items():

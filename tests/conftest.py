@@ -1,0 +1,40 @@
+"""Shared fixtures: offline, CPU, a tiny random-weight SD, and a small prompt set."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")       # a stray hub call fails fast instead of retrying
+os.environ.setdefault("WANDB_MODE", "disabled")     # tests that check W&B set offline themselves
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def reference_dir(*parts: str) -> Path:
+    """A folder of ``../shared/reference``; the test is skipped where it is absent."""
+    path = REFERENCE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference data not available ({path}); the project works without it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from data.models import DiffusionSpec, load_pipeline
+
+    return load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cpu")
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"a photo of thing number {i}" for i in range(12)) + "\n")
+    return path
