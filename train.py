@@ -5,7 +5,7 @@ from probes.module import ProbeModule
 
 
 def main() -> None:
-    ProbeCLI(ProbeModule, ActivationDataModule)
+    ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +66,12 @@ class CaptureSpec:
     halves: str = "cond"
     dtype: str = "float16"
 
+    def __post_init__(self) -> None:
+        if self.dtype not in {"float16", "float32"}:
+            raise ValueError(f"capture.dtype must be float16 or float32 (stored as .npy), got {self.dtype!r}")
+        if self.halves not in {"cond", "both"}:
+            raise ValueError(f"capture.halves must be 'cond' or 'both', got {self.halves!r}")
+
 
 def native_size(pipe) -> tuple[int, int]:
     s = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -98,20 +104,24 @@ class GeneratedBatch:
     images: np.ndarray                 # [B, H, W, 3] uint8
     acts: dict[str, torch.Tensor]      # layer -> [B, S_sel, halves, T, C] (device per `acts_device`)
     timesteps: list[float]             # all S timesteps of the sampler
-    unet_calls: int
+    unet_calls: int                    # batched U-Net calls for this chunk (one per step with K-LMS)
+    guided_calls: int                  # per-image guided calls: unet_calls x images in the chunk
     seconds: float
 
 
 def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: GenerationSpec,
              layers: Sequence[LayerInfo], capture: CaptureSpec, acts_device: str | None = "cpu",
-             progress: bool = True, desc: str = "generating") -> Iterator[GeneratedBatch]:
-    """Yield generated batches for the chunks of ``records`` that contain an index in ``todo``.
+             progress: bool = True, desc: str = "generating",
+             universe: Sequence[int] | None = None) -> Iterator[GeneratedBatch]:
+    """Yield generated batches for the chunks of ``universe`` that contain an index in ``todo``.
 
-    Chunks are cut from the full record list (see module docstring); each chunk that holds any
-    wanted index is generated whole and yielded with only the wanted samples.
+    Chunks are cut from ``universe`` (default: every record, in order; see the module docstring);
+    each chunk that holds any wanted index is generated whole and yielded with only the wanted
+    samples. ``acts_device=None`` leaves the activations on the model's device.
     """
     todo_set = set(int(i) for i in todo)
-    chunks = [c for c in batches([r.index for r in records], spec.batch_size) if todo_set.intersection(c)]
+    order = [r.index for r in records] if universe is None else list(universe)
+    chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
     by_index = {r.index: r for r in records}
     pipe.scheduler = make_scheduler(pipe, spec.scheduler)
     height, width = spec.height or native_size(pipe)[0], spec.width or native_size(pipe)[1]
@@ -140,7 +150,7 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
             batch = GeneratedBatch(indices=[chunk[k] for k in keep], images=images[keep],
                                    acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
                                    timesteps=[float(t) for t in cap.timesteps], unet_calls=cap.unet_calls - calls0,
-                                   seconds=time.perf_counter() - t0)
+                                   guided_calls=(cap.unet_calls - calls0) * len(chunk), seconds=time.perf_counter() - t0)
             bar.update(len(keep))
             bar.set_postfix(unet_calls=cap.unet_calls)
             yield batch
@@ -157,5 +167,3 @@ def sampler_timesteps(pipe, spec: GenerationSpec) -> list[float]:
 def spec_dict(spec: GenerationSpec | CaptureSpec) -> dict:
     return asdict(spec)
 
-
-Consumer = Callable[[GeneratedBatch], None]

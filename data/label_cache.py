@@ -25,6 +25,7 @@ class LabelCache:
         h, w = store.manifest["generation"]["height"], store.manifest["generation"]["width"]
         self.shape = (n, h, w)
         self._array: PreallocatedArray | None = None
+        self._loaded_on: str | None = None
         self.commits = CommitLog(self.root / "commits") if self.root.exists() else None
 
     def _open(self, create: bool) -> PreallocatedArray:
@@ -50,7 +51,9 @@ class LabelCache:
         if not todo:
             return 0
         arr = self._open(create=True)
-        self.labeler.load(device)
+        if self._loaded_on != device:  # load weights once, not per batch of a streaming run
+            self.labeler.load(device)
+            self._loaded_on = device
         images = self.store.images.array()
         bs = max(1, int(getattr(self.labeler, "batch_size", 8)))
         bar = tqdm(total=len(todo), desc=f"labels: {self.task} ({self.labeler.name})", unit="img",
@@ -70,7 +73,6 @@ class LabelCache:
                 self.commits.mark(int(i))  # type: ignore[union-attr]
             bar.update(len(idx))
         bar.close()
-        arr.close()
         return len(todo)
 
     def array(self) -> np.memmap:

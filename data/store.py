@@ -161,8 +161,9 @@ class ActivationStore:
             raise ValueError(f"store {self.root} has format {self.manifest.get('format_version')}, "
                              f"this code reads {FORMAT_VERSION}; regenerate it into a new store_dir")
         self.images = PreallocatedArray(self.root / "images.npy")
+        cap = self.manifest["capture"]
         self.acts = {layer["name"]: PreallocatedArray(self.root / "acts" / f"{layer['name']}.npy")
-                     for layer in self.manifest["capture"]["layers"]}
+                     for layer in (cap["layers"] if cap.get("store_activations", True) else [])}
         self.commits = CommitLog(self.root / "commits")
 
     # -- creation --------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class ActivationStore:
         h, w = manifest["generation"]["height"], manifest["generation"]["width"]
         cap = manifest["capture"]
         out = {"images": ((n, h, w, 3), "uint8")}
-        for layer in cap["layers"]:
+        for layer in cap["layers"] if cap.get("store_activations", True) else []:
             t = layer["grid"][0] * layer["grid"][1]
             out[f"acts/{layer['name']}"] = ((n, len(cap["steps"]), len(cap["halves"]), t, layer["channels"]),
                                             cap["dtype"])
@@ -206,7 +207,8 @@ class ActivationStore:
 
     @property
     def layer_names(self) -> list[str]:
-        return [layer["name"] for layer in self.manifest["capture"]["layers"]]
+        """Layers whose activations are stored (none in an images-only store of a streaming run)."""
+        return list(self.acts)
 
     def committed(self) -> np.ndarray:
         mask = np.zeros(self.num_samples, bool)
@@ -242,6 +244,10 @@ class ActivationStore:
             a.close()
 
     # -- reading ---------------------------------------------------------------------------
+    def guided_calls(self) -> int:
+        """Per-image guided U-Net calls spent on the committed samples (from their commit records)."""
+        return sum(int(self.commits.record(i).get("guided_calls", 0)) for i in sorted(self.commits.done()))
+
     def image(self, index: int) -> np.ndarray:
         return self.images.array()[index]
 

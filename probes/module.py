@@ -39,6 +39,9 @@ class ProbeModule(pl.LightningModule):
         Never the test set.
     """
 
+    #: trains in a single pass (closed form), so it can consume streamed, uncached data
+    one_pass = False
+
     def __init__(self, tasks: list[str] | None = None, lr: dict[str, float] | float | None = None,
                  bias: bool = False, huber_delta: float = 1.0, threshold: float = 0.0,
                  selection: str = "last") -> None:
@@ -78,6 +81,11 @@ class ProbeModule(pl.LightningModule):
         spec = getattr(dm, "probe_spec", None)
         if spec is None:
             raise RuntimeError("ProbeModule needs a datamodule with a probe_spec (data.ActivationDataModule)")
+        if spec.streaming and not self.one_pass and stage == "fit":
+            raise ValueError("SGD probes need several epochs over cached activations; data.mode=streaming caches "
+                             "nothing. Use data.mode=cached, or the one-pass probes: "
+                             "model.class_path=probes.ridge.RidgeProbeModule")
+        dm.exact_train_shards = self.one_pass
         if self.spec is None:
             self.build(spec)
         else:
@@ -175,7 +183,7 @@ class ProbeModule(pl.LightningModule):
                         if name != "loss":
                             logged[f"{split}/{t}/{name}/{layer.name}/step_{step:02d}"] = v
         if logged and not self.trainer.sanity_checking:
-            self.log_dict(logged, sync_dist=False)
+            self.log_dict(logged, rank_zero_only=True)  # values are already all-reduced
         return rows
 
     def on_validation_epoch_end(self) -> None:

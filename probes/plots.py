@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from probes.report import NOT_SCORES  # noqa: E402
 from probes.tasks import LOWER_IS_BETTER  # noqa: E402
 
 #: reference points (replication, last step, up3.0) drawn as a dashed line where they apply
@@ -108,7 +109,7 @@ def plot_heatmap(rows: list[dict], split: str, task: str, metric: str, path: Pat
 def plot_all(rows: list[dict], out_dir: Path, split: str = "test", title_suffix: str = "") -> list[Path]:
     """Both plots for every (task, metric) in ``split`` (the loss is left out)."""
     paths = []
-    pairs = list(dict.fromkeys((r["task"], r["metric"]) for r in rows if r["split"] == split and r["metric"] != "loss"))
+    pairs = list(dict.fromkeys((r["task"], r["metric"]) for r in rows if r["split"] == split and r["metric"] not in NOT_SCORES))
     for task, metric in pairs:
         paths.append(plot_metric_vs_step(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_vs_step.png", title_suffix))
         paths.append(plot_heatmap(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_heatmap.png", title_suffix))

@@ -13,6 +13,8 @@ from typing import Iterable
 from probes.tasks import LOWER_IS_BETTER
 
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
+#: rows of metrics.csv that are not scores (no best head is picked on them)
+NOT_SCORES = {"loss", "ridge_lambda"}
 REAL_COMMAND = "python train.py fit --config configs/sd14/all.yaml"
 RANDOM_WARNING = (
     "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number above is meaningless by "
@@ -47,7 +49,7 @@ def best_heads(rows: list[dict], select_split: str = "val") -> list[dict]:
     if select_split not in splits:
         select_split = splits[0]
     out = []
-    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] != "loss"):
+    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES):
         cands = [r for r in rows if r["split"] == select_split and r["task"] == task and r["metric"] == metric
                  and r["value"] == r["value"]]
         if not cands:
@@ -69,7 +71,7 @@ def reference_heads(rows: list[dict], layer: str = "up3.0") -> list[dict]:
     """The published comparison point: layer ``up3.0`` at the last step, per task and metric."""
     out = []
     last = max((r["step"] for r in rows), default=None)
-    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] != "loss"):
+    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES):
         vals = {r["split"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric
                 and r["layer"] == layer and r["step"] == last}
         if vals:
