@@ -166,7 +166,7 @@ def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Di
                                    f"{store.manifest['capture']['all_timesteps']}")
             acts = {n: a.numpy() for n, a in batch.acts.items()}
             recs = [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank) for i in batch.indices]
-            store.write_batch(batch.indices, batch.images, acts, recs)
+            store.write_batch(batch.indices, batch.images, acts, recs, batch.x0_images)
             calls += batch.guided_calls
         store.close()
         print(f"[generation] rank {rank}: {len(todo)} images, {calls} guided U-Net calls "
@@ -192,6 +192,30 @@ class ActivationDataset(Dataset):
                 for n in self.store.layer_names}
         labels = {t: torch.from_numpy(np.array(c.array()[i])) for t, c in self.labels.items()}
         return {"index": i, "acts": acts, "labels": labels}
+
+    def __getitems__(self, ks: list[int]) -> dict[str, Any]:
+        """A whole batch with one read per layer (rows in file order), already collated.
+
+        Per-sample reads plus ``default_collate`` copy every byte twice and pay per-sample
+        overhead on each of the 16 layers; this reads each layer's rows straight into the batch.
+        """
+        idx = np.asarray([self.indices[k] for k in ks])
+        order = np.argsort(idx, kind="stable")
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        rows = idx[order]
+        acts = {}
+        for n in self.store.layer_names:
+            arr = self.store.acts[n].array()
+            data = arr[rows, :, self.cond] if arr.shape[2] > 1 else arr[rows][:, :, 0]
+            acts[n] = torch.from_numpy(data[back] if len(rows) > 1 else data)
+        labels = {t: torch.from_numpy(np.asarray(c.array()[rows])[back]) for t, c in self.labels.items()}
+        return {"index": torch.as_tensor(idx), "acts": acts, "labels": labels}
+
+
+def _collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
 
 
 class StreamingDataset(IterableDataset):
@@ -219,11 +243,14 @@ class StreamingDataset(IterableDataset):
             idx = batch.indices
             if store.missing(idx):
                 recs = [dict(asdict(dm.records()[i]), guided_calls=batch.unet_calls, rank=rank) for i in idx]
-                store.write_batch(idx, batch.images, {}, recs)
+                store.write_batch(idx, batch.images, {}, recs, batch.x0_images)
             labels = {}
             for task, cache in dm.label_caches.items():
                 cache.ensure(idx, device=dm._device(), progress=False)
                 labels[task] = torch.from_numpy(np.array(cache.array()[idx]))
+                if self.split == "test" and store.x0_images is not None:
+                    x0 = dm.x0_label_caches.setdefault(task, LabelCache(store, task, cache.labeler, source="x0"))
+                    x0.ensure(idx, device=dm._device(), progress=False)
             dm.guided_calls += batch.guided_calls
             yield {"index": torch.tensor(idx), "acts": {n: a[:, :, cond] for n, a in batch.acts.items()},
                    "labels": labels}
@@ -292,6 +319,8 @@ class ActivationDataModule(pl.LightningDataModule):
         self.probe_spec: ProbeSpec | None = None
         self.datasets: dict[str, Dataset] = {}
         self.label_caches: dict[str, LabelCache] = {}
+        #: labels of the decoded predicted-x0 images of the test split (generation.decode_x0)
+        self.x0_label_caches: dict[str, LabelCache] = {}
         self.guided_calls = 0
         self._pipe = None
         #: set by one-pass (closed-form) modules: their train sums must see each image exactly once,
@@ -385,6 +414,14 @@ class ActivationDataModule(pl.LightningDataModule):
                              device=self._device(), progress=progress)
             barrier()
             self.label_caches = {t: LabelCache(store, t, c.labeler) for t, c in self.label_caches.items()}
+            if store.x0_images is not None:
+                for task, cache in self.label_caches.items():
+                    x0 = LabelCache(store, task, cache.labeler, source="x0")
+                    x0.ensure(shard_of(splits["test"], self.generation.batch_size, rank, world), device=self._device(),
+                              progress=progress)
+                    self.x0_label_caches[task] = x0
+                barrier()
+                self.x0_label_caches = {t: LabelCache(store, t, c.labeler, "x0") for t, c in self.x0_label_caches.items()}
             self.datasets = {s: ActivationDataset(store, idx, self.label_caches) for s, idx in splits.items() if idx}
             stats = {t: target_stats(c.array(), splits["train"]) for t, c in self.label_caches.items()}
         cap = store.manifest["capture"]
@@ -395,7 +432,7 @@ class ActivationDataModule(pl.LightningDataModule):
             target_stats=stats, model=store.manifest["model"], is_random=bool(store.manifest["model"]["is_random"]),
             store_dir=str(store_dir), data_config=self.config(), streaming=self.streaming)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"the prompt set has no {split!r} split (val needs prompts.val_fraction > 0)")
         ds = self.datasets[split]
@@ -406,16 +443,16 @@ class ActivationDataModule(pl.LightningDataModule):
         sampler = UnpaddedShardSampler(ds, world, rank) if world > 1 and exact else None
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, collate_fn=_collated)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=not self.exact_train_shards)
+        return self.loader("train", shuffle=not self.exact_train_shards)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self.loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self.loader("test", shuffle=False)
 
     def teardown(self, stage: str | None = None) -> None:
         if stage in ("test", None):

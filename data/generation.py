@@ -7,6 +7,7 @@ ranks share the work, a sample is always generated in the same batch, hence bit-
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
@@ -34,6 +35,10 @@ class GenerationSpec:
     :param scheduler: ``lms`` (K-LMS, the protocol), ``ddim``, ``pndm``, ``euler`` or ``dpm``.
     :param negative_prompt: the unconditional prompt.
     :param batch_size: images per pipeline call.
+    :param decode_x0: also decode the sampler's predicted clean latent (x0) at every captured
+        step into an image, so that labelers can be run on the intermediate images (the
+        protocol's "off-the-shelf model on decoded images" baseline). Costs one VAE decode per
+        image and step.
     """
 
     steps: int = 15
@@ -43,6 +48,7 @@ class GenerationSpec:
     scheduler: str = "lms"
     negative_prompt: str = ""
     batch_size: int = 4
+    decode_x0: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -78,11 +84,48 @@ def native_size(pipe) -> tuple[int, int]:
     return s, s
 
 
-def make_scheduler(pipe, name: str):
-    """The chosen sampler, built from the model's own scheduler config (betas etc. carry over)."""
+def make_scheduler(pipe, name: str, record_x0: bool = False):
+    """The chosen sampler, built from the model's own scheduler config (betas etc. carry over).
+
+    With ``record_x0`` it is a subclass that keeps each step's ``pred_original_sample``, which
+    the pipeline otherwise discards (behaviour swapped by an object, not a patched loop).
+    """
     import diffusers
 
-    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if not record_x0:
+        return cls.from_config(pipe.scheduler.config)
+    sched = _x0_recording(cls).from_config(pipe.scheduler.config)
+    sched.x0_history = []
+    return sched
+
+
+def _x0_recording(base: type) -> type:
+    class X0Recording(base):
+        def step(self, *args, **kwargs):
+            return_dict = kwargs.pop("return_dict", True)
+            out = super().step(*args, return_dict=True, **kwargs)
+            x0 = getattr(out, "pred_original_sample", None)
+            if x0 is None:
+                raise ValueError(f"generation.decode_x0 needs a sampler that reports its predicted x0; "
+                                 f"{base.__name__} does not (use lms, ddim or euler)")
+            self.x0_history.append(x0)
+            return out if return_dict else (out.prev_sample,)
+
+    X0Recording.step.__signature__ = inspect.signature(base.step)  # the pipeline inspects it for eta/generator
+    X0Recording.__name__ = base.__name__
+    return X0Recording
+
+
+def decode_latents(pipe, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
+    """Latents ``[N, C, h, w]`` -> uint8 images ``[N, H, W, 3]``, as the pipeline decodes its output."""
+    out = []
+    for k in range(0, len(latents), chunk):
+        x = latents[k:k + chunk].to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        img = pipe.vae.decode(x, return_dict=False)[0]
+        img = pipe.image_processor.postprocess(img, output_type="np")
+        out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
 
 
 def initial_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
@@ -104,6 +147,7 @@ class GeneratedBatch:
     images: np.ndarray                 # [B, H, W, 3] uint8
     acts: dict[str, torch.Tensor]      # layer -> [B, S_sel, halves, T, C] (device per `acts_device`)
     timesteps: list[float]             # all S timesteps of the sampler
+    x0_images: np.ndarray | None       # [B, S_sel, H, W, 3] uint8 decoded predicted x0 (decode_x0)
     unet_calls: int                    # batched U-Net calls for this chunk (one per step with K-LMS)
     guided_calls: int                  # per-image guided calls: unet_calls x images in the chunk
     seconds: float
@@ -123,7 +167,7 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
     order = [r.index for r in records] if universe is None else list(universe)
     chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
     by_index = {r.index: r for r in records}
-    pipe.scheduler = make_scheduler(pipe, spec.scheduler)
+    pipe.scheduler = make_scheduler(pipe, spec.scheduler, record_x0=spec.decode_x0)
     height, width = spec.height or native_size(pipe)[0], spec.width or native_size(pipe)[1]
     f = pipe.vae_scale_factor
     latent_shape = (pipe.unet.config.in_channels, height // f, width // f)
@@ -138,18 +182,27 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
             cap.reset()
             calls0, t0 = cap.unet_calls, time.perf_counter()
             latents = initial_latents([r.seed for r in recs], latent_shape).to(device, dtype)
-            with torch.inference_mode():
+            if spec.decode_x0:
+                pipe.scheduler.x0_history = []
+            # fp16 autocast on CUDA, as the reference generated; a no-op on the CPU
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                 out = pipe(prompt=[r.prompt for r in recs], negative_prompt=[spec.negative_prompt] * len(recs),
                            num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
                            height=height, width=width, latents=latents, output_type="np",
                            callback_on_step_end=cap.on_step_end)
+                x0_images = None
+                if spec.decode_x0:
+                    x0 = torch.stack([pipe.scheduler.x0_history[s] for s in cap.steps], 1)   # [B, S_sel, C, h, w]
+                    x0_images = decode_latents(pipe, x0.flatten(0, 1)).reshape(len(chunk), len(cap.steps), height, width, 3)
             acts = cap.collect(acts_device)
             images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
             keep = [k for k, i in enumerate(chunk) if i in todo_set]
             sel = torch.tensor(keep)
             batch = GeneratedBatch(indices=[chunk[k] for k in keep], images=images[keep],
                                    acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
-                                   timesteps=[float(t) for t in cap.timesteps], unet_calls=cap.unet_calls - calls0,
+                                   timesteps=[float(t) for t in cap.timesteps],
+                                   x0_images=x0_images[keep] if x0_images is not None else None,
+                                   unet_calls=cap.unet_calls - calls0,
                                    guided_calls=(cap.unet_calls - calls0) * len(chunk), seconds=time.perf_counter() - t0)
             bar.update(len(keep))
             bar.set_postfix(unet_calls=cap.unet_calls)

@@ -18,19 +18,27 @@ from data.store import ActivationStore, CommitLog, PreallocatedArray, atomic_wri
 
 
 class LabelCache:
-    def __init__(self, store: ActivationStore, task: str, labeler: Labeler) -> None:
-        self.store, self.task, self.labeler = store, task, labeler
+    """Labels of the final images (``source="images"``, ``[N, H, W]``) or of the decoded
+    predicted-x0 images of every captured step (``source="x0"``, ``[N, S, H, W]``)."""
+
+    def __init__(self, store: ActivationStore, task: str, labeler: Labeler, source: str = "images") -> None:
+        if source not in ("images", "x0"):
+            raise ValueError(f"label source must be 'images' or 'x0', got {source!r}")
+        if source == "x0" and store.x0_images is None:
+            raise ValueError(f"the store at {store.root} has no decoded x0 images: generate with generation.decode_x0=true")
+        self.store, self.task, self.labeler, self.source = store, task, labeler, source
         self.root = store.root / "labels" / task / labeler.fingerprint()
         n = store.num_samples
         h, w = store.manifest["generation"]["height"], store.manifest["generation"]["width"]
-        self.shape = (n, h, w)
+        self.shape = (n, h, w) if source == "images" else (n, len(store.manifest["capture"]["steps"]), h, w)
+        self._prefix = "" if source == "images" else "x0_"
         self._array: PreallocatedArray | None = None
         self._loaded_on: str | None = None
-        self.commits = CommitLog(self.root / "commits") if self.root.exists() else None
+        self.commits = CommitLog(self.root / f"{self._prefix}commits") if self.root.exists() else None
 
     def _open(self, create: bool) -> PreallocatedArray:
         if self._array is None:
-            path = self.root / "labels.npy"
+            path = self.root / f"{self._prefix}labels.npy"
             if not path.exists():
                 if not create:
                     raise FileNotFoundError(f"labels for task {self.task!r} were never computed at {self.root}")
@@ -38,7 +46,7 @@ class LabelCache:
                 PreallocatedArray.create(path, self.shape, np.float32)
                 atomic_write_text(self.root / "labeler.json", json.dumps(self.labeler.describe(), indent=1))
             self._array = PreallocatedArray(path)
-            self.commits = CommitLog(self.root / "commits")
+            self.commits = CommitLog(self.root / f"{self._prefix}commits")
         return self._array
 
     def missing(self, indices: Sequence[int]) -> list[int]:
@@ -54,13 +62,18 @@ class LabelCache:
         if self._loaded_on != device:  # load weights once, not per batch of a streaming run
             self.labeler.load(device)
             self._loaded_on = device
-        images = self.store.images.array()
-        bs = max(1, int(getattr(self.labeler, "batch_size", 8)))
-        bar = tqdm(total=len(todo), desc=f"labels: {self.task} ({self.labeler.name})", unit="img",
+        images = (self.store.images if self.source == "images" else self.store.x0_images).array()
+        per = 1 if self.source == "images" else self.shape[1]        # labeler images per sample
+        bs = max(1, int(getattr(self.labeler, "batch_size", 8)) // per)
+        what = "" if self.source == "images" else " on decoded x0 images"
+        bar = tqdm(total=len(todo), desc=f"labels: {self.task} ({self.labeler.name}){what}", unit="img",
                    disable=not progress, dynamic_ncols=True)
         for k in range(0, len(todo), bs):
             idx = np.asarray(todo[k:k + bs])
-            labels = np.asarray(self.labeler(np.ascontiguousarray(images[idx]), idx), dtype=np.float32)
+            batch = np.ascontiguousarray(images[idx]).reshape(-1, *images.shape[-3:])
+            labels = np.asarray(self.labeler(batch, np.repeat(idx, per)), dtype=np.float32)
+            if per > 1:  # back to [samples, steps, H, W]
+                labels = labels.reshape(len(idx), per, *labels.shape[1:])
             if labels.shape != (len(idx), *self.shape[1:]):
                 raise ValueError(f"labeler {self.labeler.name!r} returned {labels.shape}; expected "
                                  f"{(len(idx), *self.shape[1:])} (one [H, W] map per image)")
@@ -80,4 +93,4 @@ class LabelCache:
 
     @property
     def path(self) -> Path:
-        return self.root / "labels.npy"
+        return self.root / f"{self._prefix}labels.npy"

@@ -180,6 +180,11 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
         pipe = load_hub_pipeline(spec, dtype)
     if spec.permute_seed is not None:
         permute_weights_(pipe.unet, spec.permute_seed)
+    # PyTorch SDPA attention: fast, and it calls attn.to_out[0] as a module, so the capture hooks
+    # fire (fused or xformers processors may bypass it; capture then fails loudly)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

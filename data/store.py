@@ -161,6 +161,9 @@ class ActivationStore:
             raise ValueError(f"store {self.root} has format {self.manifest.get('format_version')}, "
                              f"this code reads {FORMAT_VERSION}; regenerate it into a new store_dir")
         self.images = PreallocatedArray(self.root / "images.npy")
+        x0 = self.root / "x0_images.npy"
+        #: decoded predicted-x0 images per captured step (``generation.decode_x0``)
+        self.x0_images = PreallocatedArray(x0) if x0.exists() else None
         cap = self.manifest["capture"]
         self.acts = {layer["name"]: PreallocatedArray(self.root / "acts" / f"{layer['name']}.npy")
                      for layer in (cap["layers"] if cap.get("store_activations", True) else [])}
@@ -174,6 +177,8 @@ class ActivationStore:
         h, w = manifest["generation"]["height"], manifest["generation"]["width"]
         cap = manifest["capture"]
         out = {"images": ((n, h, w, 3), "uint8")}
+        if manifest["generation"].get("decode_x0"):
+            out["x0_images"] = ((n, len(manifest["capture"]["steps"]), h, w, 3), "uint8")
         for layer in cap["layers"] if cap.get("store_activations", True) else []:
             t = layer["grid"][0] * layer["grid"][1]
             out[f"acts/{layer['name']}"] = ((n, len(cap["steps"]), len(cap["halves"]), t, layer["channels"]),
@@ -223,16 +228,22 @@ class ActivationStore:
 
     # -- writing ---------------------------------------------------------------------------
     def write_batch(self, indices: list[int], images: np.ndarray, acts: Mapping[str, np.ndarray],
-                    records: list[dict[str, Any]]) -> None:
+                    records: list[dict[str, Any]], x0_images: np.ndarray | None = None) -> None:
         """Write a batch of samples in place, sync, then commit each (markers last)."""
         unknown = set(acts) - set(self.acts)
         if unknown or len(acts) != len(self.acts):
             raise KeyError(f"activations for layers {sorted(acts)} do not match the store's {self.layer_names}")
+        if (x0_images is None) != (self.x0_images is None):
+            raise ValueError("decoded x0 images must be written exactly when the store has them (generation.decode_x0)")
         for k, i in enumerate(indices):
             self.images.write_row(i, images[k])
+            if self.x0_images is not None:
+                self.x0_images.write_row(i, x0_images[k])
             for name, arr in acts.items():
                 self.acts[name].write_row(i, arr[k])
         self.images.sync()
+        if self.x0_images is not None:
+            self.x0_images.sync()
         for arr in self.acts.values():
             arr.sync()
         for i, rec in zip(indices, records):
@@ -240,6 +251,8 @@ class ActivationStore:
 
     def close(self) -> None:
         self.images.close()
+        if self.x0_images is not None:
+            self.x0_images.close()
         for a in self.acts.values():
             a.close()
 

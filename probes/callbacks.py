@@ -1,4 +1,4 @@
-"""Run outputs: after testing, write metrics.csv, the probe export, plots and the results table.
+"""Run outputs: after testing, write metrics.csv, the probe export, plots, panels and the report.
 
 A callback rather than code in the module, so that ``train.py`` and ``evaluate.py`` produce the
 same outputs, and the module stays about training probes.
@@ -13,44 +13,63 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from probes.decoded import decoded_rows
 from probes.export import export_probes
+from probes.panels import build_panels, panel_indices, plot_panel
 from probes.plots import plot_all
 from probes.report import best_heads, format_table, write_metrics_csv
+from probes.report_html import write_report
 
 
 class RunOutputs(pl.Callback):
     """Write the run's results into ``out_dir`` (default: the trainer's ``default_root_dir``).
 
     :param out_dir: output folder; ``None`` uses the run folder.
-    :param export: write the probe export (``probes/``).
-    :param plots: write PNG plots (``plots/``).
+    :param export: write the probe export (``probes/``) and log it as a W&B artifact.
+    :param plots: write PNG plots (``plots/``) and the report (``report.md``, ``report.html``).
+    :param panels: validation images shown in prediction panels (0: none).
+    :param compare: other runs (folders with a metrics.csv) to compare with in the report.
     :param link_store: symlink the activation store into the run folder (``store``).
     """
 
-    def __init__(self, out_dir: str | None = None, export: bool = True, plots: bool = True,
-                 link_store: bool = True) -> None:
-        self.out_dir, self.export, self.plots, self.link_store = out_dir, export, plots, link_store
+    def __init__(self, out_dir: str | None = None, export: bool = True, plots: bool = True, panels: int = 4,
+                 compare: list[str] | None = None, link_store: bool = True) -> None:
+        self.out_dir, self.export, self.plots, self.panels = out_dir, export, plots, panels
+        self.compare, self.link_store = list(compare or []), link_store
         self.written: dict[str, Any] = {}
 
     def run_dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.out_dir or trainer.default_root_dir)
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if self.panels and dm is not None and getattr(module, "spec", None) is not None and module.spec.streaming:
+            module.panel_indices = set(panel_indices(dm, self.panels))
 
     @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         out = self.run_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         rows = [r for split in ("val", "test") for r in module.results.get(split, [])]
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None:
+            rows += decoded_rows(module, dm)  # the labeler on decoded intermediate images, per step
         spec = module.spec
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")
         best = best_heads(rows)
-        summary = {"model": spec.model, "is_random": spec.is_random, "store_dir": spec.store_dir,
-                   "best": best, "num_probes": sum(len(spec.layers) * len(spec.steps) for _ in module.banks)}
+        summary = {"model": spec.model, "is_random": spec.is_random, "store_dir": spec.store_dir, "best": best,
+                   "num_probes": len(module.banks) * len(spec.layers) * len(spec.steps)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         if self.export:
             self.written["probes"] = export_probes(module, out / "probes", extra={"best": best})
+        panels = {}
         if self.plots:
             suffix = "  [RANDOM WEIGHTS: meaningless]" if spec.is_random else ""
             self.written["plots"] = plot_all(rows, out / "plots", "test", suffix)
+            if self.panels and dm is not None and dm.store is not None:
+                panels = build_panels(module, dm, best, self.panels)
+                self.written["panels"] = {t: plot_panel(t, p, out / "plots" / f"panel_{t}.png") for t, p in panels.items()}
+            self.written["report"] = write_report(out, rows, spec.is_random, self.compare)
         if self.link_store:
             link = out / "store"
             if not link.exists() and not link.is_symlink():
@@ -59,8 +78,8 @@ class RunOutputs(pl.Callback):
                 except OSError:
                     pass
         for logger in trainer.loggers:
-            log_tables = getattr(logger, "log_results", None)
-            if callable(log_tables):
-                log_tables(rows, best, self.written)
+            log_results = getattr(logger, "log_results", None)
+            if callable(log_results):
+                log_results(rows, best, self.written, panels)
         print(format_table(rows, spec.is_random), flush=True)
-        print(f"\nOutputs: {out.resolve()}  (metrics.csv, probes/, plots/, summary.json)", flush=True)
+        print(f"\nOutputs: {out.resolve()}  (report.html, metrics.csv, probes/, plots/, summary.json)", flush=True)

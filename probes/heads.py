@@ -60,18 +60,56 @@ def huber(pred: Tensor, target: Tensor, delta: float = 1.0) -> Tensor:
     return torch.where(d < delta, 0.5 * d * d, delta * (d - 0.5 * delta))
 
 
-def regression_loss(pred: Tensor, target: Tensor, grid: tuple[int, int], delta: float = 1.0) -> Tensor:
+class SortedBlocks:
+    """Each token's block of target pixels, sorted, with prefix sums of values and squares.
+
+    Built once per batch and token grid, shared by every head: the Huber loss of a constant
+    prediction over a block then needs two binary searches instead of a pass over its pixels.
+    """
+
+    def __init__(self, target: Tensor, grid: tuple[int, int]) -> None:
+        b, hh, ww = target.shape
+        h, w = grid
+        if hh % h or ww % w:
+            raise ValueError(f"label size {hh}x{ww} is not a multiple of the token grid {h}x{w}")
+        m = (hh // h) * (ww // w)
+        blocks = target.reshape(b, h, hh // h, w, ww // w).permute(0, 1, 3, 2, 4).reshape(b, h * w, m)
+        self.sorted = blocks.sort(dim=-1).values.contiguous()                 # [B, T, m]
+        zero = torch.zeros(b, h * w, 1, dtype=target.dtype, device=target.device)
+        self.s1 = torch.cat([zero, self.sorted.cumsum(-1)], -1)               # [B, T, m+1]
+        self.s2 = torch.cat([zero, (self.sorted * self.sorted).cumsum(-1)], -1)
+        self.m = m
+
+
+def huber_blocks(pred: Tensor, blocks: SortedBlocks, delta: float = 1.0) -> Tensor:
+    """Per-image mean Huber loss of block-constant predictions: ``pred [B, K, T]`` -> ``[B, K]``.
+
+    For a constant p over a block with sorted targets y: pixels with y < p - δ cost δ(p - y - δ/2),
+    pixels with |p - y| <= δ cost (p - y)²/2, pixels with y > p + δ cost δ(y - p - δ/2); each sum
+    is a closed form in p and the prefix sums, so this equals the pixel-level loss exactly (and
+    autograd gives the exact gradient), at O(log m) per token instead of O(m).
+    """
+    p = pred.transpose(1, 2).contiguous()                                         # [B, T, K]
+    lo = torch.searchsorted(blocks.sorted, (p - delta).contiguous(), side="left")  # y <  p - δ
+    hi = torch.searchsorted(blocks.sorted, (p + delta).contiguous(), side="right")  # y <= p + δ
+    s1, s2, m = blocks.s1, blocks.s2, blocks.m
+    s1_lo, s1_hi = s1.gather(-1, lo), s1.gather(-1, hi)
+    s2_lo, s2_hi = s2.gather(-1, lo), s2.gather(-1, hi)
+    n_lo, n_mid, n_hi = lo.to(p.dtype), (hi - lo).to(p.dtype), (m - hi).to(p.dtype)
+    low = delta * (n_lo * (p - delta / 2) - s1_lo)
+    mid = 0.5 * (n_mid * p * p - 2 * p * (s1_hi - s1_lo) + (s2_hi - s2_lo))
+    high = delta * ((s1[..., -1:] - s1_hi) - n_hi * (p + delta / 2))
+    return ((low + mid + high) / m).mean(1)                                       # mean over tokens -> [B, K]
+
+
+def regression_loss(pred: Tensor, target: Tensor, grid: tuple[int, int], delta: float = 1.0,
+                    blocks: SortedBlocks | None = None) -> Tensor:
     """Per-image Huber loss of nearest-upsampled token predictions.
 
-    ``pred [B, K, T]``, ``target [B, H, W]`` -> ``[B, K]``. Broadcasting a token over its block of
-    pixels is nearest upsampling, without materialising the upsampled map per head.
+    ``pred [B, K, T]``, ``target [B, H, W]`` -> ``[B, K]``, exactly the loss of the upsampled map
+    (see :func:`huber_blocks`); pass ``blocks`` to share the sorted targets between calls.
     """
-    b, k, _ = pred.shape
-    h, w = grid
-    hh, ww = target.shape[-2:]
-    p = pred.reshape(b, k, h, 1, w, 1)
-    y = target.reshape(b, 1, h, hh // h, w, ww // w)
-    return huber(p, y, delta).mean(dim=(2, 3, 4, 5))
+    return huber_blocks(pred, blocks if blocks is not None else SortedBlocks(target, grid), delta)
 
 
 def binary_loss(logits: Tensor, positive_fraction: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
+from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import WandbLogger as _WandbLogger
@@ -42,13 +43,26 @@ class WandbLogger(_WandbLogger):
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
         self.is_offline = offline
 
-    def log_results(self, rows: list[dict], best: list[dict], written: dict[str, Any]) -> None:
-        """Final results as W&B tables (one row per split, task, layer, step, timestep, metric)."""
+    def log_results(self, rows: list[dict], best: list[dict], written: dict[str, Any],
+                    panels: dict[str, dict[str, Any]] | None = None) -> None:
+        """Final results: tables, custom charts, plots, prediction panels and the probe artifact."""
         import wandb
 
-        cols = ["split", "task", "layer", "step", "timestep", "metric", "value"]
-        self.experiment.log({
-            "results/metrics": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows]),
-            "results/best": wandb.Table(columns=list(best[0]) if best else [],
-                                        data=[list(b.values()) for b in best]),
-        })
+        from probes import wandb_report
+
+        run = self.experiment
+        payload: dict[str, Any] = {"results/metrics": wandb_report.metrics_table(rows)}
+        if best:
+            payload["results/best"] = wandb.Table(columns=list(best[0]), data=[list(b.values()) for b in best])
+        payload.update(wandb_report.charts(rows))
+        for path in written.get("plots", []):
+            payload[f"plots/{Path(path).stem}"] = wandb.Image(str(path))
+        for task, panel in (panels or {}).items():
+            payload[f"panels/{task}"] = wandb_report.panel_table(task, panel)
+            if task in written.get("panels", {}):
+                payload[f"panels/{task}_grid"] = wandb.Image(str(written["panels"][task]))
+        run.log(payload)
+        if written.get("probes"):
+            art = wandb_report.probe_artifact(Path(written["probes"]), name=f"probes-{run.id}")
+            run.log_artifact(art, aliases=["latest"])
+            self.logged_artifact = art

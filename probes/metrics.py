@@ -124,8 +124,8 @@ class HeadMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, metric_names: list[str], num_heads: int) -> None:
-        super().__init__()
+    def __init__(self, metric_names: list[str], num_heads: int, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.metric_names = list(metric_names)
         self.add_state("total", torch.zeros(len(metric_names), num_heads, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(num_heads, dtype=torch.float64), dist_reduce_fx="sum")

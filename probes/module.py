@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from data.datamodule import ProbeSpec
-from probes.heads import ProbeBank, binary_loss, layer_key, regression_loss
+from probes.heads import ProbeBank, SortedBlocks, binary_loss, layer_key, regression_loss
 from probes.metrics import REGRESSION_METRICS, BlockTargets, HeadMetrics, dice
 from probes.tasks import Task, get_task
 
@@ -56,6 +56,9 @@ class ProbeModule(pl.LightningModule):
         self.results: dict[str, list[dict[str, Any]]] = {}
         self._best: dict[str, dict[str, Tensor]] = {}
         self._best_loss: dict[str, Tensor] = {}
+        #: images whose activations are kept while validating a streamed run (for prediction panels)
+        self.panel_indices: set[int] = set()
+        self.panel_acts: dict[int, dict[str, Tensor]] = {}
 
     # -- construction ----------------------------------------------------------------------
     @property
@@ -118,15 +121,26 @@ class ProbeModule(pl.LightningModule):
         stats = self.spec.target_stats[task.name]
         return (raw.to(torch.float32) - stats["mean"]) / stats["std"]
 
+    def keep_panel_acts(self, batch: dict[str, Any]) -> None:
+        """Streamed activations are gone after the batch: keep the panel images' (CPU, fp16)."""
+        if not self.panel_indices or not self.spec.streaming:
+            return
+        for j, i in enumerate(torch.as_tensor(batch["index"]).tolist()):
+            if i in self.panel_indices:
+                self.panel_acts[i] = {n: a[j].detach().to("cpu", torch.float16) for n, a in batch["acts"].items()}
+
     def _run(self, batch: dict[str, Any], split: str) -> Tensor:
         acts, labels = batch["acts"], batch["labels"]
+        if split == "val":
+            self.keep_panel_acts(batch)
         total = torch.zeros((), device=self.device)
         steps = len(self.spec.steps)
         xs = {l.name: acts[l.name].to(torch.float32) for l in self.spec.layers}
         for t, bank in self.banks.items():
             task = get_task(t)
             y = self.targets(task, labels[t])
-            blocks: dict[tuple[int, int], BlockTargets] = {}
+            blocks: dict[tuple[int, int], BlockTargets] = {}     # block statistics, shared by all heads
+            sorted_blocks: dict[tuple[int, int], SortedBlocks] = {}
             task_loss = torch.zeros((), device=self.device)
             for li, layer in enumerate(self.spec.layers):
                 grid = tuple(layer.grid)
@@ -137,7 +151,9 @@ class ProbeModule(pl.LightningModule):
                 if task.kind == "binary":
                     loss_img = binary_loss(out, blocks[grid].mean)                # [B, S]
                 else:
-                    loss_img = regression_loss(out[..., 0], y, grid, self.hparams.huber_delta)
+                    if grid not in sorted_blocks:
+                        sorted_blocks[grid] = SortedBlocks(y, grid)
+                    loss_img = regression_loss(out[..., 0], y, grid, self.hparams.huber_delta, sorted_blocks[grid])
                 task_loss = task_loss + loss_img.mean(0).sum()
                 if split != "train":
                     with torch.no_grad():

@@ -58,6 +58,10 @@ def plot_metric_vs_step(rows: list[dict], split: str, task: str, metric: str, pa
     ts = {r["step"]: r["timestep"] for r in sel}
     for layer in layers:
         pts = sorted((r["step"], r["value"]) for r in sel if r["layer"] == layer)
+        if layer == "decoded_x0":  # the labeler on decoded intermediate images: the probes' baseline
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=2.5, marker="s", ms=4, color="black",
+                    label="labeler on decoded x0 image")
+            continue
         style = "-" if layer.startswith("up") else "--" if layer.startswith("down") else ":"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, color=colours[layer], label=layer)
     ref = PUBLISHED.get((task, metric))

@@ -15,6 +15,8 @@ from probes.tasks import LOWER_IS_BETTER
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
 #: rows of metrics.csv that are not scores (no best head is picked on them)
 NOT_SCORES = {"loss", "ridge_lambda"}
+#: pseudo-layers that are not probes (the labeler on decoded intermediate images)
+NOT_PROBES = {"decoded_x0"}
 REAL_COMMAND = "python train.py fit --config configs/sd14/all.yaml"
 RANDOM_WARNING = (
     "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number above is meaningless by "
@@ -51,7 +53,7 @@ def best_heads(rows: list[dict], select_split: str = "val") -> list[dict]:
     out = []
     for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES):
         cands = [r for r in rows if r["split"] == select_split and r["task"] == task and r["metric"] == metric
-                 and r["value"] == r["value"]]
+                 and r["value"] == r["value"] and r["layer"] not in NOT_PROBES]
         if not cands:
             continue
         best = cands[0]
@@ -97,3 +99,50 @@ def format_table(rows: list[dict], is_random: bool) -> str:
     if is_random:
         lines += ["", RANDOM_WARNING]
     return "\n".join(lines)
+
+
+def _curve(rows: list[dict], split: str, task: str, metric: str, layer: str | None) -> list[tuple[int, float, float]]:
+    """(step, timestep, value) of one layer, or of the best layer at each step (``layer=None``)."""
+    sel = [r for r in rows if r["split"] == split and r["task"] == task and r["metric"] == metric]
+    if layer is not None:
+        sel = [r for r in sel if r["layer"] == layer]
+        return sorted((r["step"], r["timestep"], r["value"]) for r in sel)
+    sel = [r for r in sel if r["layer"] not in NOT_PROBES]
+    pick = min if metric in LOWER_IS_BETTER else max
+    out = []
+    for step in sorted({r["step"] for r in sel}):
+        at = [r for r in sel if r["step"] == step]
+        out.append((step, at[0]["timestep"], pick(r["value"] for r in at)))
+    return out
+
+
+def emergence_step(curve: list[tuple[int, float, float]], fraction: float = 0.9,
+                   lower_is_better: bool = False) -> dict[str, float] | None:
+    """First step whose score reaches ``fraction`` of the final step's score.
+
+    For lower-is-better metrics the score must come within ``1/fraction`` of the final value.
+    """
+    if not curve:
+        return None
+    final = curve[-1][2]
+    for step, t, v in curve:
+        ok = v <= final / fraction if lower_is_better else v >= fraction * final
+        if ok:
+            return {"step": step, "timestep": t, "value": v, "final": final}
+    return None
+
+
+def emergence(rows: list[dict], split: str = "test", fraction: float = 0.9) -> list[dict]:
+    """Per task and headline-like metric: emergence step of the best layer (picked on val) and of the
+    per-step best over layers."""
+    out = []
+    for b in best_heads(rows):
+        if b["metric"] in LOWER_IS_BETTER:  # "90 % of the final score" is defined for scores, not errors
+            continue
+        curves = [("best layer " + b["layer"], b["layer"]), ("best layer at each step", None),
+                  ("labeler on decoded x0", "decoded_x0")]
+        for which, layer in curves:
+            e = emergence_step(_curve(rows, split, b["task"], b["metric"], layer), fraction)
+            if e:
+                out.append({"task": b["task"], "metric": b["metric"], "curve": which, **e})
+    return out

@@ -14,7 +14,7 @@ within-block variance is a constant), so this is exact least squares on the prot
 After the pass, each layer's Gram matrices are eigendecomposed once and ``W(λ)`` is formed for
 every λ of the grid (λ relative to the mean eigenvalue, so one grid fits every layer). Validation
 scores every λ of every head; each head keeps the λ with the best validation headline metric.
-Works on streamed batches (``data.mode: streaming``) and on cached ones alike; sums are
+Fitting stops after the first epoch (whatever ``max_epochs`` says). Works on streamed batches (``data.mode: streaming``) and on cached ones alike; sums are
 all-reduced across ranks, so DDP gives the same probes as one process.
 """
 from __future__ import annotations
@@ -61,10 +61,9 @@ class RidgeProbeModule(ProbeModule):
     one_pass = True
 
     def on_fit_start(self) -> None:
-        if self.trainer.max_epochs != 1 or self.trainer.num_sanity_val_steps:
-            raise ValueError(f"RidgeProbeModule makes one pass over the data: set trainer.max_epochs=1 and "
-                             f"trainer.num_sanity_val_steps=0 (got {self.trainer.max_epochs}, "
-                             f"{self.trainer.num_sanity_val_steps})")
+        if self.trainer.num_sanity_val_steps:
+            raise ValueError("RidgeProbeModule solves after its one pass over the train split, so there is nothing "
+                             f"to sanity-check: set trainer.num_sanity_val_steps=0 (got {self.trainer.num_sanity_val_steps})")
 
     # -- accumulation ----------------------------------------------------------------------
     def _add(self, key: str, value: Tensor) -> None:
@@ -102,6 +101,7 @@ class RidgeProbeModule(ProbeModule):
             self.solve()
 
     def on_train_epoch_end(self) -> None:
+        self.trainer.should_stop = True  # one pass is the whole fit, whatever max_epochs says
         if self._sums:  # no validation split: nothing to select λ on, keep the middle of the grid
             self.solve()
             mid = len(self.hparams.lambdas) // 2
@@ -146,6 +146,7 @@ class RidgeProbeModule(ProbeModule):
         if not self._candidates:
             raise RuntimeError("validation before the ridge solve (set trainer.num_sanity_val_steps=0)")
         acts, labels = batch["acts"], batch["labels"]
+        self.keep_panel_acts(batch)
         steps, nl, k = len(self.spec.steps), len(self.spec.layers), len(self.hparams.lambdas)
         for t in self.banks:
             task = get_task(t)

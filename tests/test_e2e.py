@@ -21,7 +21,8 @@ N_HEADS = 16 * 15
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -42,8 +43,10 @@ def test_demo_writes_every_output(demo_run):
     assert (run / "store" / "manifest.json").is_file()  # link to the activation store
     pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert "test_depth_spearman_vs_step.png" in pngs and "test_foreground_dice_heatmap.png" in pngs
-    assert len(pngs) == 2 * (1 + 3 + 3)
+    assert len([p for p in pngs if p.startswith("test_")]) == 2 * (1 + 3 + 3)
     assert list((run / "wandb").glob("offline-run-*")), "W&B should log offline when no API key is set"
+    assert (run / "report.html").is_file() and "Emergence" in (run / "report.md").read_text()
+    assert {"panel_depth.png", "panel_foreground.png", "panel_shading.png"} <= set(pngs)
     assert "RANDOM WEIGHTS" in stdout and "meaningless" in stdout
     assert "python train.py fit --config configs/sd14/all.yaml" in stdout
     assert "Best (layer, step) per task and metric" in stdout
@@ -55,10 +58,30 @@ def test_metrics_csv_is_long_form_and_complete(demo_run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["split", "task", "layer", "step", "timestep", "metric", "value"]
     per_split = {"foreground": 2, "depth": 4, "shading": 4}  # metrics + loss
-    assert len(rows) == 2 * N_HEADS * sum(per_split.values())
+    probe_rows = [r for r in rows if r["layer"] != "decoded_x0"]
+    assert len(probe_rows) == 2 * N_HEADS * sum(per_split.values())
+    decoded = [r for r in rows if r["layer"] == "decoded_x0"]  # labelers on decoded x0 images (demo has it on)
+    assert len(decoded) == 15 * (1 + 3 + 3) and {r["split"] for r in decoded} == {"test"}
     r = next(r for r in rows if r["layer"] == "up3.0" and r["step"] == "3" and r["split"] == "test")
     assert float(r["timestep"]) == pytest.approx(784.93, abs=0.01)
     assert all(np.isfinite(float(r["value"])) for r in rows)
+
+
+def test_offline_wandb_run_holds_tables_charts_panels_and_the_artifact(demo_run):
+    run, _ = demo_run
+    (wb,) = list((run / "wandb").glob("offline-run-*"))
+    media = wb / "files" / "media"
+    (metrics,) = list((media / "table" / "results").glob("metrics_*.table.json"))
+    table = json.loads(metrics.read_text())
+    assert table["columns"] == ["split", "task", "layer", "step", "timestep", "metric", "value"]
+    with open(run / "metrics.csv") as f:
+        assert len(table["data"]) == sum(1 for _ in f) - 1  # the same rows as metrics.csv
+    charts = {p.name.split("_")[0] for p in (media / "table" / "charts" / "test" / "depth" / "spearman").glob("*.json")}
+    assert charts == {"vs", "heatmap"}
+    panel = json.loads(next((media / "table" / "panels").glob("depth_*.table.json")).read_text())
+    assert panel["columns"][-3:] == ["image", "label", "prediction"] and len(panel["data"]) == 4 * 15
+    log = next(wb.glob("run-*.wandb")).read_bytes()
+    assert b"probes-" in log and b"probes.safetensors" in log and b"probes.json" in log  # the artifact
 
 
 def test_export_reloads_into_working_probes(demo_run):
@@ -110,6 +133,14 @@ def test_sd14_config_runs_on_the_random_weight_path(tmp_path):
         "--data.prompts.limit", "2", "--data.num_workers", "0", "--data.store_root", str(tmp_path / "stores"),
         "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / "run"))
     assert (tmp_path / "run" / "metrics.csv").is_file()
+
+
+def test_csv_logger_instead_of_wandb(tmp_path):
+    cli("train.py", "fit", "--config", "configs/tiny_streaming.yaml", "--trainer.logger", "configs/logger/csv.yaml",
+        "--data.prompts.limit", "3", "--data.store_root", str(tmp_path / "stores"), "--run_dir", str(tmp_path / "run"),
+        env_extra={"WANDB_MODE": "disabled"})
+    assert (tmp_path / "run" / "report.html").is_file() and not (tmp_path / "run" / "wandb").exists()
+    assert list((tmp_path / "run").rglob("metrics.csv"))
 
 
 def test_sd14_config_without_weights_fails_with_instructions(tmp_path):

@@ -22,7 +22,7 @@ from data.store import ActivationStore
 from probes.module import ProbeModule
 from probes.ridge import RidgeProbeModule
 from tests.conftest import REPO, reference_dir
-from tests.synthetic import synthetic_datamodule, upsample_tokens
+from data.synthetic import synthetic_datamodule, upsample_tokens
 
 A = LayerInfo("up3.0", "up_blocks.3.attentions.0.transformer_blocks.0.attn1.to_out.0", channels=6, grid=(4, 4))
 B = LayerInfo("mid.0", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0", channels=5, grid=(2, 2))

@@ -127,8 +127,7 @@ class IntrinsicLabeler(Labeler):
             raise RuntimeError(
                 f"intrinsic labeler: loading weights {self.weights!r} failed ({err}). Offline, the torch.hub "
                 f"cache {torch.hub.get_dir()!r} ($TORCH_HOME/hub) must already hold the Intrinsic checkpoint "
-                "(checkpoints/final_weights.pt for paper_weights) "
-                "for paper_weights) and the torch.hub code/weights its networks build from "
+                "(checkpoints/final_weights.pt for paper_weights) and the torch.hub code/weights its networks build from "
                 "(facebookresearch/WSL-Images ResNeXt-101, rwightman/gen-efficientnet-pytorch)."
             ) from err
         self.device = device

@@ -123,6 +123,9 @@ class TracerLabeler(Labeler):
         self.net = net.to(self.device).eval()
 
     def load(self, device: str = "cpu") -> None:
+        if self.net is not None:  # weights given already (from_state_dict, or an earlier load)
+            self._setup(self.net, device)
+            return
         kw = self.kwargs
         path = kw.get("checkpoint") or resolve_checkpoint(kw.get("cache_dir"), kw.get("offline"))
         digest = sha256_of(path)

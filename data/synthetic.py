@@ -1,6 +1,8 @@
-"""Build an activation store by hand (no diffusion model) with activations and labels the test chooses.
+"""Planted-signal data: an activation store built by hand, with activations and labels you choose.
 
-The manifest carries the same request fingerprint the data module computes from its config, so
+For checking probe code (tests, benchmarks, a new probe type): when the label is a known
+function of one head's activations, a correct probe must find it there and nowhere else. The
+manifest carries the request fingerprint the data module computes from its config, so
 ``ActivationDataModule`` opens it as a finished store and never generates.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ def synthetic_datamodule(root: Path, n: int, layers: list[LayerInfo], steps: int
                          label_fns: dict[str, Callable[[dict[str, np.ndarray], np.random.Generator], np.ndarray]],
                          seed: int = 0, batch_size: int = 4) -> ActivationDataModule:
     """``acts_fn(rng, layer) -> [steps, tokens, channels]``; ``label_fns[task](acts, rng) -> [size, size]``."""
+    root.mkdir(parents=True, exist_ok=True)
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(f"synthetic {i}" for i in range(n)))
     pspec = PromptSpec(source=str(prompts), val_fraction=0.15, test_fraction=0.25)
@@ -60,3 +63,20 @@ def upsample_tokens(tok: np.ndarray, grid: tuple[int, int], size: int) -> np.nda
     """Token values [T] -> [size, size] nearest upsampled map."""
     h, w = grid
     return np.kron(tok.reshape(h, w), np.ones((size // h, size // w)))
+
+
+def planted_datamodule(root: Path, n: int = 48, size: int = 16, noise: float = 0.05,
+                       seed: int = 0) -> ActivationDataModule:
+    """Two layers x two steps; depth and foreground are linear in layer ``up3.0`` at step 1 only,
+    shading is pure noise (nothing to find)."""
+    a = LayerInfo("up3.0", "up_blocks.3.attentions.0.transformer_blocks.0.attn1.to_out.0", channels=8, grid=(4, 4))
+    b = LayerInfo("mid.0", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0", channels=6, grid=(2, 2))
+    w_depth, w_fg = np.random.default_rng(seed + 10).normal(size=8), np.random.default_rng(seed + 11).normal(size=8)
+    labels = {
+        "depth": lambda x, rng: upsample_tokens(x["up3.0"][1] @ w_depth, a.grid, size) + noise * rng.normal(size=(size, size)),
+        "foreground": lambda x, rng: upsample_tokens((x["up3.0"][1] @ w_fg > 0).astype(float), a.grid, size),
+        "shading": lambda x, rng: rng.normal(size=(size, size)),
+    }
+    return synthetic_datamodule(root, n=n, layers=[a, b], steps=2, size=size,
+                                acts_fn=lambda rng, layer: rng.normal(size=(2, layer.tokens, layer.channels)),
+                                label_fns=labels, seed=seed)
