@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from probes.report import NOT_SCORES  # noqa: E402
+from probes.report import NOT_PROBES, NOT_SCORES  # noqa: E402
 from probes.tasks import LOWER_IS_BETTER  # noqa: E402
 
 #: reference points (replication, last step, up3.0) drawn as a dashed line where they apply
@@ -80,7 +80,8 @@ def plot_metric_vs_step(rows: list[dict], split: str, task: str, metric: str, pa
 
 
 def plot_heatmap(rows: list[dict], split: str, task: str, metric: str, path: Path, title_suffix: str = "") -> Path:
-    sel = _select(rows, split=split, task=task, metric=metric)
+    # probes only: the decoded-x0 baseline is in the line plot, and would dominate the colour scale
+    sel = [r for r in _select(rows, split=split, task=task, metric=metric) if r["layer"] not in NOT_PROBES]
     layers = list(dict.fromkeys(r["layer"] for r in sel))
     steps = sorted({r["step"] for r in sel})
     ts = {r["step"]: r["timestep"] for r in sel}

@@ -19,7 +19,7 @@ NOT_SCORES = {"loss", "ridge_lambda"}
 NOT_PROBES = {"decoded_x0"}
 REAL_COMMAND = "python train.py fit --config configs/sd14/all.yaml"
 RANDOM_WARNING = (
-    "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number above is meaningless by "
+    "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number here is meaningless by "
     "design: the run only shows that the pipeline works end to end.\n"
     f"      The real experiment (SD v1.4 weights, GPU): {REAL_COMMAND}")
 

@@ -71,7 +71,7 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
     md: list[str] = [f"# {title or 'Probe report: ' + name}", ""]
     hs: list[str] = [f"<h1>{html.escape(title or 'Probe report: ' + name)}</h1>"]
     if is_random:
-        md += [f"> {RANDOM_WARNING}", ""]
+        md += ["> " + RANDOM_WARNING.replace("\n", "\n> ").replace(">       ", "> "), ""]
         hs.append(f"<p style='background:#fee;padding:6px'><b>{html.escape(RANDOM_WARNING)}</b></p>")
 
     best = best_heads(rows)

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from data.datamodule import ActivationDataModule
 from data.generation import CaptureSpec, GenerationSpec, generate
 from data.layers import LayerRegistry
-from data.models import DiffusionSpec, load_pipeline
+from data.models import DiffusionSpec
 from data.prompts import PromptRecord, PromptSpec
 from tests.conftest import REPO
 

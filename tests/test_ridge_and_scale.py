@@ -157,3 +157,16 @@ def test_ddp_ridge_equals_single_process_ridge(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bench_script_runs_quick(tmp_path):
+    """`make bench`'s script end to end at toy sizes (its figures are not checked: no timing asserts)."""
+    from probes.bench import main
+
+    out = tmp_path / "B.md"
+    main(["--quick", "--out", str(out), "--workdir", str(tmp_path / "w")])
+    text = out.read_text()
+    for section in ("## 1. Capture overhead", "## 2. Probe bank", "## 3. Store read", "## 4. Streaming ridge",
+                    "## 5. SD v1.4 architecture on the GPU"):
+        assert section in text
+    assert "max weight difference" in text

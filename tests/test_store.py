@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-from data import store as store_mod
 from data.datamodule import ensure_store
 from data.generation import CaptureSpec, GenerationSpec
 from data.label_cache import LabelCache
