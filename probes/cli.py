@@ -43,6 +43,11 @@ class ProbeCLI(LightningCLI):
             if isinstance(lg, Namespace) and "init_args" in lg:
                 if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, ".", "", "outputs"):
                     lg.init_args.save_dir = run_dir
+        callbacks = cfg.trainer.get("callbacks") or []
+        for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint") \
+                    and cb.init_args.get("dirpath") is None:
+                cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")  # resume: --ckpt_path <run>/checkpoints/last.ckpt
         Path(run_dir).mkdir(parents=True, exist_ok=True)
 
     def after_fit(self) -> None:

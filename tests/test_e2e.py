@@ -134,6 +134,19 @@ def test_sd14_config_runs_on_the_random_weight_path(tmp_path):
     assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
+def test_training_resumes_from_the_last_checkpoint(tmp_path):
+    common = ["train.py", "fit", "--config", "configs/sd14/depth.yaml", "--data.diffusion", "configs/diffusion/tiny.yaml",
+              "--data.generation.height", "128", "--data.generation.width", "128", "--data.labels", "{depth: {name: vertical}}",
+              "--data.prompts.source", "configs/prompts/demo.txt", "--data.prompts.limit", "2", "--data.num_workers", "0",
+              "--data.store_root", str(tmp_path / "stores"), "--trainer.accelerator", "cpu", "--trainer.logger", "false"]
+    cli(*common, "--trainer.max_epochs", "1", "--run_dir", str(tmp_path / "a"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"  # the sd14 trainer config keeps the last epoch
+    assert last.is_file()
+    proc = cli(*common, "--trainer.max_epochs", "2", "--run_dir", str(tmp_path / "b"), "--ckpt_path", str(last))
+    assert "Restored all states" in proc.stdout + proc.stderr
+    assert (tmp_path / "b" / "metrics.csv").is_file()
+
+
 def test_csv_logger_instead_of_wandb(tmp_path):
     cli("train.py", "fit", "--config", "configs/tiny_streaming.yaml", "--trainer.logger", "configs/logger/csv.yaml",
         "--data.prompts.limit", "3", "--data.store_root", str(tmp_path / "stores"), "--run_dir", str(tmp_path / "run"),
