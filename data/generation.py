@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -216,7 +216,4 @@ def sampler_timesteps(pipe, spec: GenerationSpec) -> list[float]:
     sched.set_timesteps(spec.steps)
     return [float(t) for t in sched.timesteps]
 
-
-def spec_dict(spec: GenerationSpec | CaptureSpec) -> dict:
-    return asdict(spec)
 

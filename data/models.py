@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,3 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def spec_dict(spec: DiffusionSpec) -> dict[str, Any]:
-    return asdict(spec)

@@ -12,7 +12,7 @@ import os
 import random
 import tempfile
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -194,8 +194,5 @@ def prompts_fingerprint(records: Iterable[PromptRecord]) -> str:
         h.update(f"{r.index}\t{r.prompt}\t{r.seed}\n".encode())
     return h.hexdigest()[:16]
 
-
-def spec_dict(spec: PromptSpec) -> dict:
-    return asdict(spec)
 
 

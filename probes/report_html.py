@@ -16,8 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from probes.report import (LOWER_IS_BETTER, NOT_SCORES, RANDOM_WARNING, _curve, best_heads, emergence,  # noqa: E402
-                           read_metrics_csv)
+from probes.report import LOWER_IS_BETTER, RANDOM_WARNING, _curve, best_heads, emergence, read_metrics_csv  # noqa: E402
 
 
 def _table(header: list[str], rows: list[list]) -> tuple[str, str]:
@@ -136,5 +135,3 @@ def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(path.stem)}'><figcaption>{html.escape(path.stem)}</figcaption></figure>"
 
-
-__all__ = ["write_report", "plot_comparison", "NOT_SCORES"]
