@@ -147,6 +147,11 @@ def open_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
     return store, pipe
 
 
+def commit_records(records: Sequence[PromptRecord], batch, rank: int) -> list[dict[str, Any]]:
+    """What each sample's commit marker records: its prompt and seed, its U-Net calls, its rank."""
+    return [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank) for i in batch.indices]
+
+
 def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: DiffusionSpec,
                  generation: GenerationSpec, capture: CaptureSpec, device: str, rank: int = 0, world: int = 1,
                  barrier: Callable[[], None] = lambda: None, progress: bool = True) -> ActivationStore:
@@ -165,7 +170,7 @@ def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Di
                 raise RuntimeError(f"sampler visited timesteps {batch.timesteps}, the store expects "
                                    f"{store.manifest['capture']['all_timesteps']}")
             acts = {n: a.numpy() for n, a in batch.acts.items()}
-            recs = [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank) for i in batch.indices]
+            recs = commit_records(records, batch, rank)
             store.write_batch(batch.indices, batch.images, acts, recs, batch.x0_images)
             calls += batch.guided_calls
         store.close()
@@ -242,7 +247,7 @@ class StreamingDataset(IterableDataset):
                               universe=mine):
             idx = batch.indices
             if store.missing(idx):
-                recs = [dict(asdict(dm.records()[i]), guided_calls=batch.unet_calls, rank=rank) for i in idx]
+                recs = commit_records(dm.records(), batch, rank)
                 store.write_batch(idx, batch.images, {}, recs, batch.x0_images)
             labels = {}
             for task, cache in dm.label_caches.items():

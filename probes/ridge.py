@@ -32,6 +32,12 @@ from probes.tasks import LOWER_IS_BETTER, get_task
 DEFAULT_LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
+def as_bank_weight(w: Tensor, kind: str) -> Tensor:
+    """Ridge solution ``[S, C]`` -> bank weight ``[S, C, out]``: binary tasks get the two logits
+    ``[-w/2, w/2]`` (positive where ``Xw > 0``, like the SGD probe's argmax)."""
+    return torch.stack([-w / 2, w / 2], -1) if kind == "binary" else w.unsqueeze(-1)
+
+
 class RidgeProbeModule(ProbeModule):
     """Closed-form probes in one pass over the data (see the module docstring).
 
@@ -111,7 +117,7 @@ class RidgeProbeModule(ProbeModule):
                     for layer in self.spec.layers:
                         w = self._candidates[t][layer.name][mid]
                         kind = get_task(t).kind
-                        bank.weight[layer_key(layer.name)].copy_(torch.stack([-w / 2, w / 2], -1) if kind == "binary" else w.unsqueeze(-1))
+                        bank.weight[layer_key(layer.name)].copy_(as_bank_weight(w, kind))
                     self.chosen_lambda[t] = torch.full((len(self.spec.layers), steps), self.hparams.lambdas[mid])
 
     def solve(self) -> None:
@@ -182,7 +188,7 @@ class RidgeProbeModule(ProbeModule):
                     cand = self._candidates[t][layer.name]                                 # [K, S, C]
                     w = cand[best[li].to(cand.device), torch.arange(steps, device=cand.device)]  # [S, C]
                     param = bank.weight[layer_key(layer.name)]
-                    param.copy_(torch.stack([-w / 2, w / 2], -1) if task.kind == "binary" else w.unsqueeze(-1))
+                    param.copy_(as_bank_weight(w, task.kind))
                     for si, step in enumerate(self.spec.steps):
                         base = {"split": "val", "task": t, "layer": layer.name, "step": step,
                                 "timestep": self.spec.timesteps[si]}
