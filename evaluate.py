@@ -1,5 +1,5 @@
 """Evaluate exported probes: ``python evaluate.py --probes outputs/runs/<run>/probes``."""
-from probes.evaluation import main
+from probes.cli.main import evaluate_main
 
 if __name__ == "__main__":
-    main()
+    evaluate_main()

@@ -1,12 +1,5 @@
 """Train (and test, and export) linear probes: ``python train.py fit --config configs/tiny.yaml``."""
-from data.datamodule import ActivationDataModule
-from probes.cli import ProbeCLI
-from probes.module import ProbeModule
-
-
-def main() -> None:
-    ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True)
-
+from probes.cli.main import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main()

@@ -1,1 +1,9 @@
-"""Probe side of the pipeline: linear probes per (step, layer), metrics, plots and export."""
+"""diffusion-probes: what a text-to-image diffusion model knows while it draws.
+
+One package, one folder per stage, data flowing one way::
+
+    prompts/ -> models/ + generation/ (capture) -> store/ -> labels/ -> training/ (probes)
+             -> metrics/ -> reporting/ (csv, plots, reports, W&B) and export/
+
+``contract.py`` is what the data side hands the probe side; ``cli/`` wires the stages together.
+"""

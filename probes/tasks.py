@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_TASKS: dict[str, "Task"] = {}
+_TASKS: dict[str, Task] = {}
 
 
 @dataclass(frozen=True)
 class Task:
     """:param kind: ``binary`` (label > threshold is the positive class) or ``regression``.
     :param metrics: metrics reported per image and averaged; the first is the headline one.
-    :param higher_is_better: direction of the headline metric.
     :param lr: the protocol's learning rate for this task's probes.
     """
 
@@ -24,7 +23,6 @@ class Task:
     kind: str
     metrics: tuple[str, ...]
     lr: float = 1e-3
-    higher_is_better: bool = True
 
     @property
     def out_dim(self) -> int:
@@ -57,5 +55,10 @@ register_task(Task("foreground", "binary", ("dice",), lr=1e-3))
 register_task(Task("depth", "regression", ("spearman", "pearson", "rmse"), lr=1e-3))
 register_task(Task("shading", "regression", ("spearman", "pearson", "rmse"), lr=1e-2))
 
-#: metrics where lower is better (used to pick the best layer/step)
-LOWER_IS_BETTER = {"rmse", "loss"}
+#: metrics where lower is better: the one place that says which way a metric points
+LOWER_IS_BETTER = frozenset({"rmse", "loss"})
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether score ``a`` beats ``b`` on ``metric``."""
+    return a < b if metric in LOWER_IS_BETTER else a > b

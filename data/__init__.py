@@ -1,1 +1,0 @@
-"""Data side of the pipeline: prompts -> generation + capture -> activation store -> labels."""

@@ -1,0 +1,1 @@
+"""``make bench``: measured speed claims, written to BENCHMARKS.md."""

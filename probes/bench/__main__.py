@@ -1,0 +1,3 @@
+from probes.bench.run import main
+
+main()

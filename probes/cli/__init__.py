@@ -1,0 +1,1 @@
+"""Entry points: ``train.py``, ``evaluate.py`` and the ``diffusion-probes`` console command."""

@@ -1,0 +1,125 @@
+"""Evaluate exported probes, and write reports that compare runs.
+
+``python evaluate.py --probes <export dir or W&B artifact>`` rebuilds the data module from the
+export's recorded data config (the store is reused; missing samples or labels are made), runs
+validation (for the best-head selection) and test, and writes ``metrics.csv``, ``summary.json``,
+plots, prediction panels and ``report.html`` into ``--out`` (default ``<export>/../eval-<time>``).
+``--compare RUN ...`` adds other runs (e.g. the permuted-weights control) to the report.
+
+``diffusion-probes report RUN [RUN ...]`` only writes a report comparing existing runs (no
+evaluation), into a folder of its own (``--out``; default ``outputs/reports/<runs>-<time>``):
+no run's own report is overwritten.
+
+Both take the same conventions as ``train.py``: ``--config file.yaml``, ``--print_config``, and
+any option overridden on the command line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from jsonargparse import auto_cli
+
+from probes.export.probeset import META, module_from_export
+from probes.prompts.sets import default_cache_dir, split_indices
+from probes.reporting.html import write_report
+from probes.reporting.run_outputs import RunOutputs
+from probes.reporting.tables import read_metrics_csv
+from probes.training.datamodule import ActivationDataModule
+
+ARTIFACT_REF = re.compile(r"^(wandb:|wandb-artifact://)?[\w.-]+/[\w.-]+/[\w.-]+:[\w.-]+$")
+
+
+def resolve_probes(ref: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A local export folder, or a W&B artifact reference (``entity/project/name:version``)
+    downloaded into the cache."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / META).exists():
+            raise FileNotFoundError(f"{path} is not a probe export ({META} missing); pass the run's probes/ folder")
+        return path
+    ref = str(ref)
+    if not ARTIFACT_REF.match(ref):
+        raise FileNotFoundError(f"--probes {ref!r} is neither a folder nor a W&B artifact reference "
+                                f"(entity/project/name:version)")
+    import wandb
+
+    name = re.sub(r"^(wandb:|wandb-artifact://)", "", ref)
+    artifact = wandb.Api().artifact(name, type="probes")
+    root = Path(cache_dir or default_cache_dir() / "artifacts") / name.replace("/", "_").replace(":", "_")
+    return Path(artifact.download(root=str(root)))
+
+
+def evaluate(probes: str, out: str | None = None, store_dir: str | None = None,
+             prompts_dir: str | None = None, batch_size: int | None = None, num_workers: int | None = None,
+             accelerator: str = "auto", device: str | None = None, plots: bool = True,
+             compare: list[str] | None = None) -> RunOutputs:
+    """Test exported probes on their recorded data (or another store) and write the run's outputs.
+
+    :param probes: probe export folder (probes.json + probes.safetensors) or W&B artifact
+        reference ``entity/project/name:version``.
+    :param out: output folder (default: ``eval-<time>`` next to the export).
+    :param store_dir: evaluate on this activation store instead of the recorded one.
+    :param prompts_dir: local folder with the reference prompt CSVs (sets ``data.prompts.local_dir``).
+    :param batch_size: images per batch (default: as recorded).
+    :param num_workers: DataLoader workers (default: as recorded).
+    :param accelerator: ``auto``, ``cpu`` or ``gpu``.
+    :param device: where missing generation/labels run (``auto``, ``cpu``, ``cuda``).
+    :param plots: write plots, panels and the report.
+    :param compare: other runs (folders with a metrics.csv) to compare with in the report.
+    """
+    os.environ.setdefault("WANDB_SILENT", "true")
+    path = resolve_probes(probes)
+    module = module_from_export(path)
+    cfg = dict(module.spec.data_config)
+    overrides = {k: v for k, v in dict(store_dir=store_dir, batch_size=batch_size, num_workers=num_workers,
+                                         device=device).items() if v is not None}
+    if prompts_dir:
+        cfg["prompts"] = dict(cfg["prompts"], local_dir=prompts_dir)
+    dm = ActivationDataModule.from_config(cfg, **overrides)
+    out = Path(out) if out else path.resolve().parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    outputs = RunOutputs(out_dir=str(out), export=False, plots=plots, link_store=False, compare=list(compare or []))
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[outputs],
+                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(out))
+    if split_indices(dm.records())["val"]:
+        trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.test(module, datamodule=dm, verbose=False)
+    return outputs
+
+
+def report(runs: list[str], labels: list[str] | None = None, out: str | None = None) -> Path:
+    """Write a report comparing finished runs, into a folder of its own.
+
+    :param runs: run folders (each with a metrics.csv); the first is the reference run.
+    :param labels: names of the runs in the report, in order (default: folder names).
+    :param out: output folder (default: ``outputs/reports/<run names>-<time>``).
+    """
+    if not runs:
+        raise ValueError("report needs at least one run folder")
+    first = Path(runs[0])
+    if not (first / "metrics.csv").exists():
+        raise FileNotFoundError(f"{first} has no metrics.csv: pass run folders written by train.py or evaluate.py")
+    summary = first / "summary.json"
+    is_random = json.loads(summary.read_text()).get("is_random", False) if summary.exists() else False
+    stem = "-vs-".join(Path(r).name for r in runs)[:80]
+    dest = Path(out) if out else Path("outputs/reports") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    md, html = write_report(dest, read_metrics_csv(first / "metrics.csv"), is_random, [Path(r) for r in runs[1:]],
+                            labels, title=f"Comparison: {', '.join(labels or [Path(r).name for r in runs])}")
+    print(f"Report: {html} (and {md.name})")
+    return dest
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> None:
+    """``evaluate.py`` / ``diffusion-probes evaluate``."""
+    auto_cli(evaluate, args=list(argv) if argv is not None else None, as_positional=False)
+
+
+def report_main(argv: Sequence[str] | None = None) -> None:
+    """``diffusion-probes report RUN [RUN ...]``."""
+    auto_cli(report, args=list(argv) if argv is not None else None)

@@ -1,0 +1,62 @@
+"""LightningCLI wiring: run folders, the outputs callback, and testing right after fitting."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from probes.reporting.run_outputs import RunOutputs
+
+
+def _run_name(cfg: Namespace) -> str:
+    configs = cfg.get("config") or []
+    stem = Path(str(configs[-1])).stem if configs else "run"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class ProbeCLI(LightningCLI):
+    """``python train.py fit --config configs/...yaml``: fits every probe, then tests and writes outputs.
+
+    Adds ``--run_dir`` (default ``outputs/runs/<config name>-<time>``), which becomes the trainer's
+    ``default_root_dir`` and the logger's ``save_dir``, and the ``outputs`` callback group.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="output folder of this run (default: outputs/runs/<config>-<time>)")
+        parser.add_argument("--defaults", type=list[str] | None, default=None,
+                            help="base configs of a config file (relative to it), applied before it")
+        parser.add_lightning_class_args(RunOutputs, "outputs")
+        # one-pass probes must see each training image exactly once: the data learns it from the model
+        parser.link_arguments("model", "data.exact_train_shards", compute_fn=lambda m: bool(m.one_pass),
+                              apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = cfg.get("run_dir") or cfg.trainer.get("default_root_dir") or str(Path("outputs/runs") / _run_name(cfg))
+        cfg.run_dir = run_dir
+        cfg.trainer.default_root_dir = run_dir
+        loggers = cfg.trainer.get("logger")
+        for lg in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(lg, Namespace) and "init_args" in lg:
+                if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, ".", "", "outputs"):
+                    lg.init_args.save_dir = run_dir
+        callbacks = cfg.trainer.get("callbacks") or []
+        for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint") \
+                    and cb.init_args.get("dirpath") is None:
+                cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")  # resume: --ckpt_path <run>/checkpoints/last.ckpt
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+
+    def after_fit(self) -> None:
+        """Test the fitted probes (selection happened on val) so every fit ends with outputs."""
+        if self.trainer.interrupted:
+            return
+        self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)

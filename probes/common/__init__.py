@@ -1,0 +1,1 @@
+"""Small shared utilities: hashing, environment flags, thread settings, the code version."""

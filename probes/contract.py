@@ -1,0 +1,79 @@
+"""What the data side hands the probe side: light, frozen, importable without Lightning or labelers.
+
+``ProbeSpec`` describes the captured activations (layers, steps, timesteps, label size, target
+statistics); a metric row is one line of ``metrics.csv``. Both cross stage boundaries, so they are
+immutable: a stage that needs other values builds a new spec (``dataclasses.replace``) instead of
+writing into one another stage holds.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, TypedDict
+
+from probes.models.layers import LayerInfo
+
+
+def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType({k: _frozen(v) if isinstance(v, Mapping) else v for k, v in (d or {}).items()})
+
+
+def _thawed(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _thawed(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Everything the probes need to know about the data.
+
+    :param target_stats: per regression task, ``{"mean", "std"}`` of the raw labels on the train
+        split (the z-score the probes train on and the export records).
+    """
+
+    layers: tuple[LayerInfo, ...]
+    steps: tuple[int, ...]
+    timesteps: tuple[float, ...]
+    tasks: tuple[str, ...]
+    label_size: tuple[int, int]
+    target_stats: Mapping[str, Mapping[str, float]]
+    model: Mapping[str, Any]
+    is_random: bool
+    store_dir: str
+    data_config: Mapping[str, Any] = field(default_factory=dict)
+    streaming: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "steps", "timesteps", "tasks", "label_size"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("target_stats", "model", "data_config"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+    def with_target_stats(self, stats: Mapping[str, Mapping[str, float]]) -> ProbeSpec:
+        """A copy whose statistics are ``stats`` merged over these (one-pass probes measure their own)."""
+        return replace(self, target_stats={**_thawed(self.target_stats), **_thawed(stats)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [layer.to_dict() for layer in self.layers], "steps": list(self.steps),
+                "timesteps": list(self.timesteps), "tasks": list(self.tasks), "label_size": list(self.label_size),
+                "target_stats": _thawed(self.target_stats), "model": _thawed(self.model),
+                "is_random": self.is_random, "store_dir": self.store_dir,
+                "data_config": _thawed(self.data_config), "streaming": self.streaming}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProbeSpec:
+        d = dict(d)
+        d["layers"] = [LayerInfo.from_dict(x) for x in d["layers"]]
+        return cls(**d)
+
+
+class MetricRow(TypedDict):
+    """One line of ``metrics.csv`` (long form: what pandas, W&B tables and spreadsheets read)."""
+
+    split: str
+    task: str
+    layer: str
+    step: int
+    timestep: float
+    metric: str
+    value: float

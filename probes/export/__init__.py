@@ -1,0 +1,1 @@
+"""Stage 6: probe export (safetensors + JSON) and loading without the trainer."""

@@ -1,0 +1,178 @@
+"""Export and reload probes: safetensors weights plus JSON metadata, usable without this trainer.
+
+``<dir>/probes.safetensors`` holds one ``[C, out]`` weight per probe under
+``<task>/<layer>/step_<k>/weight`` (and ``.../bias`` when present); ``<dir>/probes.json`` holds,
+per probe, its task, layer, step, scheduler timestep, channels, token grid, target normalisation
+and metrics, plus the model id and revision, the data config and the code version. A later
+analysis (evaluation, intervention) loads a probe with :func:`load_probes` and applies it to
+activations of the same layer and step.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from probes.common.version import code_version
+from probes.contract import ProbeSpec
+from probes.tasks import get_task
+from probes.training.heads import apply_probe, layer_key, to_label_units, token_map
+
+FORMAT = "diffusion-probes/v1"
+WEIGHTS, META = "probes.safetensors", "probes.json"
+
+
+def probe_key(task: str, layer: str, step: int) -> str:
+    return f"{task}/{layer}/step_{step:02d}"
+
+
+def export_probes(module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write every probe of ``module`` (a trained ``ProbeModule``) with its metadata."""
+    spec: ProbeSpec = module.spec
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[tuple[str, str, int], dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for split, rows in module.results.items():
+        for r in rows:
+            metrics[(r["task"], r["layer"], r["step"])][split][r["metric"]] = r["value"]
+    tensors: dict[str, Tensor] = {}
+    entries = []
+    for t, bank in module.banks.items():
+        task = get_task(t)
+        for layer in spec.layers:
+            w = bank.weight[layer_key(layer.name)].detach().cpu()
+            b = bank.bias[layer_key(layer.name)].detach().cpu() if bank.bias is not None else None
+            for si, step in enumerate(spec.steps):
+                key = probe_key(t, layer.name, step)
+                tensors[f"{key}/weight"] = w[si].contiguous()
+                if b is not None:
+                    tensors[f"{key}/bias"] = b[si].contiguous()
+                entries.append({
+                    "key": key, "task": t, "kind": task.kind, "layer": layer.name, "module": layer.module,
+                    "step": step, "timestep": spec.timesteps[si], "channels": layer.channels,
+                    "token_grid": list(layer.grid), "out_dim": task.out_dim, "bias": b is not None,
+                    "label_size": list(spec.label_size),
+                    "target_norm": spec.target_stats.get(t) if task.kind == "regression" else None,
+                    "threshold": module.hparams.threshold if task.kind == "binary" else None,
+                    "metrics": {s: dict(v) for s, v in metrics.get((t, layer.name, step), {}).items()},
+                })
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "code_version": code_version(), "model": spec.model,
+            "hparams": dict(module.hparams), "spec": spec.to_dict(), "probes": entries, **(extra or {})}
+    (out / META).write_text(json.dumps(meta, indent=1, default=str))
+    return out
+
+
+@dataclass
+class ProbeInfo:
+    key: str
+    task: str
+    kind: str
+    layer: str
+    step: int
+    timestep: float
+    channels: int
+    token_grid: tuple[int, int]
+    label_size: tuple[int, int]
+    target_norm: dict[str, float] | None
+    threshold: float | None
+    metrics: dict[str, dict[str, float]]
+
+
+class LinearProbe(nn.Module):
+    """One exported probe: token activations ``[B, T, C]`` of its layer and step -> label map."""
+
+    def __init__(self, info: ProbeInfo, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.info = info
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def _check(self, acts: Tensor) -> None:
+        t = self.info.token_grid[0] * self.info.token_grid[1]
+        if acts.ndim != 3 or acts.shape[1:] != (t, self.info.channels):
+            raise ValueError(
+                f"probe {self.info.key} expects activations [batch, {t}, {self.info.channels}] "
+                f"(layer {self.info.layer}: {self.info.token_grid[0]}x{self.info.token_grid[1]} tokens, "
+                f"{self.info.channels} channels), got {tuple(acts.shape)}")
+
+    def forward(self, acts: Tensor) -> Tensor:
+        """Raw output upsampled (nearest) to the label size: ``[B, out, H, W]`` (logits or z-units)."""
+        self._check(acts)
+        return token_map(apply_probe(acts, self.weight, self.bias), self.info.token_grid, self.info.label_size)
+
+    @torch.no_grad()
+    def predict(self, acts: Tensor) -> Tensor:
+        """The label map in label units: a bool mask (binary tasks) or de-normalised values."""
+        return to_label_units(self(acts), self.info.kind, self.info.target_norm)
+
+
+class ProbeSet:
+    """All probes of an export, addressable by (task, layer, step)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / META).exists() or not (self.path / WEIGHTS).exists():
+            raise FileNotFoundError(f"{self.path} is not a probe export (needs {META} and {WEIGHTS})")
+        self.meta = json.loads((self.path / META).read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{self.path}: unknown export format {self.meta.get('format')!r}; expected {FORMAT}")
+        self.tensors = load_file(str(self.path / WEIGHTS))
+        self.infos = {(e["task"], e["layer"], e["step"]): ProbeInfo(
+            key=e["key"], task=e["task"], kind=e["kind"], layer=e["layer"], step=e["step"], timestep=e["timestep"],
+            channels=e["channels"], token_grid=tuple(e["token_grid"]), label_size=tuple(e["label_size"]),
+            target_norm=e["target_norm"], threshold=e["threshold"], metrics=e["metrics"]) for e in self.meta["probes"]}
+
+    @property
+    def spec(self) -> ProbeSpec:
+        return ProbeSpec.from_dict(self.meta["spec"])
+
+    def get(self, task: str, layer: str, step: int) -> LinearProbe:
+        key = (task, layer, int(step))
+        if key not in self.infos:
+            tasks = sorted({k[0] for k in self.infos})
+            layers = sorted({k[1] for k in self.infos})
+            steps = sorted({k[2] for k in self.infos})
+            raise KeyError(f"no probe for task={task!r}, layer={layer!r}, step={step}; this export has tasks "
+                           f"{tasks}, layers {layers}, steps {steps}")
+        info = self.infos[key]
+        return LinearProbe(info, self.tensors[f"{info.key}/weight"], self.tensors.get(f"{info.key}/bias"))
+
+    def __iter__(self) -> Iterator[LinearProbe]:
+        for task, layer, step in self.infos:
+            yield self.get(task, layer, step)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+
+def load_probes(path: str | Path) -> ProbeSet:
+    """Reload an export (see module docstring)."""
+    return ProbeSet(path)
+
+
+def module_from_export(path: str | Path):
+    """A ``ProbeModule`` holding the exported weights, ready for ``Trainer.test``."""
+    from probes.training.module import ProbeModule
+
+    probes = load_probes(path)
+    allowed = inspect.signature(ProbeModule.__init__).parameters
+    module = ProbeModule(**{k: v for k, v in probes.meta["hparams"].items() if k in allowed})
+    module.build(probes.spec)
+    with torch.no_grad():
+        for t, bank in module.banks.items():
+            for layer in module.spec.layers:
+                keys = [probe_key(t, layer.name, s) for s in module.spec.steps]
+                bank.weight[layer_key(layer.name)].copy_(torch.stack([probes.tensors[f"{k}/weight"] for k in keys]))
+                if bank.bias is not None:
+                    bank.bias[layer_key(layer.name)].copy_(torch.stack([probes.tensors[f"{k}/bias"] for k in keys]))
+    return module

@@ -1,0 +1,220 @@
+"""Generation with capture: prompts -> images + per-step activations, one guided pass per image.
+
+Uses the stock diffusers pipeline (K-LMS swapped in from the model's own scheduler config) and
+the reference's latent initialisation, so images match the reference's for the same weights.
+Batches are fixed chunks of the full index list: whichever samples are missing and however many
+ranks share the work, a sample is always generated in the same batch, hence bit-identically.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from probes.generation.capture import ActivationCapture
+from probes.models.layers import LayerInfo, check_layer_patterns
+from probes.prompts.sets import PromptRecord
+
+SCHEDULERS = {"lms": "LMSDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
+              "euler": "EulerDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
+@dataclass
+class GenerationSpec:
+    """How images are generated (the protocol's defaults).
+
+    :param steps: denoising steps (15).
+    :param guidance_scale: classifier-free guidance (7.5), empty prompt as unconditional.
+    :param height: image height; ``None`` takes the model's native size (512 for SD v1.4).
+    :param width: image width; ``None`` likewise.
+    :param scheduler: ``lms`` (K-LMS, the protocol), ``ddim``, ``pndm``, ``euler`` or ``dpm``.
+    :param negative_prompt: the unconditional prompt.
+    :param batch_size: images per pipeline call.
+    :param decode_x0: also decode the sampler's predicted clean latent (x0) at every captured
+        step into an image, so that labelers can be run on the intermediate images (the
+        protocol's "off-the-shelf model on decoded images" baseline). Costs one VAE decode per
+        image and step.
+    """
+
+    steps: int = 15
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = "lms"
+    negative_prompt: str = ""
+    batch_size: int = 4
+    decode_x0: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"generation.scheduler must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"generation.steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
+
+
+@dataclass
+class CaptureSpec:
+    """What is captured.
+
+    :param layers: layer names or patterns (``["*"]``: all 16 self-attentions; ``["up*"]``).
+    :param steps: step indices 0..S-1 to keep; ``None`` keeps every step.
+    :param halves: ``cond`` (the protocol) or ``both`` (unconditional and conditional).
+    :param dtype: storage dtype (``float16``).
+    """
+
+    layers: list[str] = field(default_factory=lambda: ["*"])
+    steps: list[int] | None = None
+    halves: str = "cond"
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in {"float16", "float32"}:
+            raise ValueError(f"capture.dtype must be float16 or float32 (stored as .npy), got {self.dtype!r}")
+        if self.halves not in {"cond", "both"}:
+            raise ValueError(f"capture.halves must be 'cond' or 'both', got {self.halves!r}")
+        check_layer_patterns(self.layers)
+
+
+def native_size(pipe) -> tuple[int, int]:
+    s = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return s, s
+
+
+def make_scheduler(pipe, name: str, record_x0: bool = False):
+    """The chosen sampler, built from the model's own scheduler config (betas etc. carry over).
+
+    With ``record_x0`` it is a subclass that keeps each step's ``pred_original_sample``, which
+    the pipeline otherwise discards (behaviour swapped by an object, not a patched loop).
+    """
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if not record_x0:
+        return cls.from_config(pipe.scheduler.config)
+    sched = _x0_recording(cls).from_config(pipe.scheduler.config)
+    sched.x0_history = []
+    return sched
+
+
+def _x0_recording(base: type) -> type:
+    class X0Recording(base):
+        def step(self, *args, **kwargs):
+            return_dict = kwargs.pop("return_dict", True)
+            out = super().step(*args, return_dict=True, **kwargs)
+            x0 = getattr(out, "pred_original_sample", None)
+            if x0 is None:
+                raise ValueError(f"generation.decode_x0 needs a sampler that reports its predicted x0; "
+                                 f"{base.__name__} does not (use lms, ddim or euler)")
+            self.x0_history.append(x0)
+            return out if return_dict else (out.prev_sample,)
+
+    X0Recording.step.__signature__ = inspect.signature(base.step)  # the pipeline inspects it for eta/generator
+    X0Recording.__name__ = base.__name__
+    return X0Recording
+
+
+def decode_latents(pipe, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
+    """Latents ``[N, C, h, w]`` -> uint8 images ``[N, H, W, 3]``, as the pipeline decodes its output."""
+    out = []
+    for k in range(0, len(latents), chunk):
+        x = latents[k:k + chunk].to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        img = pipe.vae.decode(x, return_dict=False)[0]
+        img = pipe.image_processor.postprocess(img, output_type="np")
+        out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def initial_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """The reference's init: ``torch.manual_seed(seed); torch.randn(1, *shape)`` on the CPU, per image.
+
+    Unscaled: the pipeline multiplies by the scheduler's ``init_noise_sigma`` itself.
+    """
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    idx = list(indices)
+    return [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+
+
+@dataclass
+class GeneratedBatch:
+    indices: list[int]
+    images: np.ndarray                 # [B, H, W, 3] uint8
+    acts: dict[str, torch.Tensor]      # layer -> [B, S_sel, halves, T, C] (device per `acts_device`)
+    timesteps: list[float]             # all S timesteps of the sampler
+    x0_images: np.ndarray | None       # [B, S_sel, H, W, 3] uint8 decoded predicted x0 (decode_x0)
+    unet_calls: int                    # batched U-Net calls for this chunk (one per step with K-LMS)
+    guided_calls: int                  # per-image guided calls: unet_calls x images in the chunk
+    seconds: float
+
+
+def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: GenerationSpec,
+             layers: Sequence[LayerInfo], capture: CaptureSpec, acts_device: str | None = "cpu",
+             progress: bool = True, desc: str = "generating",
+             universe: Sequence[int] | None = None) -> Iterator[GeneratedBatch]:
+    """Yield generated batches for the chunks of ``universe`` that contain an index in ``todo``.
+
+    Chunks are cut from ``universe`` (default: every record, in order; see the module docstring);
+    each chunk that holds any wanted index is generated whole and yielded with only the wanted
+    samples. ``acts_device=None`` leaves the activations on the model's device.
+    """
+    todo_set = set(int(i) for i in todo)
+    order = [r.index for r in records] if universe is None else list(universe)
+    chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
+    by_index = {r.index: r for r in records}
+    pipe.scheduler = make_scheduler(pipe, spec.scheduler, record_x0=spec.decode_x0)
+    height, width = spec.height or native_size(pipe)[0], spec.width or native_size(pipe)[1]
+    f = pipe.vae_scale_factor
+    latent_shape = (pipe.unet.config.in_channels, height // f, width // f)
+    device, dtype = pipe.device, pipe.unet.dtype
+    guidance = spec.guidance_scale > 1.0
+    bar = tqdm(total=len(todo_set), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    cap = ActivationCapture(pipe.unet, layers, spec.steps, capture.steps, capture.halves,
+                            getattr(torch, capture.dtype), guidance)
+    with cap:
+        for chunk in chunks:
+            recs = [by_index[i] for i in chunk]
+            cap.reset()
+            calls0, t0 = cap.unet_calls, time.perf_counter()
+            latents = initial_latents([r.seed for r in recs], latent_shape).to(device, dtype)
+            if spec.decode_x0:
+                pipe.scheduler.x0_history = []
+            # fp16 autocast on CUDA, as the reference generated; a no-op on the CPU
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                out = pipe(prompt=[r.prompt for r in recs], negative_prompt=[spec.negative_prompt] * len(recs),
+                           num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
+                           height=height, width=width, latents=latents, output_type="np",
+                           callback_on_step_end=cap.on_step_end)
+                x0_images = None
+                if spec.decode_x0:
+                    x0 = torch.stack([pipe.scheduler.x0_history[s] for s in cap.steps], 1)   # [B, S_sel, C, h, w]
+                    x0_images = decode_latents(pipe, x0.flatten(0, 1)).reshape(len(chunk), len(cap.steps), height, width, 3)
+            acts = cap.collect(acts_device)
+            images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+            keep = [k for k, i in enumerate(chunk) if i in todo_set]
+            sel = torch.tensor(keep)
+            batch = GeneratedBatch(indices=[chunk[k] for k in keep], images=images[keep],
+                                   acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
+                                   timesteps=[float(t) for t in cap.timesteps],
+                                   x0_images=x0_images[keep] if x0_images is not None else None,
+                                   unet_calls=cap.unet_calls - calls0,
+                                   guided_calls=(cap.unet_calls - calls0) * len(chunk), seconds=time.perf_counter() - t0)
+            bar.update(len(keep))
+            bar.set_postfix(unet_calls=cap.unet_calls)
+            yield batch
+    bar.close()
+
+
+def sampler_timesteps(pipe, spec: GenerationSpec) -> list[float]:
+    """The timesteps the sampler will visit (known before generating: they go in the manifest)."""
+    sched = make_scheduler(pipe, spec.scheduler)
+    sched.set_timesteps(spec.steps)
+    return [float(t) for t in sched.timesteps]
+
+

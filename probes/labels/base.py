@@ -1,0 +1,91 @@
+"""The labeler interface and its registry.
+
+A labeler turns a batch of generated images into per-pixel pseudo-labels at image resolution.
+Labelers are looked up by name (timm-style registry) so that a YAML config can name one and
+pass it keyword arguments, and so that the label cache can key its files on (name, arguments).
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+_REGISTRY: dict[str, type[Labeler]] = {}
+
+
+class Labeler(ABC):
+    """Maps ``uint8`` RGB images ``[B, H, W, 3]`` to float32 label maps ``[B, H, W]``.
+
+    Subclasses set ``name`` (registry key) and ``version`` (bump it when outputs change, so that
+    cached labels are recomputed rather than silently reused). Heavy models are loaded lazily in
+    :meth:`load`, never in ``__init__``, so that building a config never downloads weights.
+    """
+
+    name: str = ""
+    version: str = "1"
+    #: how many images a call should receive; the cache runner batches accordingly
+    batch_size: int = 8
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    def load(self, device: str = "cpu") -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Load weights / move to ``device``. Called once before the first ``__call__``."""
+
+    @abstractmethod
+    def __call__(self, images: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+        """Label ``images`` (uint8 ``[B, H, W, 3]``, RGB); return float32 ``[B, H, W]``.
+
+        ``indices`` are the store indices of the images, for labelers that read labels from disk.
+        """
+
+    def fingerprint(self) -> str:
+        """Stable id of this labeler's outputs: cached labels are stored under it."""
+        payload = json.dumps({"name": self.name, "version": self.version, "kwargs": self.cache_kwargs()},
+                             sort_keys=True, default=str)
+        return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+
+    def cache_kwargs(self) -> dict[str, Any]:
+        """Arguments that change the labels (device, batch size and the like do not)."""
+        return {k: v for k, v in self.kwargs.items() if k not in {"device", "batch_size"}}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "kwargs": self.cache_kwargs()}
+
+
+def register_labeler(name: str) -> Callable[[type[Labeler]], type[Labeler]]:
+    """Class decorator: make a labeler available to configs under ``name``."""
+
+    def wrap(cls: type[Labeler]) -> type[Labeler]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            import warnings
+
+            warnings.warn(f"labeler {name!r} is registered twice; the later definition wins", stacklevel=2)
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_labelers(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def check_labeler(name: str) -> None:
+    """Fail on an unknown labeler name, listing the registered ones and how to add one."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown labeler {name!r}; registered labelers: {', '.join(list_labelers())}. "
+                       f"A labeler of your own: decorate it with @register_labeler({name!r}) and pass its module "
+                       f"or file with --import")
+
+
+def build_labeler(name: str, **kwargs: Any) -> Labeler:
+    """Instantiate the labeler registered as ``name``; unknown names list the valid ones."""
+    check_labeler(name)
+    return _REGISTRY[name](**kwargs)

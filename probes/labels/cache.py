@@ -1,0 +1,96 @@
+"""Label cache beside the activation store: each labeler runs once per image, ever.
+
+``<store>/labels/<task>/<labeler fingerprint>/labels.npy`` holds ``[N, H, W]`` float32 maps,
+committed per batch like the store itself, so another task's run, a rerun, or an interrupted
+run never recomputes a label. The fingerprint covers the labeler's name, version and arguments.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from probes.labels.base import Labeler
+from probes.store.activations import ActivationStore, CommitLog, PreallocatedArray, atomic_write_text, check_disk
+
+
+class LabelCache:
+    """Labels of the final images (``source="images"``, ``[N, H, W]``) or of the decoded
+    predicted-x0 images of every captured step (``source="x0"``, ``[N, S, H, W]``)."""
+
+    def __init__(self, store: ActivationStore, task: str, labeler: Labeler, source: str = "images") -> None:
+        if source not in ("images", "x0"):
+            raise ValueError(f"label source must be 'images' or 'x0', got {source!r}")
+        if source == "x0" and store.x0_images is None:
+            raise ValueError(f"the store at {store.root} has no decoded x0 images: generate with generation.decode_x0=true")
+        self.store, self.task, self.labeler, self.source = store, task, labeler, source
+        self.root = store.root / "labels" / task / labeler.fingerprint()
+        n = store.num_samples
+        h, w = store.manifest["generation"]["height"], store.manifest["generation"]["width"]
+        self.shape = (n, h, w) if source == "images" else (n, len(store.manifest["capture"]["steps"]), h, w)
+        self._prefix = "" if source == "images" else "x0_"
+        self._array: PreallocatedArray | None = None
+        self._loaded_on: str | None = None
+        self.commits = CommitLog(self.root / f"{self._prefix}commits") if self.root.exists() else None
+
+    def _open(self, create: bool) -> PreallocatedArray:
+        if self._array is None:
+            path = self.root / f"{self._prefix}labels.npy"
+            if not path.exists():
+                if not create:
+                    raise FileNotFoundError(f"labels for task {self.task!r} were never computed at {self.root}")
+                check_disk(self.root, int(np.prod(self.shape)) * 4, f"labels for {self.task}")
+                PreallocatedArray.create(path, self.shape, np.float32)
+                atomic_write_text(self.root / "labeler.json", json.dumps(self.labeler.describe(), indent=1))
+            self._array = PreallocatedArray(path)
+            self.commits = CommitLog(self.root / f"{self._prefix}commits")
+        return self._array
+
+    def missing(self, indices: Sequence[int]) -> list[int]:
+        done = self.commits.done() if self.commits is not None else set()
+        return [int(i) for i in indices if int(i) not in done]
+
+    def ensure(self, indices: Sequence[int], device: str = "cpu", progress: bool = True) -> int:
+        """Label the images among ``indices`` that have no cached label yet; returns how many."""
+        todo = self.missing(indices)
+        if not todo:
+            return 0
+        arr = self._open(create=True)
+        if self._loaded_on != device:  # load weights once, not per batch of a streaming run
+            self.labeler.load(device)
+            self._loaded_on = device
+        images = (self.store.images if self.source == "images" else self.store.x0_images).array()
+        per = 1 if self.source == "images" else self.shape[1]        # labeler images per sample
+        bs = max(1, int(getattr(self.labeler, "batch_size", 8)) // per)
+        what = "" if self.source == "images" else " on decoded x0 images"
+        bar = tqdm(total=len(todo), desc=f"labels: {self.task} ({self.labeler.name}){what}", unit="img",
+                   disable=not progress, dynamic_ncols=True)
+        for k in range(0, len(todo), bs):
+            idx = np.asarray(todo[k:k + bs])
+            batch = np.ascontiguousarray(images[idx]).reshape(-1, *images.shape[-3:])
+            labels = np.asarray(self.labeler(batch, np.repeat(idx, per)), dtype=np.float32)
+            if per > 1:  # back to [samples, steps, H, W]
+                labels = labels.reshape(len(idx), per, *labels.shape[1:])
+            if labels.shape != (len(idx), *self.shape[1:]):
+                raise ValueError(f"labeler {self.labeler.name!r} returned {labels.shape}; expected "
+                                 f"{(len(idx), *self.shape[1:])} (one [H, W] map per image)")
+            if not np.isfinite(labels).all():
+                raise ValueError(f"labeler {self.labeler.name!r} returned non-finite values for images {idx.tolist()}")
+            for i, lab in zip(idx, labels):
+                arr.write_row(int(i), lab)
+            arr.sync()
+            for i in idx:
+                self.commits.mark(int(i))  # type: ignore[union-attr]
+            bar.update(len(idx))
+        bar.close()
+        return len(todo)
+
+    def array(self) -> np.memmap:
+        return self._open(create=False).array()
+
+    @property
+    def path(self) -> Path:
+        return self.root / f"{self._prefix}labels.npy"

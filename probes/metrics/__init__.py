@@ -1,0 +1,1 @@
+"""Stage 6: metrics of probes (exact, from token-level predictions) and of baselines."""

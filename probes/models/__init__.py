@@ -1,0 +1,1 @@
+"""Stage 1: the diffusion model: loading (hub, local folder or random architecture), tokenizer, layer registry."""

@@ -1,0 +1,186 @@
+"""Model loading: SD from the Hugging Face cache, or an SD-architecture model with random weights.
+
+Three ways to get a pipeline, chosen in config (``data.diffusion``):
+- ``source: hub``: ``StableDiffusionPipeline.from_pretrained`` with revision, dtype, cache dir
+  and ``local_files_only`` (the real experiment; needs the weights);
+- ``source: random, architecture: sd14``: SD v1.4's exact architecture with random weights, for
+  benchmarks (same cost as the real model);
+- ``source: random, architecture: tiny``: SD v1.4's topology with small widths, for the demo and
+  the tests.
+Random-weight models get a real CLIP tokenizer built offline (``probes.models.tokenizer``).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from probes.common.env import offline
+from probes.common.hashing import sha256_text
+from probes.paths import data_path
+
+ARCH_DIR = data_path("architectures")
+
+
+@dataclass
+class DiffusionSpec:
+    """Which diffusion model to probe, and how to load it.
+
+    :param source: ``hub`` (pretrained weights via ``from_pretrained``) or ``random``.
+    :param model_id: Hub id or local folder of a diffusers SD pipeline (``source: hub``).
+    :param revision: Hub revision to pin (commit hash or branch); recorded in every output.
+    :param variant: weight file variant, e.g. ``fp16`` (smaller download).
+    :param architecture: for ``source: random``: ``sd14``, ``tiny`` or a path to such a YAML.
+    :param dtype: ``auto`` (float16 on CUDA, float32 on CPU), ``float16``, ``bfloat16`` or ``float32``.
+    :param local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
+    :param cache_dir: Hugging Face cache folder; default ``$HF_HOME/hub``.
+    :param init_seed: seed of the random weights (``source: random``).
+    :param permute_seed: if set, every U-Net weight tensor is permuted elementwise with this
+        seed: the protocol's control, whose probes should fail.
+    """
+
+    source: str = "hub"
+    model_id: str = "CompVis/stable-diffusion-v1-4"
+    revision: str | None = None
+    variant: str | None = None
+    architecture: str = "sd14"
+    dtype: str = "auto"
+    local_files_only: bool = False
+    cache_dir: str | None = None
+    init_seed: int = 0
+    permute_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in {"hub", "random"}:
+            raise ValueError(f"diffusion.source must be 'hub' or 'random', got {self.source!r}")
+        if self.dtype not in {"auto", "float16", "bfloat16", "float32"}:
+            raise ValueError(f"diffusion.dtype must be auto, float16, bfloat16 or float32; got {self.dtype!r}")
+
+    @property
+    def is_random(self) -> bool:
+        return self.source == "random"
+
+    def torch_dtype(self, device: torch.device | str) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    def identity(self) -> dict[str, Any]:
+        """What the activations depend on: written into the store manifest and every export."""
+        if self.is_random:
+            arch = load_architecture(self.architecture)
+            ident = {"model_id": f"random:{arch['name']}", "revision": f"init_seed={self.init_seed}",
+                     "architecture_sha256": sha256_text(yaml.safe_dump(arch, sort_keys=True), 16)}
+        else:
+            ident = {"model_id": self.model_id, "revision": self.revision or "main", "variant": self.variant}
+        ident["permute_seed"] = self.permute_seed
+        return ident
+
+
+def list_architectures() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.yaml"))
+
+
+def load_architecture(name_or_path: str) -> dict[str, Any]:
+    """Component configs of an architecture shipped in ``data/architectures`` (or a YAML path)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = ARCH_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"unknown architecture {name_or_path!r}; shipped ones: {', '.join(list_architectures())} "
+            f"(or give a path to a YAML with unet/vae/text_encoder/scheduler sections)")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def build_random_pipeline(architecture: str = "tiny", init_seed: int = 0):
+    """An SD pipeline with random weights from shipped component configs (no download)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from probes.models.tokenizer import offline_clip_tokenizer
+
+    arch = load_architecture(architecture)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        unet = UNet2DConditionModel(**arch["unet"])
+        vae = AutoencoderKL(**arch["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+    sched_cfg = {k: v for k, v in arch["scheduler"].items() if not k.startswith("_")}
+    scheduler = PNDMScheduler.from_config(sched_cfg)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=offline_clip_tokenizer(),
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return pipe
+
+
+def load_hub_pipeline(spec: DiffusionSpec, dtype: torch.dtype):
+    """``from_pretrained`` with the options a cluster user needs, and an error that says what to do."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = dict(revision=spec.revision, torch_dtype=dtype, cache_dir=spec.cache_dir,
+                                  local_files_only=spec.local_files_only or offline(),
+                                  safety_checker=None, requires_safety_checker=False)
+    if spec.variant:
+        kwargs["variant"] = spec.variant
+    try:
+        return StableDiffusionPipeline.from_pretrained(spec.model_id, **kwargs)
+    except (OSError, ValueError) as err:
+        cache = spec.cache_dir or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+        rev = f" --revision {spec.revision}" if spec.revision else ""
+        raise RuntimeError(
+            f"could not load {spec.model_id!r} (revision {spec.revision or 'main'}) from the Hugging Face "
+            f"cache at {cache} (local_files_only={kwargs['local_files_only']}): {err}\n"
+            f"Fetch the weights on a machine with internet:  huggingface-cli download {spec.model_id}{rev}"
+            f"{' --cache-dir ' + spec.cache_dir if spec.cache_dir else ''}\n"
+            f"then set HF_HOME (or data.diffusion.cache_dir) to that cache; or run the offline demo with "
+            f"data.diffusion.source=random.") from err
+
+
+def resolved_revision(pipe) -> str | None:
+    """The snapshot commit the weights came from (Hub cache layout ``snapshots/<sha>/``), if known."""
+    name = str(getattr(pipe.unet.config, "_name_or_path", ""))
+    m = re.search(r"snapshots/([0-9a-f]{40})", name)
+    return m.group(1) if m else None
+
+
+def permute_weights_(module: torch.nn.Module, seed: int) -> None:
+    """The protocol's control: permute each weight tensor's entries independently, in place.
+
+    Every tensor keeps its values (so norms and statistics stay plausible) but loses its
+    structure. Each tensor's permutation is seeded by (seed, name), so it does not depend on
+    parameter order.
+    """
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            g = torch.Generator().manual_seed(seed * 1_000_003 + int(sha256_text(name, 16), 16) % 1_000_003)
+            perm = torch.randperm(p.numel(), generator=g).to(p.device)
+            p.copy_(p.reshape(-1)[perm].reshape(p.shape))
+
+
+def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
+    """The configured pipeline on ``device``, with its progress bar off (we draw our own)."""
+    dtype = spec.torch_dtype(device)
+    if spec.is_random:
+        pipe = build_random_pipeline(spec.architecture, spec.init_seed)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
+    else:
+        pipe = load_hub_pipeline(spec, dtype)
+    if spec.permute_seed is not None:
+        permute_weights_(pipe.unet, spec.permute_seed)
+    # PyTorch SDPA attention: fast, and it calls attn.to_out[0] as a module, so the capture hooks
+    # fire (fused or xformers processors may bypass it; capture then fails loudly)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+

@@ -1,0 +1,210 @@
+"""Prompt sets: (prompt, seed, split) records from the reference split, a CSV or a text file.
+
+The reference split of Chen et al. (246 train / 371 test LAION captions, one seed each) is
+fetched on first use from its pinned public URL and checked against its sha256; it is never
+copied into this repository. A local folder holding the two CSVs can be given instead.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import random
+import tempfile
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from probes.common.hashing import sha256_file
+from probes.paths import data_path
+
+CHEN2023_COMMIT = "788101cc2f81918b9ea87c76b11be0910e4d96bf"
+CHEN2023_URL = ("https://raw.githubusercontent.com/yc015/scene-representation-diffusion-model/"
+                f"{CHEN2023_COMMIT}/{{name}}")
+CHEN2023_FILES = {
+    "train": ("train_split_prompts_seeds.csv", "f7d0d001e82bc3e6798e6da86d5b8712ceeb76c8b0622113bf2d68a754f3841e"),
+    "test": ("test_split_prompts_seeds.csv", "6e1833810d8aaaed112112acca18d299f44a6963ca20697e4ae51d0fb3f39c7b"),
+}
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("DPROBE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffusion-probes")
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    index: int
+    prompt: str
+    seed: int
+    split: str
+    source_id: str = ""
+
+
+@dataclass
+class PromptSpec:
+    """Where prompts come from and how they are split.
+
+    :param source: ``chen2023`` (the reference 246/371 split), the name of a prompt set shipped in
+        ``data/prompts/`` (e.g. ``demo``), or a path to a CSV (columns ``prompt`` or ``prompts``,
+        ``seed`` or ``seeds``, optional ``split``) or a text file (one prompt per line; seeds
+        ``seed_base + line number``).
+    :param local_dir: for ``chen2023``: a folder that holds the two CSVs (no download).
+        ``$DPROBE_CHEN2023_DIR`` does the same.
+    :param cache_dir: where downloads are kept; default ``$DPROBE_CACHE`` or ``~/.cache/diffusion-probes``.
+    :param limit: keep only the first ``limit`` prompts of each split (quick runs).
+    :param seed_base: first seed for text files.
+    :param val_fraction: share of the train prompts held out for validation (model selection).
+    :param test_fraction: share of all prompts used as test when the source has no split.
+    :param split_seed: seed of those random assignments.
+    """
+
+    source: str = "chen2023"
+    local_dir: str | None = None
+    cache_dir: str | None = None
+    limit: int | None = None
+    seed_base: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.25
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"prompts.{name} must be in [0, 1), got {v}")
+
+
+def fetch_chen2023(cache_dir: str | Path | None = None, local_dir: str | Path | None = None) -> dict[str, Path]:
+    """Paths of the reference train/test CSVs, downloading and checksumming them if needed."""
+    local_dir = local_dir or os.environ.get("DPROBE_CHEN2023_DIR")
+    out: dict[str, Path] = {}
+    for split, (name, sha) in CHEN2023_FILES.items():
+        if local_dir:
+            path = Path(local_dir).expanduser() / name
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found (prompts.local_dir={str(local_dir)!r} must hold {name})")
+        else:
+            path = Path(cache_dir or default_cache_dir()) / "chen2023" / CHEN2023_COMMIT / name
+            if not path.exists():
+                _download(CHEN2023_URL.format(name=name), path)
+        got = sha256_file(path)
+        if got != sha:
+            raise ValueError(f"{path} has sha256 {got}, expected {sha} (the pinned reference file); "
+                             f"delete it to re-download, or point prompts.local_dir at a correct copy")
+        out[split] = path
+    return out
+
+
+def _download(url: str, path: Path) -> None:
+    """Download to a temporary name, then rename: an interrupted download never looks complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
+            f.write(r.read())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise RuntimeError(
+            f"could not download {url} to {path}: {err}\n"
+            f"On an offline machine, copy the file there by hand, or set prompts.local_dir "
+            f"(or $DPROBE_CHEN2023_DIR) to a folder holding the reference CSVs.") from err
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    cols = set(rows[0])
+    pcol = "prompt" if "prompt" in cols else "prompts" if "prompts" in cols else None
+    scol = "seed" if "seed" in cols else "seeds" if "seeds" in cols else None
+    if pcol is None or scol is None:
+        raise ValueError(f"{path} needs columns 'prompt' (or 'prompts') and 'seed' (or 'seeds'); it has {sorted(cols)}")
+    return [{"prompt": r[pcol], "seed": r[scol], "split": (r.get("split") or "").strip(),
+             "source_id": r.get("prompt_inds", "") or r.get("id", "")} for r in rows]
+
+
+def _assign(n: int, fraction: float, rng: random.Random) -> set[int]:
+    k = int(round(n * fraction))
+    return set(rng.sample(range(n), k)) if k else set()
+
+
+def shipped_prompt_sets() -> list[str]:
+    """Names of the prompt sets in ``data/prompts/`` (usable as ``data.prompts.source``)."""
+    return sorted(p.stem for p in data_path("prompts").glob("*") if p.suffix in (".txt", ".csv"))
+
+
+def resolve_source(source: str) -> Path:
+    """A prompt file: a path, or the name of a shipped set; the error lists what exists."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    for suffix in (".txt", ".csv"):
+        shipped = data_path("prompts", source + suffix)
+        if shipped.exists():
+            return shipped
+    raise FileNotFoundError(f"data.prompts.source {source!r} is neither 'chen2023', a shipped prompt set "
+                            f"({', '.join(shipped_prompt_sets())}), nor an existing file")
+
+
+def load_prompts(spec: PromptSpec) -> list[PromptRecord]:
+    """All records of the prompt set, indexed 0..N-1 in a stable order, with their split."""
+    rng = random.Random(spec.split_seed)
+    rows: list[dict[str, str]] = []
+    if spec.source == "chen2023":
+        files = fetch_chen2023(spec.cache_dir, spec.local_dir)
+        for split in ("train", "test"):
+            rows += [dict(r, split=split) for r in _read_csv(files[split])]
+    else:
+        path = resolve_source(spec.source)
+        if path.suffix.lower() == ".csv":
+            rows = _read_csv(path)
+        else:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            lines = [ln for ln in lines if ln and not ln.startswith("#")]
+            rows = [{"prompt": p, "seed": str(spec.seed_base + i), "split": "", "source_id": str(i)}
+                    for i, p in enumerate(lines)]
+        if not rows:
+            raise ValueError(f"prompt source {path} holds no prompts")
+        if not all(r["split"] for r in rows):
+            test = _assign(len(rows), spec.test_fraction, rng)
+            for i, r in enumerate(rows):
+                r["split"] = r["split"] or ("test" if i in test else "train")
+    bad = sorted({r["split"] for r in rows} - set(SPLITS))
+    if bad:
+        raise ValueError(f"unknown split names {bad} in {spec.source}; use train, val or test")
+    train = [i for i, r in enumerate(rows) if r["split"] == "train"]
+    val = _assign(len(train), spec.val_fraction, rng)
+    for k, i in enumerate(train):
+        if k in val:
+            rows[i]["split"] = "val"
+    if spec.limit is not None:
+        kept: list[dict[str, str]] = []
+        for split in SPLITS:
+            kept += [r for r in rows if r["split"] == split][: spec.limit]
+        order = {id(r): k for k, r in enumerate(rows)}
+        rows = sorted(kept, key=lambda r: order[id(r)])
+    return [PromptRecord(index=i, prompt=r["prompt"], seed=int(r["seed"]), split=r["split"],
+                         source_id=str(r["source_id"])) for i, r in enumerate(rows)]
+
+
+def split_indices(records: Iterable[PromptRecord]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for r in records:
+        out[r.split].append(r.index)
+    return out
+
+
+def prompts_fingerprint(records: Iterable[PromptRecord]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.index}\t{r.prompt}\t{r.seed}\n".encode())
+    return h.hexdigest()[:16]
+
+
+

@@ -1,0 +1,1 @@
+"""Stage 6: metrics.csv, plots, prediction panels, reports and W&B."""

@@ -1,0 +1,144 @@
+"""Results as data: ``metrics.csv`` in long form, the best (layer, step) per task, a text table.
+
+Long form (one row per split, task, layer, step, metric) is what pandas, W&B tables and
+spreadsheets all read without reshaping. Best heads are picked on the validation split and
+their test value is reported, so the test set is never used for selection.
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from pathlib import Path
+
+from probes.tasks import LOWER_IS_BETTER, better
+
+COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
+#: rows of metrics.csv that are not scores (no best head is picked on them)
+NOT_SCORES = {"loss", "ridge_lambda"}
+#: pseudo-layers that are not probes (the labeler on decoded intermediate images)
+NOT_PROBES = {"decoded_x0"}
+REAL_COMMAND = "python train.py fit --config configs/sd14/all.yaml"
+RANDOM_WARNING = (
+    "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number here is meaningless by "
+    "design: the run only shows that the pipeline works end to end.\n"
+    f"      The real experiment (SD v1.4 weights, GPU): {REAL_COMMAND}")
+
+
+def write_metrics_csv(rows: Iterable[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    return path
+
+
+def read_metrics_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{**r, "step": int(r["step"]), "timestep": float(r["timestep"]), "value": float(r["value"])}
+                for r in csv.DictReader(f)]
+
+
+def best_heads(rows: list[dict], select_split: str = "val") -> list[dict]:
+    """Per (task, metric): the (layer, step) best on ``select_split`` and its value on every split."""
+    index = {(r["split"], r["task"], r["metric"], r["layer"], r["step"]): r for r in rows}
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    if select_split not in splits:
+        select_split = splits[0]
+    out = []
+    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES):
+        cands = [r for r in rows if r["split"] == select_split and r["task"] == task and r["metric"] == metric
+                 and r["value"] == r["value"] and r["layer"] not in NOT_PROBES]
+        if not cands:
+            continue
+        best = cands[0]
+        for r in cands[1:]:
+            if better(metric, r["value"], best["value"]):
+                best = r
+        entry = {"task": task, "metric": metric, "layer": best["layer"], "step": best["step"],
+                 "timestep": best["timestep"], "selected_on": select_split}
+        for s in splits:
+            hit = index.get((s, task, metric, best["layer"], best["step"]))
+            entry[s] = hit["value"] if hit else float("nan")
+        out.append(entry)
+    return out
+
+
+def reference_heads(rows: list[dict], layer: str = "up3.0") -> list[dict]:
+    """The published comparison point: layer ``up3.0`` at the last step, per task and metric."""
+    out = []
+    last = max((r["step"] for r in rows), default=None)
+    for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES):
+        vals = {r["split"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric
+                and r["layer"] == layer and r["step"] == last}
+        if vals:
+            out.append({"task": task, "metric": metric, "layer": layer, "step": last, **vals})
+    return out
+
+
+def format_table(rows: list[dict], is_random: bool) -> str:
+    """The table printed at the end of a run."""
+    lines = []
+    best = best_heads(rows)
+    splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
+    head = f"{'task':<11}{'metric':<10}{'best layer':<12}{'step':>5}{'t':>8}" + "".join(f"{s:>9}" for s in splits)
+    lines += ["", "Best (layer, step) per task and metric, selected on the validation split:", head, "-" * len(head)]
+    for b in best:
+        lines.append(f"{b['task']:<11}{b['metric']:<10}{b['layer']:<12}{b['step']:>5}{b['timestep']:>8.1f}"
+                     + "".join(f"{b.get(s, float('nan')):>9.3f}" for s in splits))
+    ref = reference_heads(rows)
+    if ref:
+        lines += ["", f"Published comparison point (layer up3.0, last step {ref[0]['step']}):"]
+        for r in ref:
+            lines.append(f"{r['task']:<11}{r['metric']:<10}" + "".join(f"{s}={r.get(s, float('nan')):.3f}  " for s in splits))
+    if is_random:
+        lines += ["", RANDOM_WARNING]
+    return "\n".join(lines)
+
+
+def _curve(rows: list[dict], split: str, task: str, metric: str, layer: str | None) -> list[tuple[int, float, float]]:
+    """(step, timestep, value) of one layer, or of the best layer at each step (``layer=None``)."""
+    sel = [r for r in rows if r["split"] == split and r["task"] == task and r["metric"] == metric]
+    if layer is not None:
+        sel = [r for r in sel if r["layer"] == layer]
+        return sorted((r["step"], r["timestep"], r["value"]) for r in sel)
+    sel = [r for r in sel if r["layer"] not in NOT_PROBES]
+    pick = min if metric in LOWER_IS_BETTER else max
+    out = []
+    for step in sorted({r["step"] for r in sel}):
+        at = [r for r in sel if r["step"] == step]
+        out.append((step, at[0]["timestep"], pick(r["value"] for r in at)))
+    return out
+
+
+def emergence_step(curve: list[tuple[int, float, float]], fraction: float = 0.9,
+                   lower_is_better: bool = False) -> dict[str, float] | None:
+    """First step whose score reaches ``fraction`` of the final step's score.
+
+    For lower-is-better metrics the score must come within ``1/fraction`` of the final value.
+    """
+    if not curve:
+        return None
+    final = curve[-1][2]
+    for step, t, v in curve:
+        ok = v <= final / fraction if lower_is_better else v >= fraction * final
+        if ok:
+            return {"step": step, "timestep": t, "value": v, "final": final}
+    return None
+
+
+def emergence(rows: list[dict], split: str = "test", fraction: float = 0.9) -> list[dict]:
+    """Per task and headline-like metric: emergence step of the best layer (picked on val) and of the
+    per-step best over layers."""
+    out = []
+    for b in best_heads(rows):
+        if b["metric"] in LOWER_IS_BETTER:  # "90 % of the final score" is defined for scores, not errors
+            continue
+        curves = [("best layer " + b["layer"], b["layer"]), ("best layer at each step", None),
+                  ("labeler on decoded x0", "decoded_x0")]
+        for which, layer in curves:
+            e = emergence_step(_curve(rows, split, b["task"], b["metric"], layer), fraction)
+            if e:
+                out.append({"task": b["task"], "metric": b["metric"], "curve": which, **e})
+    return out

@@ -1,0 +1,1 @@
+"""Stage 3: the activation store: manifest, memory-mapped arrays, per-sample commits."""

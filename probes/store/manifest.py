@@ -1,0 +1,69 @@
+"""The store's manifest: what its content depends on, and the fingerprint that names its folder.
+
+Two runs with the same model, sampler, capture settings and prompts share a store; anything
+that changes the activations changes the fingerprint, so a store is never silently reused for
+other settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from probes.common.version import code_version
+from probes.generation.sampling import CaptureSpec, GenerationSpec, native_size, sampler_timesteps
+from probes.models.layers import LayerRegistry
+from probes.models.loading import DiffusionSpec, resolved_revision
+from probes.prompts.sets import PromptRecord, prompts_fingerprint
+
+
+def store_request(diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
+                  records: Sequence[PromptRecord], store_activations: bool = True) -> dict[str, Any]:
+    """What a store's content depends on; its hash names the default store folder."""
+    gen = asdict(generation)
+    gen.pop("batch_size")
+    req = {"model": diffusion.identity(), "generation": gen, "capture": asdict(capture),
+           "prompts": prompts_fingerprint(records), "num_samples": len(records)}
+    if not store_activations:
+        req["images_only"] = True
+    return req
+
+
+def request_fingerprint(request: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
+                   records: Sequence[PromptRecord], store_activations: bool = True) -> dict[str, Any]:
+    height, width = generation.height or native_size(pipe)[0], generation.width or native_size(pipe)[1]
+    f = pipe.vae_scale_factor
+    if height % (8 * f) or width % (8 * f):
+        raise ValueError(f"generation height/width must be multiples of {8 * f} (token grids must divide the "
+                         f"labels evenly); got {height}x{width}")
+    registry = LayerRegistry.from_unet(pipe.unet, (height // f, width // f))
+    layers = registry.select(capture.layers)
+    timesteps = sampler_timesteps(pipe, generation)
+    steps = list(range(generation.steps)) if capture.steps is None else sorted(set(capture.steps))
+    bad = [s for s in steps if not 0 <= s < generation.steps]
+    if bad:
+        raise ValueError(f"capture.steps {bad} out of range: generation.steps={generation.steps} gives steps 0..{generation.steps - 1}")
+    request = store_request(diffusion, generation, capture, records, store_activations)
+    model = dict(diffusion.identity(), resolved_revision=resolved_revision(pipe), is_random=diffusion.is_random,
+                 dtype=str(pipe.unet.dtype).replace("torch.", ""))
+    return {
+        "fingerprint": request_fingerprint(request),
+        "request": request,
+        "code_version": code_version(),
+        "model": model,
+        "generation": dict(asdict(generation), height=height, width=width,
+                           latent_init="torch.manual_seed(seed); torch.randn(1, C, H/8, W/8) on CPU, unscaled"),
+        "capture": {"layers": [layer.to_dict() for layer in layers], "steps": steps,
+                    "timesteps": [timesteps[s] for s in steps], "all_timesteps": timesteps,
+                    "halves": ["cond"] if capture.halves == "cond" else ["uncond", "cond"],
+                    "dtype": capture.dtype, "hook": "attn1.to_out.0 output (before dropout and residual)",
+                    "store_activations": store_activations},
+        "num_samples": len(records),
+        "prompts": [asdict(r) for r in records],
+    }

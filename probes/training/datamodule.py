@@ -1,0 +1,239 @@
+"""The LightningDataModule: makes sure the store and labels exist, then serves train/val/test.
+
+``prepare_data`` only fetches files (the prompt CSVs). ``setup`` opens the store, generating the
+samples it lacks first (each rank its own disjoint shard of batches, all writing into one store),
+then the labels (sharded the same way), then builds the splits and the target statistics
+(train split only). Generation is a stage of its own (:func:`ensure_store`), callable without
+Lightning, e.g. from a SLURM array job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from jsonargparse.typing import Path_fr
+from torch.utils.data import DataLoader, Dataset
+
+from probes.contract import ProbeSpec
+from probes.generation.sampling import CaptureSpec, GenerationSpec
+from probes.generation.stage import ensure_store, open_store, shard_of
+from probes.labels import build_labeler, check_labeler
+from probes.labels.cache import LabelCache
+from probes.models.layers import LayerInfo
+from probes.models.loading import DiffusionSpec, load_pipeline
+from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_indices
+from probes.store.activations import ActivationStore
+from probes.store.manifest import request_fingerprint, store_request
+from probes.tasks import get_task
+from probes.training.datasets import ActivationDataset, StreamingDataset, StreamSource, UnpaddedShardSampler, collated
+from probes.training.target_stats import target_stats
+
+log = logging.getLogger(__name__)
+
+
+MODES = ("cached", "streaming")
+
+
+class ActivationDataModule(pl.LightningDataModule):
+    """Prompts -> (generated, captured) activation store -> labels -> train/val/test loaders.
+
+    :param diffusion: the model (``source: hub`` for SD v1.4, ``random`` for tiny/benchmarks).
+    :param prompts: prompt set and splits.
+    :param generation: sampler settings (K-LMS, 15 steps, guidance 7.5, 512x512 by default).
+    :param capture: layers, steps, halves and dtype to capture.
+    :param labels: task -> labeler, e.g. ``{foreground: {name: tracer}, depth: {name: midas}}``;
+        the extra keys are the labeler's arguments. Or the path of a YAML file holding that
+        mapping (a labels group, ``configs/labels/*.yaml``).
+    :param mode: ``cached`` (activations written to the store, then read for as many epochs as
+        needed: SGD probes) or ``streaming`` (nothing cached: each split is generated while it is
+        consumed, for one-pass closed-form probes, ``probes.training.ridge.RidgeProbeModule``).
+    :param store_dir: the activation store; default ``<store_root>/<fingerprint of the settings>``.
+    :param store_root: parent of default store folders.
+    :param batch_size: images per training batch (streaming: ``generation.batch_size``).
+    :param num_workers: DataLoader workers (cached mode).
+    :param device: where generation and labelers run: ``auto`` (the trainer's device, else CUDA
+        when available), ``cpu`` or ``cuda[:k]``.
+    :param progress: progress bars.
+    :param exact_train_shards: each training image seen exactly once per epoch, also under DDP
+        (no padding duplicates). One-pass (closed-form) probes need it; the CLI links it from
+        ``model.one_pass``.
+    """
+
+    def __init__(self, diffusion: DiffusionSpec = DiffusionSpec(), prompts: PromptSpec = PromptSpec(),
+                 generation: GenerationSpec = GenerationSpec(), capture: CaptureSpec = CaptureSpec(),
+                 labels: dict[str, dict[str, Any]] | Path_fr | None = None, mode: str = "cached",
+                 store_dir: str | None = None, store_root: str = "outputs/stores", batch_size: int = 4,
+                 num_workers: int = 0, device: str = "auto", progress: bool = True,
+                 exact_train_shards: bool = False) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
+        self.diffusion, self.prompts, self.generation, self.capture = diffusion, prompts, generation, capture
+        if isinstance(labels, (str, os.PathLike)):   # a labels group file, e.g. configs/labels/sd14.yaml
+            labels = yaml.safe_load(Path(labels).read_text())
+        self.labels = dict(labels or {"foreground": {"name": "otsu"}})
+        for task, cfg in self.labels.items():
+            if not isinstance(cfg, dict) or "name" not in cfg:
+                raise ValueError(f"data.labels.{task} must be a mapping with a 'name' (a labeler), got {cfg!r}")
+            get_task(task)                 # checked now, before any compute: unknown names list the valid ones
+            check_labeler(cfg["name"])
+        self.mode, self.store_dir, self.store_root = mode, store_dir, store_root
+        self.batch_size, self.num_workers, self.device, self.progress = batch_size, num_workers, device, progress
+        self.store: ActivationStore | None = None
+        self.probe_spec: ProbeSpec | None = None
+        self.datasets: dict[str, Dataset] = {}
+        self.label_caches: dict[str, LabelCache] = {}
+        #: labels of the decoded predicted-x0 images of the test split (generation.decode_x0)
+        self.x0_label_caches: dict[str, LabelCache] = {}
+        self._pipe = None
+        self.exact_train_shards = exact_train_shards
+
+    @property
+    def streaming(self) -> bool:
+        return self.mode == "streaming"
+
+    @property
+    def guided_calls(self) -> int:
+        """Guided U-Net calls made by this run's streamed splits (cached runs: see the store)."""
+        return sum(getattr(ds, "guided_calls", 0) for ds in self.datasets.values())
+
+    # -- config as data (for exports and evaluate.py) ------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"diffusion": asdict(self.diffusion), "prompts": asdict(self.prompts),
+                "generation": asdict(self.generation), "capture": asdict(self.capture),
+                "labels": self.labels, "mode": self.mode, "store_dir": str(self.resolved_store_dir()),
+                "batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> ActivationDataModule:
+        cfg = {**cfg, **overrides}
+        return cls(diffusion=DiffusionSpec(**cfg["diffusion"]), prompts=PromptSpec(**cfg["prompts"]),
+                   generation=GenerationSpec(**cfg["generation"]), capture=CaptureSpec(**cfg["capture"]),
+                   labels=cfg["labels"], mode=cfg.get("mode", "cached"), store_dir=cfg.get("store_dir"),
+                   batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
+                   device=cfg.get("device", "auto"), progress=cfg.get("progress", True))
+
+    def records(self) -> list[PromptRecord]:
+        if not hasattr(self, "_records"):
+            self._records = load_prompts(self.prompts)
+        return self._records
+
+    def resolved_store_dir(self) -> Path:
+        if self.store_dir:
+            return Path(self.store_dir).expanduser()
+        request = store_request(self.diffusion, self.generation, self.capture, self.records(), not self.streaming)
+        name = ("random-" if self.diffusion.is_random else "") + ("images-" if self.streaming else "")
+        return Path(self.store_root) / f"{name}{request_fingerprint(request)}"
+
+    def pipeline(self):
+        """The diffusion pipeline (streaming mode keeps it loaded for the whole run)."""
+        if self._pipe is None:
+            self._pipe = load_pipeline(self.diffusion, self._device())
+        return self._pipe
+
+    # -- Lightning hooks -----------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Fetch the prompt files (download + checksum); no state is kept."""
+        load_prompts(self.prompts)
+
+    def dist(self) -> tuple[int, int, Callable[[], None]]:
+        """``(rank, world, barrier)``: the trainer's when attached, else a single process."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1, lambda: None
+        return trainer.global_rank, trainer.world_size, trainer.strategy.barrier
+
+    def _device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.strategy.root_device.type != "cpu":
+            return str(trainer.strategy.root_device)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.probe_spec is not None:
+            return
+        rank, world, barrier = self.dist()
+        records = self.records()
+        store_dir = self.resolved_store_dir()
+        progress = self.progress and (rank == 0 or world > 1)
+        if self.streaming:
+            store, self._pipe = open_store(store_dir, records, self.diffusion, self.generation, self.capture,
+                                           self._device(), rank, barrier, store_activations=False)
+        else:
+            store = ensure_store(store_dir, records, self.diffusion, self.generation, self.capture, self._device(),
+                                 rank, world, barrier, progress)
+        self.store = store
+        for task, cfg in self.labels.items():
+            cfg = dict(cfg)
+            self.label_caches[task] = LabelCache(store, task, build_labeler(cfg.pop("name"), **cfg))
+        splits = split_indices(records)
+        empty = [s for s in ("train", "test") if not splits[s]]
+        if empty:
+            raise ValueError(f"the prompt set has no {' and no '.join(empty)} prompts; check data.prompts")
+        if self.streaming:
+            if store.x0_images is not None:
+                self.x0_label_caches = {t: LabelCache(store, t, c.labeler, source="x0") for t, c in self.label_caches.items()}
+            source = StreamSource(pipeline=self.pipeline, records=records, generation=self.generation,
+                                  capture=self.capture, store=store, label_caches=self.label_caches,
+                                  x0_label_caches=self.x0_label_caches, device=self._device,
+                                  dist=lambda: self.dist()[:2], progress=self.progress)
+            self.datasets = {s: StreamingDataset(source, s, idx) for s, idx in splits.items() if idx}
+            stats: dict[str, dict[str, float]] = {}  # the one-pass probes measure them on the train stream
+        else:
+            for cache in self.label_caches.values():
+                cache.ensure(shard_of(range(store.num_samples), self.generation.batch_size, rank, world),
+                             device=self._device(), progress=progress)
+            barrier()
+            self.label_caches = {t: LabelCache(store, t, c.labeler) for t, c in self.label_caches.items()}
+            if store.x0_images is not None:
+                for task, cache in self.label_caches.items():
+                    x0 = LabelCache(store, task, cache.labeler, source="x0")
+                    x0.ensure(shard_of(splits["test"], self.generation.batch_size, rank, world), device=self._device(),
+                              progress=progress)
+                    self.x0_label_caches[task] = x0
+                barrier()
+                self.x0_label_caches = {t: LabelCache(store, t, c.labeler, "x0") for t, c in self.x0_label_caches.items()}
+            self.datasets = {s: ActivationDataset(store, idx, self.label_caches) for s, idx in splits.items() if idx}
+            stats = {t: target_stats(c.array(), splits["train"]) for t, c in self.label_caches.items()}
+        cap = store.manifest["capture"]
+        self.probe_spec = ProbeSpec(
+            layers=[LayerInfo.from_dict(d) for d in cap["layers"]], steps=list(cap["steps"]),
+            timesteps=list(cap["timesteps"]), tasks=list(self.labels),
+            label_size=(store.manifest["generation"]["height"], store.manifest["generation"]["width"]),
+            target_stats=stats, model=store.manifest["model"], is_random=bool(store.manifest["model"]["is_random"]),
+            store_dir=str(store_dir), data_config=self.config(), streaming=self.streaming)
+
+    def loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(f"the prompt set has no {split!r} split (val needs prompts.val_fraction > 0)")
+        ds = self.datasets[split]
+        if isinstance(ds, StreamingDataset):
+            return DataLoader(ds, batch_size=None, num_workers=0)
+        rank, world, _ = self.dist()
+        exact = not shuffle or self.exact_train_shards
+        sampler = UnpaddedShardSampler(ds, world, rank) if world > 1 and exact else None
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0, collate_fn=collated)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", shuffle=not self.exact_train_shards)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", shuffle=False)
+
+    def teardown(self, stage: str | None = None) -> None:
+        if stage in ("test", None):
+            self._pipe = None  # free the model's memory once the last streamed split is done

@@ -1,0 +1,139 @@
+"""Datasets that feed the probes: cached activations from the store, or a live generation stream."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset
+
+from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
+from probes.generation.stage import commit_records
+from probes.labels.cache import LabelCache
+from probes.models.layers import LayerInfo
+from probes.prompts.sets import PromptRecord
+from probes.store.activations import ActivationStore
+
+
+class ActivationDataset(Dataset):
+    """One item per image: its conditional-half activations of every layer and its raw labels."""
+
+    def __init__(self, store: ActivationStore, indices: Sequence[int], labels: dict[str, LabelCache]) -> None:
+        self.store, self.indices, self.labels = store, list(indices), labels
+        self.cond = store.manifest["capture"]["halves"].index("cond")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.indices[k]
+        acts = {n: torch.from_numpy(np.array(self.store.activation(n, i)[:, self.cond]))
+                for n in self.store.layer_names}
+        labels = {t: torch.from_numpy(np.array(c.array()[i])) for t, c in self.labels.items()}
+        return {"index": i, "acts": acts, "labels": labels}
+
+    def __getitems__(self, ks: list[int]) -> dict[str, Any]:
+        """A whole batch with one read per layer (rows in file order), already collated.
+
+        Per-sample reads plus ``default_collate`` copy every byte twice and pay per-sample
+        overhead on each of the 16 layers; this reads each layer's rows straight into the batch.
+        """
+        idx = np.asarray([self.indices[k] for k in ks])
+        order = np.argsort(idx, kind="stable")
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        rows = idx[order]
+        acts = {}
+        for n in self.store.layer_names:
+            arr = self.store.acts[n].array()
+            data = arr[rows, :, self.cond] if arr.shape[2] > 1 else arr[rows][:, :, 0]
+            acts[n] = torch.from_numpy(data[back] if len(rows) > 1 else data)
+        labels = {t: torch.from_numpy(np.asarray(c.array()[rows])[back]) for t, c in self.labels.items()}
+        return {"index": torch.as_tensor(idx), "acts": acts, "labels": labels}
+
+
+def collated(batch: dict[str, Any]) -> dict[str, Any]:
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """What a streamed split needs, handed over explicitly (no reaching back into the data module).
+
+    :param pipeline: returns the loaded diffusion pipeline (loaded once, on first use).
+    :param dist: returns ``(rank, world)`` at iteration time (the trainer's, once it exists).
+    :param x0_label_caches: per task, the labels of decoded intermediate images (test split only).
+    """
+
+    pipeline: Callable[[], Any]
+    records: Sequence[PromptRecord]
+    generation: GenerationSpec
+    capture: CaptureSpec
+    store: ActivationStore
+    label_caches: dict[str, LabelCache]
+    x0_label_caches: dict[str, LabelCache]
+    device: Callable[[], str]
+    dist: Callable[[], tuple[int, int]]
+    progress: bool = True
+
+
+class StreamingDataset(IterableDataset):
+    """Generates its split on the fly and yields batches whose activations never leave the GPU.
+
+    For closed-form (ridge) probes, which need one pass over the data: each image is generated
+    once, labelled as soon as it exists (labels and images are cached in an images-only store),
+    consumed, and dropped. Batches are already collated (use ``DataLoader(batch_size=None)``).
+    ``guided_calls`` counts the U-Net calls this dataset caused.
+    """
+
+    def __init__(self, source: StreamSource, split: str, indices: Sequence[int]) -> None:
+        self.source, self.split, self.indices = source, split, list(indices)
+        self.guided_calls = 0
+
+    def __iter__(self):
+        src = self.source
+        rank, world = src.dist()
+        # deal single images (not whole batches) so that every rank gets work even for a small
+        # split: a rank with an empty stream would skip validation and hang the others' all-reduce
+        mine = self.indices[rank::world]
+        store, cond = src.store, src.store.manifest["capture"]["halves"].index("cond")
+        layers = [LayerInfo.from_dict(d) for d in store.manifest["capture"]["layers"]]
+        for batch in generate(src.pipeline(), src.records, mine, src.generation, layers, src.capture,
+                              acts_device=None, progress=src.progress, desc=f"streaming {self.split}",
+                              universe=mine):
+            idx = batch.indices
+            if store.missing(idx):
+                recs = commit_records(src.records, batch, rank)
+                store.write_batch(idx, batch.images, {}, recs, batch.x0_images)
+            labels = {}
+            for task, cache in src.label_caches.items():
+                cache.ensure(idx, device=src.device(), progress=False)
+                labels[task] = torch.from_numpy(np.array(cache.array()[idx]))
+                if self.split == "test" and task in src.x0_label_caches:
+                    src.x0_label_caches[task].ensure(idx, device=src.device(), progress=False)
+            self.guided_calls += batch.guided_calls
+            yield {"index": torch.tensor(idx), "acts": {n: a[:, :, cond] for n, a in batch.acts.items()},
+                   "labels": labels}
+
+
+class UnpaddedShardSampler(DistributedSampler):
+    """Evaluation under DDP: each rank gets a contiguous, disjoint shard and nothing is repeated.
+
+    Lightning's default ``DistributedSampler`` pads the last batches with repeated samples, which
+    biases metrics; subclassing ``DistributedSampler`` keeps Lightning from replacing this one.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        n = len(dataset)
+        per = -(-n // num_replicas)
+        self.shard = list(range(min(rank * per, n), min((rank + 1) * per, n)))
+
+    def __iter__(self):
+        return iter(self.shard)
+
+    def __len__(self) -> int:
+        return len(self.shard)
