@@ -78,6 +78,9 @@ class DiffusionSpec:
                      "architecture_sha256": sha256_text(yaml.safe_dump(arch, sort_keys=True), 16)}
         else:
             ident = {"model_id": self.model_id, "revision": self.revision or "main", "variant": self.variant}
+            manifest = local_model_dir(self.model_id) / "MANIFEST.sha256" if local_model_dir(self.model_id) else None
+            if manifest is not None and manifest.exists():    # a shipped or trained folder: its weights' checksums
+                ident["revision"] = "sha256:" + sha256_text(manifest.read_text(), 16)
         ident["permute_seed"] = self.permute_seed
         return ident
 
@@ -130,14 +133,20 @@ def load_hub_pipeline(spec: DiffusionSpec, dtype: torch.dtype):
     if spec.variant:
         kwargs["variant"] = spec.variant
     try:
-        return StableDiffusionPipeline.from_pretrained(spec.model_id, **kwargs)
+        local = local_model_dir(spec.model_id)
+        pipe = StableDiffusionPipeline.from_pretrained(str(local or spec.model_id), **kwargs)
+        if getattr(pipe, "tokenizer", None) is None:    # small local models may ship without one
+            from probes.models.tokenizer import offline_clip_tokenizer
+
+            pipe.tokenizer = offline_clip_tokenizer()
+        return pipe
     except (OSError, ValueError) as err:
         cache = spec.cache_dir or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
         rev = f" --revision {spec.revision}" if spec.revision else ""
         raise RuntimeError(
             f"could not load {spec.model_id!r} (revision {spec.revision or 'main'}) from the Hugging Face "
             f"cache at {cache} (local_files_only={kwargs['local_files_only']}): {err}\n"
-            f"Fetch the weights on a machine with internet:  huggingface-cli download {spec.model_id}{rev}"
+            f"Fetch the weights on a machine with internet:  hf download {spec.model_id}{rev}"
             f"{' --cache-dir ' + spec.cache_dir if spec.cache_dir else ''}\n"
             f"then set HF_HOME (or data.diffusion.cache_dir) to that cache; or run the offline demo with "
             f"data.diffusion.source=random.") from err
@@ -162,6 +171,20 @@ def permute_weights_(module: torch.nn.Module, seed: int) -> None:
             g = torch.Generator().manual_seed(seed * 1_000_003 + int(sha256_text(name, 16), 16) % 1_000_003)
             perm = torch.randperm(p.numel(), generator=g).to(p.device)
             p.copy_(p.reshape(-1)[perm].reshape(p.shape))
+
+
+def local_model_dir(model_id: str) -> Path | None:
+    """The folder a ``model_id`` names, if it is a local pipeline folder rather than a Hub id.
+
+    ``data/...`` ids resolve against the project's data folder (e.g. ``data/toy/model``, the
+    toy world's model), so configs work from any working directory.
+    """
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return path
+    if model_id.startswith("data/") and data_path(model_id[len("data/"):]).is_dir():
+        return data_path(model_id[len("data/"):])
+    return None
 
 
 def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):

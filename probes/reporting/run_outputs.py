@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from probes.export.probeset import export_probes
 from probes.metrics.decoded import decoded_rows
+from probes.metrics.position import position_rows
 from probes.reporting.html import write_report
 from probes.reporting.panels import build_panels, panel_indices, plot_panel
 from probes.reporting.plots import plot_all
@@ -66,6 +67,7 @@ class RunOutputs(pl.Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is not None:
             rows += decoded_rows(module, dm)  # the labeler on decoded intermediate images, per step
+            rows += position_rows(module, dm)  # what pixel coordinates alone predict
         spec = module.spec
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")
         best = best_heads(rows)

@@ -1,0 +1,63 @@
+"""Is the probe reading knowledge, or something cheaper? The model against its controls.
+
+One row per task (its headline metric): each run's best head, picked on validation and scored on
+test, next to the position-only baseline (pixel coordinates alone, ``probes.metrics.position``),
+with the margins a reader wants: model minus permuted-weights control, model minus position.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from probes.metrics.position import POSITION
+from probes.reporting.tables import best_heads
+from probes.tasks import LOWER_IS_BETTER, get_task
+
+
+def _position_value(rows: list[dict], task: str, metric: str) -> float | None:
+    vals = [r["value"] for r in rows if r["layer"] == POSITION and r["split"] == "test"
+            and r["task"] == task and r["metric"] == metric]
+    return vals[0] if vals else None
+
+
+def compare_runs(runs: Mapping[str, list[dict]]) -> list[dict]:
+    """Rows ``{task, metric, <run>: test value of its val-picked best head, ..., position, margins}``.
+
+    The first run is the model; margins are taken against every other run and the position
+    baseline (signed so that positive means the model is better, also for lower-is-better metrics).
+    """
+    names = list(runs)
+    model = names[0]
+    best = {n: {(b["task"], b["metric"]): b for b in best_heads(rows)} for n, rows in runs.items()}
+    tasks = list(dict.fromkeys(b["task"] for b in best[model].values()))
+    out = []
+    for task in tasks:
+        metric = get_task(task).primary
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        row: dict = {"task": task, "metric": metric}
+        for n in names:
+            b = best[n].get((task, metric))
+            row[n] = b.get("test") if b else None
+            row[f"{n} head"] = f"{b['layer']} @ step {b['step']}" if b else None
+        row["position"] = _position_value(runs[model], task, metric)
+        for other in [*names[1:], "position"]:
+            if row[model] is not None and row.get(other) is not None:
+                row[f"margin vs {other}"] = sign * (row[model] - row[other])
+        out.append(row)
+    return out
+
+
+def comparison_markdown(rows: list[dict], names: list[str]) -> str:
+    """The comparison as a Markdown table (numbers to 3 decimals)."""
+    others = [*names[1:], "position"]
+    head = ["task", "metric", *[f"{n} (test, head picked on val)" for n in names], "position only",
+            *[f"{names[0]} − {o}" for o in others]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v):
+        return "—" if v is None else f"{v:.3f}"
+
+    for r in rows:
+        cells = [r["task"], r["metric"], *[f"{f(r[n])} ({r[f'{n} head']})" if r[n] is not None else "—" for n in names],
+                 f(r["position"]), *[f(r.get(f"margin vs {o}")) for o in others]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
