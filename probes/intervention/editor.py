@@ -1,0 +1,188 @@
+"""The activation editor: the intervention as an object that swaps a layer's output, not a new loop.
+
+Like :class:`probes.generation.capture.ActivationCapture`, an :class:`ActivationEditor` puts one
+forward hook on each selected layer's hooked module (``attn1.to_out.0``), is set and removed
+explicitly (a context manager), and learns the current denoising step from the pipeline's
+``callback_on_step_end`` (:meth:`on_step_end`), so the stock diffusers pipeline runs unchanged.
+Where capture hooks only read, the editor's hooks return a replacement output at the planned
+(step, layer) pairs:
+
+1. take the conditional half of the output (the CFG batch is ``[uncond, cond]``);
+2. run Adam on that activation itself (lr 5e-3, 128 iterations by default) to minimise the
+   exported probe's task loss against the counterfactual target (:mod:`.objective`);
+3. return the output with the optimised conditional half; the unconditional half is untouched.
+
+Layers fire in forward order, so within a step each edit starts from activations that already
+carry the edits of earlier layers. At every other (step, layer) the hook returns ``None``: the
+module's own output flows on, bitwise unchanged, and zero iterations write back the very values
+they read (both tested).
+
+Gradients: the pipeline runs under ``no_grad`` (diffusers decorates ``__call__``) and maybe under
+``inference_mode``/``autocast``; the optimisation runs inside ``enable_grad`` with inference mode
+and autocast switched off, on a float32 copy of the activation, so it works under all of them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from probes.export.probeset import LinearProbe, ProbeSet
+from probes.intervention.objective import ProbeObjective
+from probes.models.layers import LayerInfo, LayerRegistry
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """How each activation is optimised.
+
+    :param iterations: Adam steps per edited (step, layer) (the reference's 128; 0 edits nothing).
+    :param lr: Adam's learning rate (the reference's 5e-3).
+    :param huber_delta: regression tasks' Huber threshold, in probe z-units (the protocol's 1).
+    """
+
+    iterations: int = 128
+    lr: float = 5e-3
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.lr <= 0:
+            raise ValueError(f"edit iterations must be >= 0 and lr > 0, got iterations={self.iterations}, lr={self.lr}")
+
+
+@dataclass
+class EditRecord:
+    """One performed edit: the probe loss per image before and after the optimisation."""
+
+    step: int
+    layer: str
+    loss_before: list[float] = field(default_factory=list)
+    loss_after: list[float] = field(default_factory=list)
+
+
+def plan_edits(probes: ProbeSet, task: str, layers: str | Iterable[str], steps: Iterable[int]) -> list[LinearProbe]:
+    """The exported probes of ``task`` at the chosen layers (names or patterns like ``up*``) and
+    steps, in execution order (by step, then forward order). Unknown names fail listing valid ones."""
+    registry = LayerRegistry(probes.spec.layers)
+    chosen = registry.select(layers)
+    steps = sorted({int(s) for s in steps})
+    if not steps:
+        raise ValueError("no edit steps chosen; pass steps like [0, 1, 2, 3, 4]")
+    return [probes.get(task, layer.name, s) for s in steps for layer in chosen]
+
+
+def optimise_activation(acts: Tensor, objective: Callable[[Tensor], Tensor],
+                        settings: EditSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam on a float32 copy of ``acts`` [B, T, C]; returns (optimised, loss before, loss after), per image.
+
+    The per-image losses are summed, so each image's activation gets the gradient of its own loss
+    (Adam is elementwise): a batch edits exactly as its images would one by one.
+    """
+    device_type = acts.device.type
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+        z = acts.detach().to(torch.float32, copy=True).requires_grad_(True)   # a normal tensor, even from inference mode
+        opt = torch.optim.Adam([z], lr=settings.lr)
+        with torch.no_grad():
+            before = objective(z)
+        for _ in range(settings.iterations):
+            opt.zero_grad(set_to_none=True)
+            objective(z).sum().backward()
+            opt.step()
+        with torch.no_grad():
+            after = objective(z)
+    return z.detach(), before, after
+
+
+class ActivationEditor:
+    """Replace the conditional half of chosen layers' outputs at chosen steps (module docstring).
+
+    :param unet: the U-Net the hooks go on.
+    :param probes: one exported probe per edited (step, layer) (see :func:`plan_edits`).
+    :param layers: the model's layers (for each probe's hooked module), e.g. the export's ``spec.layers``.
+    :param target: ``[B, H, W]`` counterfactual targets in probe units, one per image of the batch.
+    :param settings: the optimiser's settings.
+    :param guidance: whether the batch is a CFG batch (uncond half first, then cond).
+    :param on_edit: called after every edit (progress bars).
+    """
+
+    def __init__(self, unet: nn.Module, probes: Sequence[LinearProbe], layers: Sequence[LayerInfo], target: Tensor,
+                 settings: EditSettings = EditSettings(), guidance: bool = True,
+                 on_edit: Callable[[EditRecord], None] | None = None) -> None:
+        by_name = {layer.name: layer for layer in layers}
+        self.plan: dict[tuple[int, str], LinearProbe] = {}
+        for p in probes:
+            if p.info.layer not in by_name:
+                raise KeyError(f"probe {p.info.key} is for layer {p.info.layer!r}, which this model does not have; "
+                               f"its layers: {', '.join(by_name)}")
+            key = (int(p.info.step), p.info.layer)
+            if key in self.plan:
+                raise ValueError(f"two probes for step {key[0]}, layer {key[1]}: one edit per (step, layer)")
+            self.plan[key] = p
+        names = {layer for _, layer in self.plan}
+        self.layers = [layer for layer in layers if layer.name in names]      # hooked modules, forward order
+        self.unet, self.target, self.settings, self.guidance = unet, target, settings, guidance
+        self.on_edit = on_edit
+        self._handles: list[Any] = []
+        self._objectives: dict[tuple[int, str], ProbeObjective] = {}
+        self.reset()
+
+    @property
+    def num_edits(self) -> int:
+        return len(self.plan)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> ActivationEditor:
+        for layer in self.layers:
+            module = self.unet.get_submodule(layer.module)
+            self._handles.append(module.register_forward_hook(self._make_hook(layer)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        """Back to step 0, with no edits recorded (one editor can serve several pipeline calls)."""
+        self._step = 0
+        self.records: list[EditRecord] = []
+
+    def on_step_end(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
+        """``callback_on_step_end`` of diffusers pipelines: the next hooks belong to step ``i + 1``."""
+        self._step = i + 1
+        return callback_kwargs
+
+    # -- the edit --------------------------------------------------------------------------
+    def _objective(self, key: tuple[int, str], device: torch.device) -> ProbeObjective:
+        obj = self._objectives.get(key)
+        if obj is None or obj.target.device != device:
+            probe = self.plan[key].to(device)
+            obj = self._objectives[key] = ProbeObjective(probe, self.target.to(device), self.settings.huber_delta)
+        return obj
+
+    def _make_hook(self, layer: LayerInfo):
+        def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+            key = (self._step, layer.name)
+            if key not in self.plan:
+                return None                        # not edited here: the module's own output, untouched
+            n = out.shape[0]
+            cond = out[n // 2:] if self.guidance else out
+            if cond.shape[0] != self.target.shape[0]:
+                raise ValueError(f"the editor holds targets for {self.target.shape[0]} images but layer {layer.name} "
+                                 f"produced a batch of {cond.shape[0]} (conditional half); give one target per image")
+            z, before, after = optimise_activation(cond, self._objective(key, out.device), self.settings)
+            if self.guidance:
+                new = out.clone()
+                new[n // 2:] = z.to(out.dtype)
+            else:
+                new = z.to(out.dtype)
+            record = EditRecord(step=key[0], layer=layer.name, loss_before=before.tolist(), loss_after=after.tolist())
+            self.records.append(record)
+            if self.on_edit is not None:
+                self.on_edit(record)
+            return new
+        return hook

@@ -1,0 +1,64 @@
+"""One guided pipeline call with step-aware hook objects (editor, capture), gradients allowed.
+
+:func:`probes.generation.sampling.generate` runs the pipeline under ``inference_mode``, which is
+right for capture but forbids what the editor does inside its hooks (autograd on the activation).
+This is the same call, built from the same pieces (the sampler from ``make_scheduler``, the
+reference's ``initial_latents``, the model's native size, fp16 autocast on CUDA), under
+``no_grad`` instead, with any number of hook objects: each is entered (its hooks registered, in
+the order given, so an editor listed before a capture is captured edited) and receives the
+pipeline's ``callback_on_step_end``. Without hooks it gives the same image as ``generate``,
+bit for bit (tested), so an intervention's original image is the one the probes were built on.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from probes.generation.sampling import GenerationSpec, initial_latents, make_scheduler, native_size
+from probes.prompts.sets import PromptRecord
+
+
+class StepHooks(Protocol):
+    """What :func:`sample_images` needs of a hook object (``ActivationEditor``, ``ActivationCapture``)."""
+
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> None: ...
+    def reset(self) -> None: ...
+    def on_step_end(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict: ...
+
+
+def image_size(pipe, spec: GenerationSpec) -> tuple[int, int]:
+    """(H, W) the spec generates at (the model's native size unless set)."""
+    native = native_size(pipe)
+    return spec.height or native[0], spec.width or native[1]
+
+
+def sample_images(pipe, records: Sequence[PromptRecord], spec: GenerationSpec,
+                  hooks: Sequence[StepHooks] = ()) -> np.ndarray:
+    """Generate ``records`` (one batch) with ``hooks`` active; uint8 images ``[B, H, W, 3]``."""
+    pipe.scheduler = make_scheduler(pipe, spec.scheduler)
+    height, width = image_size(pipe, spec)
+    f = pipe.vae_scale_factor
+    latents = initial_latents([r.seed for r in records], (pipe.unet.config.in_channels, height // f, width // f))
+    device = pipe.device
+    latents = latents.to(device, pipe.unet.dtype)
+
+    def on_step_end(pipe_: Any, i: int, t: Any, kwargs: dict) -> dict:
+        for h in hooks:
+            kwargs = h.on_step_end(pipe_, i, t, kwargs)
+        return kwargs
+
+    with ExitStack() as stack:
+        for h in hooks:
+            h.reset()
+            stack.enter_context(h)
+        # no_grad, not inference_mode: the editor runs autograd inside its hooks
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            out = pipe(prompt=[r.prompt for r in records], negative_prompt=[spec.negative_prompt] * len(records),
+                       num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, height=height,
+                       width=width, latents=latents, output_type="np", callback_on_step_end=on_step_end)
+    return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,115 @@
+"""The intervention's report: a Markdown summary and one PNG grid per condition.
+
+Why a grid per condition: the causal claim is visual first (does the object sit where the target
+says?), so each row shows one test image as original | its label | target | edited | re-labelled,
+for the edit and for each control, next to the numbers that summarise all of them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+#: metrics shown in the report's table, per task kind, in this order (all are in metrics.csv)
+HEADLINE = {"binary": ("success_rate", "progress", "displacement", "dice_target", "dice_requested", "dice_original",
+                       "empty", "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst"),
+            "regression": ("success_rate", "spearman_target", "spearman_requested", "spearman_original",
+                           "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst")}
+
+
+@dataclass
+class ConditionResult:
+    """One condition of one image: its target (probe units), edited image and re-labelled map."""
+
+    target: np.ndarray
+    image: np.ndarray
+    relabel: np.ndarray           # probe units, like the target
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageResult:
+    index: int
+    prompt: str
+    seed: int
+    shift: tuple[int, int]
+    original: np.ndarray
+    label: np.ndarray             # probe units
+    conditions: dict[str, ConditionResult] = field(default_factory=dict)
+
+
+def _show(ax, x: np.ndarray, kind: str, title: str) -> None:
+    """Masks in black and white; depth maps each stretched to their own range (scores are rank-based)."""
+    if x.ndim == 3:
+        ax.imshow(x)
+    elif kind == "binary":
+        ax.imshow(x, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(x, cmap="viridis")
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def write_grid(results: Sequence[ImageResult], condition: str, kind: str, path: Path) -> Path:
+    """Rows: images; columns: original | its label | target | edited | re-labelled (the condition's)."""
+    rows = [r for r in results if condition in r.conditions]
+    if not rows:
+        raise ValueError(f"no image has results for condition {condition!r}")
+    fig, axes = plt.subplots(len(rows), 5, figsize=(10, 2.1 * len(rows)), squeeze=False)
+    for row, r in zip(axes, rows):
+        c = r.conditions[condition]
+        move = f" (shift {r.shift[0]:+d}, {r.shift[1]:+d} px)" if condition == "edit" else ""
+        _show(row[0], r.original, kind, f"#{r.index} original")
+        _show(row[1], r.label, kind, "original label")
+        _show(row[2], c.target, kind, f"{condition} target{move}")
+        success = c.scores.get("success", math.nan)
+        verdict = "" if math.isnan(success) else (" - moved" if success else " - not moved")
+        _show(row[3], c.image, kind, f"edited{verdict}")
+        _show(row[4], c.relabel, kind, "re-labelled")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def write_markdown(path: Path, summary: Sequence[dict], kind: str, settings: dict, grids: dict[str, Path],
+                   video: dict[str, Path] | None, notes: Sequence[str] = ()) -> Path:
+    """``report.md``: settings, the per-condition table, the grids and the video."""
+    conditions = list(dict.fromkeys(r["condition"] for r in summary))
+    value = {(r["condition"], r["metric"]): r["value"] for r in summary}
+    metrics = [m for m in HEADLINE[kind] if any((c, m) in value for c in conditions)]
+    lines = [f"# Intervention: {settings.get('task')}", ""]
+    lines += [f"- {k}: `{v}`" for k, v in settings.items()]
+    n = {c: int(value.get((c, "n_images"), 0)) for c in conditions}
+    lines += ["", "## Results (test split)", "",
+              "| metric | " + " | ".join(f"{c} (n={n[c]})" for c in conditions) + " |",
+              "|---|" + "---|" * len(conditions)]
+    for m in metrics:
+        lines.append(f"| {m} | " + " | ".join(_fmt(value.get((c, m), math.nan)) for c in conditions) + " |")
+    if kind == "binary":
+        lines += ["", "success: the re-labelled foreground's centroid moved at least half the requested distance in "
+                      "the requested direction (projection of its displacement on the requested shift >= 0.5 x |shift|); "
+                      "controls are scored against the edit's requested shift. progress: that projection / |shift|."]
+    else:
+        lines += ["", "success: the re-labelled depth ranks closer to the requested (shifted) target than to the "
+                      "original label (Spearman)."]
+    lines += ["pixel_mae / pixel_max: absolute difference to the unedited image (0-255); the no-op's is the edit's "
+              "side effect.", *notes, ""]
+    for c, g in grids.items():
+        lines += [f"## {c}", "", f"![{c}]({g.name})", ""]
+    if video:
+        lines += ["## Video", "", f"![video]({video['gif'].name}) ([mp4]({video['mp4'].name}))", ""]
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,98 @@
+"""What an intervention run works with, rebuilt from a probe export: model, prompts, labeler, probes.
+
+The export records the data config its probes were trained on (``spec.data_config``): the model,
+the prompt set and split, the sampler and the labelers. An intervention must regenerate exactly
+those test (prompt, seed) pairs with that model and sampler, and re-label its images with the same
+labeler, so everything here comes from that record; nothing is specific to one model's size
+(image size, layers and token grids come from the export and the model).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from probes.export.probeset import LinearProbe, ProbeSet
+from probes.generation.sampling import GenerationSpec
+from probes.intervention.editor import ActivationEditor, EditRecord, EditSettings
+from probes.intervention.pipeline import image_size, sample_images
+from probes.labels import build_labeler
+from probes.labels.base import Labeler
+from probes.models.loading import DiffusionSpec, load_pipeline
+from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts
+
+#: labelers that read stored label files instead of looking at the image: they cannot re-label an edit
+NOT_IMAGE_LABELERS = ("files",)
+
+
+def resolve_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+class InterventionSession:
+    """The pipeline, the test records, the task's labeler and the export, loaded once.
+
+    :param probes: the probe export.
+    :param task: the task whose probes edit and whose labeler scores.
+    :param device: where the model and labeler run (``auto``: CUDA when available).
+    :param prompts_dir: local folder with the reference prompt CSVs (as ``evaluate.py``'s).
+    :param pipe: an already loaded pipeline (tests; default: load the recorded model).
+    :param labeler: an already built labeler (default: the recorded one for ``task``).
+    """
+
+    def __init__(self, probes: ProbeSet, task: str, device: str = "auto", prompts_dir: str | None = None,
+                 pipe=None, labeler: Labeler | None = None) -> None:
+        self.probes, self.task = probes, task
+        spec = probes.spec
+        if task not in spec.tasks:
+            raise KeyError(f"the export at {probes.path} has no probes for task {task!r}; its tasks: {list(spec.tasks)}")
+        cfg = dict(spec.data_config)
+        if not cfg:
+            raise ValueError(f"the export at {probes.path} records no data config; re-export it with this version "
+                             f"(python evaluate.py needs it too)")
+        self.device = resolve_device(device)
+        self.generation = GenerationSpec(**dict(cfg["generation"]))
+        prompts = dict(cfg["prompts"], **({"local_dir": prompts_dir} if prompts_dir else {}))
+        self.records = [r for r in load_prompts(PromptSpec(**prompts)) if r.split == "test"]
+        if not self.records:
+            raise ValueError(f"the export's prompt set ({prompts.get('source')}) has no test prompts")
+        self.pipe = pipe if pipe is not None else load_pipeline(DiffusionSpec(**dict(cfg["diffusion"])), self.device)
+        if labeler is None:
+            label_cfg = dict(cfg["labels"][task])
+            name = label_cfg.pop("name")
+            if name in NOT_IMAGE_LABELERS:
+                raise ValueError(f"the {task} labeler {name!r} reads stored labels, so it cannot re-label an edited "
+                                 f"image; use an export whose labeler looks at the image")
+            labeler = build_labeler(name, **label_cfg)
+            labeler.load(self.device)
+        self.labeler = labeler
+        self.size = image_size(self.pipe, self.generation)
+        if tuple(spec.label_size) != tuple(self.size):
+            raise ValueError(f"the probes were trained on {tuple(spec.label_size)} labels but the recorded generation "
+                             f"settings give {self.size} images")
+
+    @property
+    def guidance(self) -> bool:
+        return self.generation.guidance_scale > 1.0
+
+    def generate(self, records: Sequence[PromptRecord]) -> np.ndarray:
+        """The unedited images of ``records`` (one pipeline call)."""
+        return sample_images(self.pipe, records, self.generation)
+
+    def edit(self, records: Sequence[PromptRecord], plan: Sequence[LinearProbe], targets: np.ndarray,
+             settings: EditSettings, on_edit: Callable[[EditRecord], None] | None = None
+             ) -> tuple[np.ndarray, list[EditRecord]]:
+        """The images of ``records`` generated with the ``plan``'s edits towards ``targets`` [B, H, W]."""
+        editor = ActivationEditor(self.pipe.unet, plan, self.probes.spec.layers,
+                                  torch.as_tensor(np.asarray(targets, np.float32)), settings, self.guidance, on_edit)
+        images = sample_images(self.pipe, records, self.generation, [editor])
+        return images, editor.records
+
+    def label(self, images: np.ndarray, records: Sequence[PromptRecord]) -> np.ndarray:
+        """Raw labels ``[B, H, W]`` (labeler units) of ``images``, checked against the probes' label size."""
+        labels = np.asarray(self.labeler(images, np.asarray([r.index for r in records])), np.float32)
+        if labels.shape != (len(images), *self.size):
+            raise ValueError(f"labeler {self.labeler.name!r} returned {labels.shape}; expected "
+                             f"{(len(images), *self.size)} (one map per image at the image size)")
+        return labels
