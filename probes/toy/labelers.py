@@ -2,7 +2,7 @@
 
 Why: images a diffusion model generates have no ground truth, so the real protocol labels them
 with TRACER (foreground), MiDaS (depth) and Intrinsic (shading). In the toy world their stand-ins
-are small CNNs trained on renders with exact labels (see :mod:`probes.toy.cli` for training), so
+are small CNNs trained on renders with exact labels (see :mod:`probes.toy.train_labelers` for training), so
 the probing pipeline runs exactly as it would on Stable Diffusion, and the labelers' own error
 is measured on held-out renders instead of assumed.
 
@@ -282,6 +282,6 @@ def evaluate(weights_dir: Path | None = None, n: int = 512, seed: int = 20_231_1
 
 
 if __name__ == "__main__":
-    from probes.toy.cli import main
+    from probes.toy.train_labelers import main
 
     main()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from probes.toy import cli, labelers
+from probes.toy import labelers
+from probes.toy import train_labelers as cli
 from probes.toy.world import render_many
 
 SHIPPED = labelers.WEIGHTS_DIR

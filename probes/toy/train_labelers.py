@@ -1,4 +1,4 @@
-"""Train and evaluate the toy world's labelers: ``python -m probes.toy.cli train|eval``.
+"""Train and evaluate the toy world's labelers: ``python -m probes.toy.train_labelers train|eval``.
 
 Why a plain loop: two small networks, a few minutes on a CPU, and the need to resume after an
 interruption exactly where it stopped. Each step draws its batch from ``rng([seed, step])``
@@ -246,7 +246,7 @@ def train(out: Path, recipe: Recipe, force: bool = False, eval_n: int = 512,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m probes.toy.cli", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m probes.toy.train_labelers", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train both networks (resumes from OUT/.checkpoints)")
     t.add_argument("--out", type=Path, default=labelers.WEIGHTS_DIR)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.command == "train":
         recipe = Recipe(**{k: getattr(args, k) for k in asdict(Recipe())})
-        command = "python -m probes.toy.cli " + " ".join(argv if argv is not None else
+        command = "python -m probes.toy.train_labelers " + " ".join(argv if argv is not None else
                                                          __import__("sys").argv[1:])
         for s in train(args.out, recipe, force=args.force, eval_n=args.eval_n, command=command):
             print(json.dumps(s))
