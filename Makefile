@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The torch pair known to work together (torchvision must match torch; see README "Install").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help install demo test test-all lint bench clean
+.PHONY: help install demo demo-tiny toy-model intervene lens test test-all lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -19,8 +19,22 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install the project (torch pair first)
 
-demo: install  ## offline end-to-end experiment on a tiny random-weight SD (CPU, < 3 min)
+demo: install  ## offline experiment: the toy world's trained model vs its permuted-weights control (CPU, ~5 min)
+	WANDB_SILENT=true $(PY) -m probes.cli.main demo --out outputs/demo
+
+demo-tiny: install  ## the pipeline alone on a tiny RANDOM-weight SD (CPU, ~1 min; numbers meaningless by design)
 	WANDB_SILENT=true $(PY) train.py fit --config configs/tiny.yaml
+
+toy-model: install  ## retrain the toy world's labelers and diffusion model from scratch (CPU; resumable: rerun to continue)
+	$(PY) -m probes.toy.train_labelers train --out data/toy/labelers --force
+	$(PY) -m probes.toy.recipe --out data/toy/model --work outputs/toy
+
+intervene: install  ## causal test on the demo's probes: move the object (after make demo)
+	WANDB_SILENT=true $(PY) -m probes.cli.main intervene --config configs/intervention/foreground.yaml \
+		--probes outputs/demo/model/probes --out outputs/demo/intervention
+
+lens: install  ## semantic lens on the toy world: which layer keeps object semantics (toy model vs control)
+	WANDB_SILENT=true $(PY) -m probes.cli.main lens --config configs/lens/toy.yaml
 
 test: install  ## lint, then the test suite offline (slow tests skipped)
 	$(PY) -m ruff check .

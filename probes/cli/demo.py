@@ -45,14 +45,17 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     rows = {label: read_metrics_csv(out_dir / folder / "metrics.csv") for label, folder, _ in runs}
     labels = [label for label, _, _ in runs]
     comparison = compare_runs(rows)
-    model_store = ActivationStore((out_dir / runs[0][1] / "store").resolve())
-    quality = store_sample_quality(model_store)
+    qualities = {label: store_sample_quality(ActivationStore((out_dir / folder / "store").resolve()))
+                 for label, folder, _ in runs}
+    quality = qualities[labels[0]]
     em = emergence(rows[labels[0]])
     lines = [f"# Demo: {labels[0]} vs {', '.join(labels[1:])}", "",
              "## Do the samples look like the world?", "",
-             f"- images generated: {int(quality['images'])}",
-             f"- the toy foreground labeler finds an object in **{quality['object_found']:.1%}** of them",
-             f"- the toy classifier's top shape is one the caption names in **{quality['class_named']:.1%}**", "",
+             f"Images generated per model: {int(quality['images'])}. Measured with the toy world's own models "
+             "(trained on renders): does the foreground labeler find an object (>= 8 pixels), and is the "
+             "classifier's most confident shape one the caption names?", "",
+             "| model | object found | top class named in caption |", "|---|---|---|",
+             *[f"| {label} | {q['object_found']:.1%} | {q['class_named']:.1%} |" for label, q in qualities.items()], "",
              "## Best heads (picked on validation, scored on test) against the controls", "",
              comparison_markdown(comparison, labels), "",
              "## Emergence (first step reaching 90 % of the final score, test)", "",
@@ -62,7 +65,7 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
              "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     (out_dir / "comparison.md").write_text("\n".join(lines))
     (out_dir / "summary.json").write_text(json.dumps(
-        {"sample_quality": quality, "comparison": comparison, "emergence": em, "seconds": seconds}, indent=1, default=str))
+        {"sample_quality": qualities, "comparison": comparison, "emergence": em, "seconds": seconds}, indent=1, default=str))
     report([str(out_dir / folder) for _, folder, _ in runs], labels, str(out_dir / "report"))
     print("\n".join(lines), flush=True)
     print(f"Demo outputs: {out_dir.resolve()} (comparison.md, report/report.html, one run folder per model)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +110,11 @@ def report(runs: list[str], labels: list[str] | None = None, out: str | None = N
     stem = "-vs-".join(Path(r).name for r in runs)[:80]
     dest = Path(out) if out else Path("outputs/reports") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.mkdir(parents=True, exist_ok=True)
+    # the first run's own plots and panels come along, so the comparison folder is one self-contained report
+    for png in sorted((first / "plots").glob("*.png")):
+        if not png.name.startswith("compare_"):
+            (dest / "plots").mkdir(exist_ok=True)
+            shutil.copy2(png, dest / "plots" / png.name)
     md, html = write_report(dest, read_metrics_csv(first / "metrics.csv"), is_random, [Path(r) for r in runs[1:]],
                             labels, title=f"Comparison: {', '.join(labels or [Path(r).name for r in runs])}")
     print(f"Report: {html} (and {md.name})")
@@ -120,6 +126,45 @@ def evaluate_main(argv: Sequence[str] | None = None) -> None:
     auto_cli(evaluate, args=list(argv) if argv is not None else None, as_positional=False)
 
 
+def report_args(argv: Sequence[str]) -> list[str]:
+    """``RUN RUN --labels A B --out X`` (as the README writes it) -> jsonargparse's list syntax.
+
+    jsonargparse reads a list option only as one ``[a, b]`` value; people type the runs one after
+    the other. ``--runs [a, b]`` and ``--labels [a, b]`` are passed through unchanged.
+    """
+    runs: list[str] = []
+    out: list[str] = []
+    k = 0
+    while k < len(argv):
+        arg = argv[k]
+        if arg in ("--labels", "--runs"):
+            vals = []
+            k += 1
+            while k < len(argv) and not argv[k].startswith("--"):
+                vals.append(argv[k])
+                k += 1
+            if len(vals) == 1 and vals[0].lstrip().startswith("["):
+                out += [arg, vals[0]]
+            elif arg == "--runs":
+                runs += vals
+            else:
+                out += [arg, json.dumps(vals)]
+        elif arg.startswith("-"):
+            out.append(arg)
+            takes_value = "=" not in arg and arg not in ("-h", "--help", "--print_config")
+            if takes_value and k + 1 < len(argv):
+                out.append(argv[k + 1])
+                k += 1
+            k += 1
+        else:
+            runs.append(arg)
+            k += 1
+    return (["--runs", json.dumps(runs)] if runs else []) + out
+
+
 def report_main(argv: Sequence[str] | None = None) -> None:
-    """``diffusion-probes report RUN [RUN ...]``."""
-    auto_cli(report, args=list(argv) if argv is not None else None)
+    """``diffusion-probes report RUN [RUN ...] [--labels NAME ...] [--out DIR]``."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    auto_cli(report, args=report_args(argv), as_positional=False)

@@ -1,4 +1,4 @@
-"""``diffusion-probes fit|validate|test|evaluate|report``: one console command for every stage.
+"""``diffusion-probes fit|validate|test|evaluate|report|intervene|lens``: one console command for every stage.
 
 ``fit`` (and ``validate``/``test``) are ``train.py``'s LightningCLI; ``evaluate`` is
 ``evaluate.py``; ``report`` compares finished runs. Every command accepts ``--import MODULE_OR_FILE``
@@ -11,12 +11,17 @@ from collections.abc import Sequence
 
 from probes.cli.compose import expand_configs
 from probes.cli.plugins import load_plugins, strip_imports
+from probes.common.quiet import quiet_known_noise
+from probes.common.threads import apply_thread_policy
 
-USAGE = """usage: diffusion-probes {fit,validate,test,evaluate,report} [options]
+USAGE = """usage: diffusion-probes {fit,validate,test,evaluate,report,intervene,lens,demo} [options]
 
   fit        train every probe, then test and write outputs    (= python train.py fit ...)
   evaluate   test exported probes on a store                   (= python evaluate.py ...)
   report     compare finished runs in a report of their own
+  intervene  edit activations with exported probes, score the edited images (causal test)
+  lens       semantic lens: which U-Net layer keeps object meaning (configs/lens/*.yaml)
+  demo       the toy world's trained model vs its permuted control, side by side (make demo)
   each takes --help, --config FILE.yaml, --print_config, and --import MODULE_OR_FILE
 """
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
@@ -29,22 +34,65 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     from probes.training.module import ProbeModule
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    apply_thread_policy()   # one torch thread per free core: a shared machine must not thrash
+    quiet_known_noise()     # library messages a user cannot act on
     load_plugins(argv)
-    ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True, args=expand_configs(strip_imports(argv)))
+    try:
+        ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True, args=expand_configs(strip_imports(argv)))
+    finally:
+        finish_wandb()   # a run called in-process (a notebook, the demo, tests) ends its W&B run and flushes it
+
+
+def finish_wandb() -> None:
+    """Close the open W&B run, if any: Lightning leaves it open, and a second run would reuse it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> None:
     from probes.cli.evaluate import evaluate_main as run
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    apply_thread_policy()
+    quiet_known_noise()
     load_plugins(argv)
     run(expand_configs(strip_imports(argv)))
+
+
+def demo_main(argv: Sequence[str] | None = None) -> None:
+    """``make demo``: the toy model and its permuted control, side by side (``probes/cli/demo.py``)."""
+    from probes.cli.demo import demo_main as run
+
+    apply_thread_policy()
+    quiet_known_noise()
+    run(list(sys.argv[1:] if argv is None else argv))
 
 
 def report_main(argv: Sequence[str] | None = None) -> None:
     from probes.cli.evaluate import report_main as run
 
     run(list(sys.argv[1:] if argv is None else argv))
+
+
+def intervene_main(argv: Sequence[str] | None = None) -> None:
+    from probes.intervention.run import intervene_main as run
+
+    quiet_known_noise()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    apply_thread_policy()
+    load_plugins(argv)   # a user labeler named in the export's data config must be registered first
+    run(expand_configs(strip_imports(argv)))
+
+
+def lens_main(argv: Sequence[str] | None = None) -> None:
+    from probes.cli.lens import lens_main as run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    apply_thread_policy()
+    quiet_known_noise()
+    load_plugins(argv)
+    run(expand_configs(strip_imports(argv)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -59,6 +107,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         evaluate_main(rest)
     elif cmd == "report":
         report_main(rest)
+    elif cmd == "intervene":
+        intervene_main(rest)
+    elif cmd == "lens":
+        lens_main(rest)
+    elif cmd == "demo":
+        demo_main(rest)
     else:
         sys.exit(f"diffusion-probes: unknown command {cmd!r}\n{USAGE}")
 

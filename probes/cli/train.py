@@ -1,6 +1,7 @@
-"""LightningCLI wiring: run folders, the outputs callback, and testing right after fitting."""
+"""LightningCLI wiring: run folders, the pre-flight check, the outputs callback, and testing right after fitting."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,7 @@ from typing import Any
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from probes.cli.preflight import PreflightFailed, check_prerequisites, format_missing
 from probes.reporting.run_outputs import RunOutputs
 
 
@@ -21,12 +23,29 @@ class ProbeCLI(LightningCLI):
     """``python train.py fit --config configs/...yaml``: fits every probe, then tests and writes outputs.
 
     Adds ``--run_dir`` (default ``outputs/runs/<config name>-<time>``), which becomes the trainer's
-    ``default_root_dir`` and the logger's ``save_dir``, and the ``outputs`` callback group.
+    ``default_root_dir`` and the logger's ``save_dir``, and the ``outputs`` callback group. Once the
+    classes exist and before anything is computed, the pre-flight check (``probes.cli.preflight``)
+    lists every missing prerequisite at once and exits non-zero. A run that fails leaves no empty
+    run folder behind.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(*args, **kwargs)
+        self._run_dir: Path | None = None
+        self._run_dir_existed = True
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._remove_empty_run_dir()
+            raise
+
+    def _remove_empty_run_dir(self) -> None:
+        """Delete the run folder this run created if it holds no file (a failed start leaves no trace)."""
+        run = self._run_dir
+        if run is None or self._run_dir_existed or not run.is_dir():
+            return
+        if not any(p.is_file() or p.is_symlink() for p in run.rglob("*")):
+            shutil.rmtree(run, ignore_errors=True)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
@@ -53,7 +72,31 @@ class ProbeCLI(LightningCLI):
             if isinstance(cb, Namespace) and str(cb.get("class_path", "")).endswith("ModelCheckpoint") \
                     and cb.init_args.get("dirpath") is None:
                 cb.init_args.dirpath = str(Path(run_dir) / "checkpoints")  # resume: --ckpt_path <run>/checkpoints/last.ckpt
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self._run_dir = Path(run_dir)                       # created when work starts (_start_run)
+        self._run_dir_existed = self._run_dir.exists()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The pre-flight check (prompts, weights, labelers, splits, disk) first: data and model exist by
+        now, and nothing has been computed; the trainer's banner would only bury the message."""
+        dm = self.datamodule
+        if self.subcommand is not None and hasattr(dm, "disk_needs"):
+            missing = check_prerequisites(dm, self.model, self.subcommand)
+            if missing:
+                raise PreflightFailed(format_missing(missing))
+        return super().instantiate_trainer(**kwargs)
+
+    def _start_run(self) -> None:
+        if self._run_dir is not None:
+            self._run_dir.mkdir(parents=True, exist_ok=True)
+
+    def before_fit(self) -> None:
+        self._start_run()
+
+    def before_validate(self) -> None:
+        self._start_run()
+
+    def before_test(self) -> None:
+        self._start_run()
 
     def after_fit(self) -> None:
         """Test the fitted probes (selection happened on val) so every fit ends with outputs."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 import inspect
 import json
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -29,6 +30,7 @@ from probes.training.heads import apply_probe, layer_key, to_label_units, token_
 
 FORMAT = "diffusion-probes/v1"
 WEIGHTS, META = "probes.safetensors", "probes.json"
+EXPORT_HINT = "a run writes its export to <run>/probes/: `python train.py fit --config <run>/config.yaml` makes it anew"
 
 
 def probe_key(task: str, layer: str, step: int) -> str:
@@ -68,7 +70,8 @@ def export_probes(module, out_dir: str | Path, extra: dict[str, Any] | None = No
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "code_version": code_version(), "model": spec.model,
             "hparams": dict(module.hparams), "spec": spec.to_dict(), "probes": entries, **(extra or {})}
-    (out / META).write_text(json.dumps(meta, indent=1, default=str))
+    # the spec's mappings are frozen (MappingProxyType): written as JSON objects, not as their str()
+    (out / META).write_text(json.dumps(meta, indent=1, default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
     return out
 
 
@@ -123,14 +126,35 @@ class ProbeSet:
         self.path = Path(path)
         if not (self.path / META).exists() or not (self.path / WEIGHTS).exists():
             raise FileNotFoundError(f"{self.path} is not a probe export (needs {META} and {WEIGHTS})")
-        self.meta = json.loads((self.path / META).read_text())
+        self.meta = self._read_meta(self.path / META)
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: unknown export format {self.meta.get('format')!r}; expected {FORMAT}")
-        self.tensors = load_file(str(self.path / WEIGHTS))
+        self.tensors = self._read_weights(self.path / WEIGHTS)
         self.infos = {(e["task"], e["layer"], e["step"]): ProbeInfo(
             key=e["key"], task=e["task"], kind=e["kind"], layer=e["layer"], step=e["step"], timestep=e["timestep"],
             channels=e["channels"], token_grid=tuple(e["token_grid"]), label_size=tuple(e["label_size"]),
             target_norm=e["target_norm"], threshold=e["threshold"], metrics=e["metrics"]) for e in self.meta["probes"]}
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict[str, Any]:
+        """The export's metadata; a truncated file is named (not a bare ``JSONDecodeError``)."""
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): it was truncated or "
+                             f"edited; copy the export again, or re-export it ({EXPORT_HINT})") from err
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path} is not probe metadata (a JSON {type(meta).__name__}); {EXPORT_HINT}")
+        return meta
+
+    @staticmethod
+    def _read_weights(path: Path) -> dict[str, Tensor]:
+        """The export's weights; a damaged file is named (not safetensors' bare "header too small")."""
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err}): it is damaged or truncated; "
+                             f"copy the export again, or re-export it ({EXPORT_HINT})") from err
 
     @property
     def spec(self) -> ProbeSpec:

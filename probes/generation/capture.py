@@ -53,6 +53,8 @@ class ActivationCapture:
         self._slot = {s: k for k, s in enumerate(self.steps)}
         self.halves, self.dtype, self.guidance = halves, dtype, guidance
         self._handles: list[Any] = []
+        #: batched U-Net forward calls (one per step with K-LMS, whatever the batch size); the guided
+        #: calls users see in the progress bar and summary are this times the images in the batch
         self.unet_calls = 0
         self.reset()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,23 +148,61 @@ class GeneratedBatch:
     images: np.ndarray                 # [B, H, W, 3] uint8
     acts: dict[str, torch.Tensor]      # layer -> [B, S_sel, halves, T, C] (device per `acts_device`)
     timesteps: list[float]             # all S timesteps of the sampler
-    x0_images: np.ndarray | None       # [B, S_sel, H, W, 3] uint8 decoded predicted x0 (decode_x0)
+    x0_images: np.ndarray | None       # [len(x0_indices), S_sel, H, W, 3] uint8 decoded predicted x0 (decode_x0)
     unet_calls: int                    # batched U-Net calls for this chunk (one per step with K-LMS)
     guided_calls: int                  # per-image guided calls: unet_calls x images in the chunk
     seconds: float
+    #: the samples of ``indices`` whose x0 images were decoded (rows of ``x0_images``, in order)
+    x0_indices: list[int] = field(default_factory=list)
+
+
+class StepProgress:
+    """One progress bar over denoising steps x batches, with the guided U-Net calls made so far.
+
+    A batch of the SD v1.4 architecture takes minutes on a CPU: a bar that moves per batch sits at
+    ``0/3`` for that long, so this one moves at every denoising step. Its counter is the same
+    quantity as the end-of-generation summary: *guided* U-Net calls, one per image and step (a
+    classifier-free-guidance call evaluates the conditional and the unconditional half together),
+    i.e. the batched U-Net calls times the images in the batch.
+    """
+
+    def __init__(self, batches: int, steps: int, images: int, desc: str, enabled: bool) -> None:
+        self.bar = tqdm(total=batches * steps, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+        self.images_total, self.images_done, self.guided_calls = images, 0, 0
+        self.bar.set_postfix_str(f"images 0/{images}, guided U-Net calls 0", refresh=False)
+
+    def step(self, guided_calls: int) -> None:
+        """One denoising step done; ``guided_calls``: the run's guided calls up to now."""
+        self.guided_calls = guided_calls
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"images {self.images_done}/{self.images_total}, "
+                                 f"guided U-Net calls {guided_calls}", refresh=False)
+
+    def batch_done(self, images: int) -> None:
+        self.images_done += images
+        self.bar.set_postfix_str(f"images {self.images_done}/{self.images_total}, "
+                                 f"guided U-Net calls {self.guided_calls}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: GenerationSpec,
              layers: Sequence[LayerInfo], capture: CaptureSpec, acts_device: str | None = "cpu",
              progress: bool = True, desc: str = "generating",
-             universe: Sequence[int] | None = None) -> Iterator[GeneratedBatch]:
+             universe: Sequence[int] | None = None, decode: Collection[int] | None = None) -> Iterator[GeneratedBatch]:
     """Yield generated batches for the chunks of ``universe`` that contain an index in ``todo``.
 
     Chunks are cut from ``universe`` (default: every record, in order; see the module docstring);
     each chunk that holds any wanted index is generated whole and yielded with only the wanted
     samples. ``acts_device=None`` leaves the activations on the model's device.
+
+    ``decode`` (with ``spec.decode_x0``): the indices whose predicted-x0 images are decoded; only
+    the test split's are ever labelled, and a VAE decode per image and step costs about as much as
+    the generation itself, so callers pass the test indices. ``None`` decodes every wanted sample.
     """
     todo_set = set(int(i) for i in todo)
+    decode_set = todo_set if decode is None else {int(i) for i in decode}
     order = [r.index for r in records] if universe is None else list(universe)
     chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
     by_index = {r.index: r for r in records}
@@ -174,39 +212,50 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
     latent_shape = (pipe.unet.config.in_channels, height // f, width // f)
     device, dtype = pipe.device, pipe.unet.dtype
     guidance = spec.guidance_scale > 1.0
-    bar = tqdm(total=len(todo_set), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    bar = StepProgress(len(chunks), spec.steps, len(todo_set), desc, progress)
     cap = ActivationCapture(pipe.unet, layers, spec.steps, capture.steps, capture.halves,
                             getattr(torch, capture.dtype), guidance)
+    guided_before = 0
     with cap:
         for chunk in chunks:
             recs = [by_index[i] for i in chunk]
             cap.reset()
             calls0, t0 = cap.unet_calls, time.perf_counter()
+
+            def on_step_end(pipe_, i, t, kwargs, _n=len(chunk), _c0=calls0, _g0=guided_before):
+                kwargs = cap.on_step_end(pipe_, i, t, kwargs)
+                bar.step(_g0 + (cap.unet_calls - _c0) * _n)    # guided calls so far, as the summary counts them
+                return kwargs
+
             latents = initial_latents([r.seed for r in recs], latent_shape).to(device, dtype)
             if spec.decode_x0:
                 pipe.scheduler.x0_history = []
+            keep = [k for k, i in enumerate(chunk) if i in todo_set]
+            rows = [k for k in keep if chunk[k] in decode_set]     # the kept samples whose x0 is decoded
             # fp16 autocast on CUDA, as the reference generated; a no-op on the CPU
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                 out = pipe(prompt=[r.prompt for r in recs], negative_prompt=[spec.negative_prompt] * len(recs),
                            num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
                            height=height, width=width, latents=latents, output_type="np",
-                           callback_on_step_end=cap.on_step_end)
+                           callback_on_step_end=on_step_end)
                 x0_images = None
                 if spec.decode_x0:
-                    x0 = torch.stack([pipe.scheduler.x0_history[s] for s in cap.steps], 1)   # [B, S_sel, C, h, w]
-                    x0_images = decode_latents(pipe, x0.flatten(0, 1)).reshape(len(chunk), len(cap.steps), height, width, 3)
+                    x0_images = np.zeros((0, len(cap.steps), height, width, 3), np.uint8)
+                    if rows:
+                        x0 = torch.stack([pipe.scheduler.x0_history[s][rows] for s in cap.steps], 1)  # [R, S_sel, C, h, w]
+                        x0_images = decode_latents(pipe, x0.flatten(0, 1)).reshape(len(rows), len(cap.steps), height, width, 3)
             acts = cap.collect(acts_device)
             images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
-            keep = [k for k, i in enumerate(chunk) if i in todo_set]
             sel = torch.tensor(keep)
+            unet_calls = cap.unet_calls - calls0
             batch = GeneratedBatch(indices=[chunk[k] for k in keep], images=images[keep],
                                    acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
-                                   timesteps=[float(t) for t in cap.timesteps],
-                                   x0_images=x0_images[keep] if x0_images is not None else None,
-                                   unet_calls=cap.unet_calls - calls0,
-                                   guided_calls=(cap.unet_calls - calls0) * len(chunk), seconds=time.perf_counter() - t0)
-            bar.update(len(keep))
-            bar.set_postfix(unet_calls=cap.unet_calls)
+                                   timesteps=[float(t) for t in cap.timesteps], x0_images=x0_images,
+                                   unet_calls=unet_calls, guided_calls=unet_calls * len(chunk),
+                                   seconds=time.perf_counter() - t0,
+                                   x0_indices=[chunk[k] for k in rows] if spec.decode_x0 else [])
+            guided_before += batch.guided_calls
+            bar.batch_done(len(keep))
             yield batch
     bar.close()
 

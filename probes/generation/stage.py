@@ -6,6 +6,7 @@ whole batches into the same store, and a rerun generates only what is missing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from probes.generation.sampling import CaptureSpec, GenerationSpec, batches, gen
 from probes.models.layers import LayerInfo
 from probes.models.loading import DiffusionSpec, load_pipeline
 from probes.prompts.sets import PromptRecord
-from probes.store.activations import ActivationStore, check_disk, human_bytes
+from probes.store.activations import ActivationStore, check_disk, human_bytes, refuse_orphaned_data
+from probes.store.locks import store_lock, sweep_temporaries
 from probes.store.manifest import build_manifest, request_fingerprint, store_request
 
 
@@ -34,37 +36,98 @@ def open_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
 
     The pipeline is returned when it had to be loaded to build the manifest, so it is not loaded twice.
     """
-    pipe = None
-    if rank == 0 and not (store_dir / "manifest.json").exists():
-        pipe = load_pipeline(diffusion, device)
-        manifest = build_manifest(pipe, diffusion, generation, capture, records, store_activations)
-        need = ActivationStore.required_bytes(manifest)
-        what = (f"{len(manifest['capture']['layers'])} layers x {len(manifest['capture']['steps'])} steps"
-                if store_activations else "images only (streaming: activations are not stored)")
-        print(f"[store] {store_dir}: {len(records)} images, {what} -> {human_bytes(need)} on disk", flush=True)
-        ActivationStore.create(store_dir, manifest)
+    pipe, reused = None, False
+    if rank == 0:
+        with store_lock(store_dir):  # two runs at once: the second waits here, then reuses the store
+            sweep_temporaries(store_dir)
+            reused = (store_dir / "manifest.json").exists()
+            if not reused:
+                refuse_orphaned_data(store_dir)  # before loading the model, not after
+                pipe = load_pipeline(diffusion, device)
+                create_store(pipe, store_dir, records, diffusion, generation, capture, store_activations)
     barrier()
     store = ActivationStore(store_dir)
     new = store_request(diffusion, generation, capture, records, store_activations)
     if store.manifest["fingerprint"] != request_fingerprint(new):
-        old = store.manifest["request"]
-        diff = [k for k in sorted(set(new) | set(old)) if old.get(k) != new.get(k)]
-        raise ValueError(f"the store at {store_dir} was made with other settings (differs in: {', '.join(diff)}); "
-                         f"use another data.store_dir (or leave it unset to get one per configuration)")
+        diff = "; ".join(differences(store.manifest["request"], new))
+        raise ValueError(f"the store at {store_dir} was made with other settings (differs in: {diff}); "
+                         f"use the store's settings, another data.store_dir, or leave data.store_dir unset to "
+                         f"get one store per configuration")
+    if reused:
+        print(f"[store] reusing {store_dir} ({int(store.committed().sum())} of {store.num_samples} samples "
+              f"committed)", flush=True)
     return store, pipe
 
 
+def create_store(pipe, store_dir: Path, records: Sequence[PromptRecord], diffusion: DiffusionSpec,
+                 generation: GenerationSpec, capture: CaptureSpec, store_activations: bool) -> ActivationStore:
+    """Build the manifest from the loaded pipeline and preallocate the store, saying what it costs."""
+    manifest = build_manifest(pipe, diffusion, generation, capture, records, store_activations)
+    need = ActivationStore.required_bytes(manifest)
+    what = (f"{len(manifest['capture']['layers'])} layers x {len(manifest['capture']['steps'])} steps"
+            if store_activations else "images only (streaming: activations are not stored)")
+    print(f"[store] {store_dir}: {len(records)} images, {what} -> {human_bytes(need)} on disk", flush=True)
+    return ActivationStore.create(store_dir, manifest)
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two store requests differ, with both values (``generation.batch_size (store: 2, now: 3)``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in differences(old.get(k, "absent"), new.get(k, "absent"), f"{prefix}{k}.")]
+    if old == new:
+        return []
+    return [f"{prefix[:-1]} (store: {_short(old)}, now: {_short(new)})"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def commit_records(records: Sequence[PromptRecord], batch, rank: int) -> list[dict[str, Any]]:
-    """What each sample's commit marker records: its prompt and seed, its U-Net calls, its rank."""
-    return [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank) for i in batch.indices]
+    """What each sample's commit marker records: its prompt and seed, its U-Net calls, its rank,
+    and whether its decoded x0 images were stored (only the test split's are: see ``x0_missing``)."""
+    x0 = set(batch.x0_indices)
+    return [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank, x0_decoded=i in x0)
+            for i in batch.indices]
+
+
+def x0_missing(store: ActivationStore, indices: Sequence[int]) -> list[int]:
+    """Committed samples among ``indices`` stored without their decoded x0 images.
+
+    Only the test split's x0 images are decoded, and the store's fingerprint does not cover the
+    split (a run with another ``test_fraction`` shares the store): such samples are regenerated
+    (bit-identically: same batch, same seed) to add the decoded images their new split needs.
+    Markers written before this flag existed decoded every sample.
+    """
+    if store.x0_images is None:
+        return []
+    done = store.commits.done()
+    return [int(i) for i in indices if int(i) in done and not store.commits.record(int(i)).get("x0_decoded", True)]
 
 
 def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: DiffusionSpec,
                  generation: GenerationSpec, capture: CaptureSpec, device: str, rank: int = 0, world: int = 1,
                  barrier: Callable[[], None] = lambda: None, progress: bool = True) -> ActivationStore:
-    """Create the store if needed and generate the samples of this rank's shard that are missing."""
+    """Create the store if needed and generate the samples of this rank's shard that are missing.
+
+    A single-process run holds the store's lock while it generates, so a second run started on
+    the same store waits and then reuses the samples instead of generating them twice. Ranks of
+    one distributed run write disjoint shards and must not wait for each other: they lock only
+    while rank 0 creates the store.
+    """
+    with store_lock(store_dir) if world == 1 else nullcontext():
+        return fill_store(store_dir, records, diffusion, generation, capture, device, rank, world, barrier, progress)
+
+
+def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: DiffusionSpec,
+               generation: GenerationSpec, capture: CaptureSpec, device: str, rank: int = 0, world: int = 1,
+               barrier: Callable[[], None] = lambda: None, progress: bool = True) -> ActivationStore:
+    """The body of :func:`ensure_store`, without its lock."""
     store, pipe = open_store(store_dir, records, diffusion, generation, capture, device, rank, barrier)
-    todo = shard_of(store.missing(), generation.batch_size, rank, world)
+    test = [r.index for r in records if r.split == "test"]    # the only split whose x0 images are labelled
+    todo = shard_of(sorted(set(store.missing()) | set(x0_missing(store, test))), generation.batch_size, rank, world)
     if todo:
         check_disk(store_dir, ActivationStore.required_bytes(store.manifest, len(todo)), f"generating {len(todo)} samples")
         if pipe is None:
@@ -72,17 +135,19 @@ def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Di
         layers = [LayerInfo.from_dict(d) for d in store.manifest["capture"]["layers"]]
         calls = 0
         for batch in generate(pipe, records, todo, generation, layers, capture, progress=progress,
-                              desc=f"generating (rank {rank})" if world > 1 else "generating"):
+                              desc=f"generating (rank {rank})" if world > 1 else "generating", decode=test):
             if batch.timesteps != store.manifest["capture"]["all_timesteps"]:
                 raise RuntimeError(f"sampler visited timesteps {batch.timesteps}, the store expects "
                                    f"{store.manifest['capture']['all_timesteps']}")
             acts = {n: a.numpy() for n, a in batch.acts.items()}
             recs = commit_records(records, batch, rank)
-            store.write_batch(batch.indices, batch.images, acts, recs, batch.x0_images)
+            store.write_batch(batch.indices, batch.images, acts, recs, batch.x0_images, batch.x0_indices)
             calls += batch.guided_calls
         store.close()
+        extra = ("; a sample is regenerated in its whole batch, bit-identically"
+                 if calls > len(todo) * generation.steps else "")
         print(f"[generation] rank {rank}: {len(todo)} images, {calls} guided U-Net calls "
-              f"({generation.steps} per image, every layer and step captured in the same pass)", flush=True)
+              f"({generation.steps} per image, every layer and step captured in the same pass{extra})", flush=True)
     del pipe
     barrier()
     return ActivationStore(store_dir)

@@ -11,11 +11,32 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 _REGISTRY: dict[str, type[Labeler]] = {}
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A prerequisite that is not on this machine, and how to get it.
+
+    The pre-flight check (``probes.cli.preflight``) collects these from every stage before any
+    compute, so that an offline user learns everything that is missing at once instead of one
+    item per failed run.
+
+    :param what: what is missing and where it was looked for, e.g. ``"MiDaS weights Intel/dpt-large
+        (data.labels.depth): not in the Hugging Face cache /x/hub"``.
+    :param fix: the exact command or config key that provides it.
+    :param url: where the code would fetch it by itself on first use; ``None`` if it never
+        downloads it (then it is missing even with network access).
+    """
+
+    what: str
+    fix: str
+    url: str | None = None
 
 
 class Labeler(ABC):
@@ -36,6 +57,16 @@ class Labeler(ABC):
 
     def load(self, device: str = "cpu") -> None:  # noqa: B027 (an optional hook, not abstract)
         """Load weights / move to ``device``. Called once before the first ``__call__``."""
+
+    def prerequisites(self, key: str) -> list[Missing]:
+        """What :meth:`load` needs that is not on this machine (weights, packages), without loading it.
+
+        Called by the pre-flight check before any compute, so a missing checkpoint is reported
+        with everything else that is missing rather than after hours of generation. Must be cheap
+        and must not download. ``key`` is this labeler's config key (``data.labels.<task>``), for
+        fixes that name an option. The default: nothing needed (classical labelers).
+        """
+        return []
 
     @abstractmethod
     def __call__(self, images: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:

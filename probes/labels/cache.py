@@ -34,19 +34,27 @@ class LabelCache:
         self._prefix = "" if source == "images" else "x0_"
         self._array: PreallocatedArray | None = None
         self._loaded_on: str | None = None
-        self.commits = CommitLog(self.root / f"{self._prefix}commits") if self.root.exists() else None
+        self.commits = CommitLog(self.root / f"{self._prefix}commits", n) if self.root.exists() else None
 
     def _open(self, create: bool) -> PreallocatedArray:
+        """The label array, created on first use.
+
+        Creation is exclusive: two runs labelling the same store at once may both find no array,
+        and the later one must not truncate the labels the earlier one has committed meanwhile.
+        """
         if self._array is None:
-            path = self.root / f"{self._prefix}labels.npy"
+            path, fix = self.path, f"delete the folder {self.root} and these labels are computed again"
             if not path.exists():
                 if not create:
                     raise FileNotFoundError(f"labels for task {self.task!r} were never computed at {self.root}")
                 check_disk(self.root, int(np.prod(self.shape)) * 4, f"labels for {self.task}")
-                PreallocatedArray.create(path, self.shape, np.float32)
+                PreallocatedArray.create(path, self.shape, np.float32, exclusive=True)
                 atomic_write_text(self.root / "labeler.json", json.dumps(self.labeler.describe(), indent=1))
-            self._array = PreallocatedArray(path)
-            self.commits = CommitLog(self.root / f"{self._prefix}commits")
+            array = PreallocatedArray(path, fix=fix)
+            if tuple(array.shape) != self.shape:
+                raise ValueError(f"{path} holds labels of shape {tuple(array.shape)}, the store needs {self.shape}; {fix}")
+            self._array = array
+            self.commits = CommitLog(self.root / f"{self._prefix}commits", self.store.num_samples)
         return self._array
 
     def missing(self, indices: Sequence[int]) -> list[int]:

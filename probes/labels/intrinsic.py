@@ -10,15 +10,28 @@ the network output is *inverse* shading, which we uninvert as the pipeline itsel
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from probes.labels.base import Labeler, register_labeler
+from probes.labels.base import Labeler, Missing, register_labeler
 
-INSTALL_CMD = "pip install https://github.com/compphoto/Intrinsic/archive/main.zip"
+#: the newest commit of compphoto/Intrinsic seen when this was written (2025-04-09); pyproject's
+#: ``intrinsic`` extra pins the same archive. Its own dependencies (altered_midas, chrislib) are
+#: GitHub branches its setup.py names, so they are not pinned by this.
+INTRINSIC_COMMIT = "f70db32ef2d2842cd7a0779590a388154aee26de"
+INSTALL_CMD = f"pip install https://github.com/compphoto/Intrinsic/archive/{INTRINSIC_COMMIT}.zip"
+#: what ``load_models`` fetches into ``$TORCH_HOME/hub/checkpoints`` for each named release
+RELEASES = {
+    "paper_weights": ("https://github.com/compphoto/Intrinsic/releases/download/v1.0/", ["final_weights.pt"]),
+    "rendered_only": ("https://github.com/compphoto/Intrinsic/releases/download/v1.0/", ["rendered_only_weights.pt"]),
+    "v2": ("https://github.com/compphoto/Intrinsic/releases/download/v2.0/", [f"stage_{k}.pt" for k in range(5)]),
+    "v2.1": ("https://github.com/compphoto/Intrinsic/releases/download/v2.1/", [f"stage_{k}_v21.pt" for k in range(5)]),
+}
 LICENCE_NOTE = ("Intrinsic is licensed for academic / non-commercial use only (methods possibly patented); "
                 "see LICENSE in https://github.com/compphoto/Intrinsic before using it.")
 DEFAULT_WEIGHTS = "paper_weights"
@@ -112,6 +125,38 @@ class IntrinsicLabeler(Labeler):
     def cache_kwargs(self) -> dict[str, Any]:
         """Defaults filled in, so that spelling out a default keeps the same fingerprint."""
         return {"weights": self.weights, "resize_conf": self.resize_conf, "seed": self.seed}
+
+    def prerequisites(self, key: str) -> list[Missing]:
+        """The ``intrinsic`` package (never installed automatically) and its checkpoint(s)."""
+        if self.models is not None:
+            return []
+        out = []
+        for module in ("intrinsic", "altered_midas", "chrislib"):
+            if importlib.util.find_spec(module) is None:
+                out.append(Missing(f"Intrinsic ({key}): the package {module!r} is not installed",
+                                   f"pip install -e '.[intrinsic]'  (or {INSTALL_CMD}; academic/non-commercial licence)"))
+                break
+        import torch
+
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        weights = self.weights
+        if isinstance(weights, str) and weights in RELEASES:
+            base, names = RELEASES[weights]
+            absent = [n for n in names if not (folder / n).is_file()]
+            if absent:
+                out.append(Missing(
+                    f"Intrinsic weights {weights!r} ({key}): {', '.join(absent)} not in {folder}",
+                    f"download {base}{absent[0]}" + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+                    + f" into {folder}; its networks also build from torch.hub code (facebookresearch/WSL-Images, "
+                    f"rwightman/gen-efficientnet-pytorch) that must be in {Path(torch.hub.get_dir())} offline",
+                    url=base + absent[0]))
+        else:
+            paths = [weights] if isinstance(weights, str) else list(weights)
+            absent = [str(w) for w in paths if not Path(str(w)).expanduser().is_file()]
+            if absent:
+                out.append(Missing(f"Intrinsic weights ({key}.weights): {', '.join(absent)} not found",
+                                   f"fix {key}.weights, or use a release name: {', '.join(RELEASES)}"))
+        return out
 
     def load(self, device: str = "cpu") -> None:
         device = str(self.kwargs.get("device") or device)

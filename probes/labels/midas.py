@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from probes.common.env import offline
-from probes.labels.base import Labeler, register_labeler
+from probes.common.hub import cached_snapshot, download_command, has_any, hub_cache_dir
+from probes.labels.base import Labeler, Missing, register_labeler
 
 if TYPE_CHECKING:  # torch is imported lazily so that building a config stays cheap
     import torch
@@ -97,15 +98,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 
 
 def _hub_cache_dir(cache_dir: str | None) -> str:
-    if cache_dir is not None:
-        return str(cache_dir)
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except Exception:  # pragma: no cover - huggingface_hub is a transformers dependency
-        home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
-        return os.path.join(home, "hub")
+    return str(hub_cache_dir(cache_dir))
 
 
 class MissingWeightsError(RuntimeError):
@@ -166,6 +159,18 @@ class MidasLabeler(Labeler):
                 "dtype": self.kwargs.get("dtype", "float32")}
 
     # -- loading -------------------------------------------------------------------------------
+    def prerequisites(self, key: str) -> list[Missing]:
+        """The weights in the Hugging Face cache (downloaded on first use unless local_files_only/offline)."""
+        if self.model is not None:
+            return []
+        cache_dir, revision = self.kwargs.get("cache_dir"), self.kwargs.get("revision")
+        snap = cached_snapshot(self.model_id, "config.json", cache_dir, revision)
+        if snap is not None and has_any(snap, ("model.safetensors", "pytorch_model.bin", "model*.safetensors")):
+            return []
+        return [Missing(f"MiDaS weights {self.model_id} ({key}): not in the Hugging Face cache {hub_cache_dir(cache_dir)}",
+                        download_command(self.model_id, revision, cache_dir),
+                        url=None if self.kwargs.get("local_files_only") else f"https://huggingface.co/{self.model_id}")]
+
     def load(self, device: str = "cpu") -> None:
         import torch
 
@@ -201,8 +206,7 @@ class MidasLabeler(Labeler):
             f"{_hub_cache_dir(cache_dir)!r} (cache_dir={cache_dir!r}, HF_HOME={os.environ.get('HF_HOME')!r}) "
             f"and {why}. Fetch them into that cache (needs network once):\n"
             f"    hf download {self.model_id}{opts}\n"
-            f"(older huggingface_hub: huggingface-cli download {self.model_id}{opts}), or copy a populated "
-            f"cache from another machine and point HF_HOME or cache_dir at it. Original error: {err}"
+            f"or copy a populated cache from another machine and point HF_HOME or cache_dir at it. Original error: {err}"
         )
 
     # -- labelling -----------------------------------------------------------------------------

@@ -19,13 +19,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from probes.common.env import offline as offline_env
 from probes.common.hashing import sha256_file
-from probes.labels.base import Labeler, register_labeler
+from probes.labels.base import Labeler, Missing, register_labeler
 from probes.labels.tracer_net import TracerTE5
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_URL = "https://github.com/Karel911/TRACER/releases/download/v1.0/TRACER-Efficient-5.pth"
+#: sha256 of the released checkpoint: unknown, because it could not be downloaded where this code was
+#: written. Until it is filled in, a downloaded file is NOT verified; its hash is logged for pinning.
+CHECKPOINT_SHA256: str | None = None
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -40,6 +44,12 @@ def load_tracer_state_dict(net: TracerTE5, state_dict: Mapping[str, torch.Tensor
     return net
 
 
+def checkpoint_path(cache_dir: str | os.PathLike | None = None, url: str = CHECKPOINT_URL) -> Path:
+    """Where the checkpoint is cached: ``cache_dir`` or ``$TORCH_HOME/hub/checkpoints``, under the URL's file name."""
+    folder = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
+    return folder / url.rsplit("/", 1)[-1]
+
+
 def resolve_checkpoint(cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
                        url: str = CHECKPOINT_URL) -> Path:
     """Path of the cached checkpoint, downloading it first unless offline.
@@ -48,11 +58,11 @@ def resolve_checkpoint(cache_dir: str | os.PathLike | None = None, offline: bool
     :param offline: never download; default from ``HF_HUB_OFFLINE`` / ``DPROBE_OFFLINE``.
     :return: the path of the checkpoint file.
     """
-    folder = Path(cache_dir) if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
-    target = folder / url.rsplit("/", 1)[-1]
+    target = checkpoint_path(cache_dir, url)
+    folder = target.parent
     if target.is_file():
         return target
-    offline = offline() if offline is None else offline
+    offline = offline_env() if offline is None else offline
     how = (f"Download {url} yourself and place it at {target} (or pass checkpoint=<path> to the "
            f"'tracer' labeler).")
     if offline:
@@ -65,6 +75,8 @@ def resolve_checkpoint(cache_dir: str | os.PathLike | None = None, offline: bool
     except Exception as err:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"Could not download the TRACER checkpoint ({err}). {how}") from err
+    log.warning("Downloaded the TRACER checkpoint from %s to %s. Its checksum is NOT verified: the project does "
+                "not pin it (the released file's sha256 is unknown to it).", url, target)
     return target
 
 
@@ -73,9 +85,9 @@ class TracerLabeler(Labeler):
     """TRACER TE-5 saliency: float32 ``[B, H, W]`` with integer values 0..255.
 
     Keyword arguments (all optional): ``checkpoint`` (local file, skips the cache and download),
-    ``cache_dir``, ``sha256`` (expected hash of the file; unset -> the computed hash is logged so
-    it can be pinned), ``offline``, ``img_size`` (network input side, default 512),
-    ``batch_size``.
+    ``cache_dir``, ``sha256`` (expected hash of the file; unset -> the file is not verified and its
+    computed hash is logged so it can be pinned), ``offline``, ``img_size`` (network input side,
+    default 512), ``batch_size``.
     """
 
     version = "1"
@@ -111,6 +123,23 @@ class TracerLabeler(Labeler):
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
 
+    def prerequisites(self, key: str) -> list[Missing]:
+        """The checkpoint: the ``checkpoint`` file, or the cached download (fetched on first use if online)."""
+        if self.net is not None:
+            return []
+        given = self.kwargs.get("checkpoint")
+        if given:
+            if Path(given).expanduser().is_file():
+                return []
+            return [Missing(f"TRACER TE-5 checkpoint ({key}.checkpoint): {given} does not exist",
+                            f"download {CHECKPOINT_URL} to {given}, or fix {key}.checkpoint")]
+        target = checkpoint_path(self.kwargs.get("cache_dir"))
+        if target.is_file():
+            return []
+        return [Missing(f"TRACER TE-5 checkpoint ({key}): not at {target}",
+                        f"download {CHECKPOINT_URL} to {target}, or set {key}.checkpoint=<file>",
+                        url=None if self.kwargs.get("offline") else CHECKPOINT_URL)]
+
     def load(self, device: str = "cpu") -> None:
         if self.net is not None:  # weights given already (from_state_dict, or an earlier load)
             self._setup(self.net, device)
@@ -118,9 +147,10 @@ class TracerLabeler(Labeler):
         kw = self.kwargs
         path = kw.get("checkpoint") or resolve_checkpoint(kw.get("cache_dir"), kw.get("offline"))
         digest = sha256_file(path)
-        expected = kw.get("sha256")
+        expected = kw.get("sha256") or (None if kw.get("checkpoint") else CHECKPOINT_SHA256)  # own files: own hash
         if expected is None:
-            log.warning("TRACER checkpoint %s has sha256 %s; pass sha256=%s to pin it.", path, digest, digest)
+            log.warning("TRACER checkpoint %s has sha256 %s and is NOT verified (no checksum is pinned for the "
+                        "released file); pin it with data.labels.<task>.sha256=%s.", path, digest, digest)
         elif digest.lower() != str(expected).lower():
             raise ValueError(f"TRACER checkpoint {path}: sha256 {digest} does not match the expected {expected}.")
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -171,7 +171,7 @@ def plot_layer_ranking(rows: Sequence[dict], distance: str, path: Path, starred:
         return None
     models = _models(sel)
     layers = forward_order([r["layers"] for r in sel], order)
-    fig, ax = plt.subplots(figsize=(max(8, 0.17 * len(layers) * max(len(models), 1) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.17 * len(layers) + 2), 4.8))
     width = 0.8 / len(models)
     for m, model in enumerate(models):
         vals = {r["layers"]: r["value"] for r in _sel(sel, model=model)}
@@ -183,6 +183,7 @@ def plot_layer_ranking(rows: Sequence[dict], distance: str, path: Path, starred:
     ax.set_xticks(range(len(layers)), [f"{l} *" if l in starred else l for l in layers], rotation=90, fontsize=6)
     ax.set_ylabel(f"leave-one-out 1-NN class accuracy ({distance})")
     ax.set_ylim(0, 1)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_title("semantic score per layer (forward order; * = first encoder layer at 16x16)", fontsize=9, loc="left")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)

@@ -48,7 +48,7 @@ from probes.lens.experiments import (
 )
 from probes.lens.features import FeatureExtractor, FeatureSpec
 from probes.models.layers import ALL_KINDS, check_layer_patterns
-from probes.models.loading import DiffusionSpec, load_pipeline
+from probes.models.loading import DiffusionSpec, load_pipeline, local_model_dir
 
 DATA_KINDS = ("toy", "coco", "voc", "davis", "toy_video")
 EXPERIMENTS = ("semantic", "robustness", "timestep", "steps", "video")
@@ -362,11 +362,12 @@ class LensResult:
 
 def model_identity(spec: DiffusionSpec) -> dict[str, Any]:
     """``spec.identity()``, plus, for a model in a local folder (the toy model), a fingerprint of
-    its weight files (names, sizes, modification times): a folder path says nothing about which
-    weights are in it, and a retrained model must not reuse the old model's cached embeddings."""
+    its weight files (names, sizes, modification times): a folder without a ``MANIFEST.sha256``
+    says nothing about which weights are in it, and a retrained model must not reuse the old
+    model's cached embeddings."""
     ident = spec.identity()
-    folder = Path(spec.model_id)
-    if not spec.is_random and folder.is_dir():
+    folder = None if spec.is_random else local_model_dir(spec.model_id)
+    if folder is not None:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
         stamp = "\n".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
         ident["local_weights"] = hashlib.sha256(stamp.encode()).hexdigest()[:16]

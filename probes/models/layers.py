@@ -5,6 +5,44 @@ Names are what people type in configs and read in dashboards, so they are short 
 ``.{transformer_block}`` when a transformer has more than one block, as in SDXL). Each entry
 records the hooked module (``attn1.to_out.0``: the attention's output projection, before dropout
 and the residual add), its channel count and its token grid at the configured resolution.
+
+Those 16 self-attention outputs are all the probes of Chen et al. need, and they stay the
+registry's default. The semantic lens (Bonechi et al. 2025) asks which *layer* of the U-Net keeps
+an object's meaning, so ``from_unet(..., kinds=ALL_KINDS)`` registers every other readable output
+too, each with its channels and its grid (the grid of the module's *output*):
+
+=============  ==============================  ====================================================
+kind           names                           hooked module (its output)
+=============  ==============================  ====================================================
+``attn1``      ``down0.0`` … ``up3.2``         ``….attentions.i.transformer_blocks.j.attn1.to_out.0``
+               (unchanged, tokens ``[B, N, C]``)  the self-attention, before dropout and residual
+``res``        ``down0.res0``, ``mid.res1``    ``….resnets.i``: a ResNet block, ``[B, C, h, w]``
+``attn``       ``down0.attn0``, ``up1.attn2``  ``….attentions.i``: the whole Transformer2DModel
+                                                (proj_in, self/cross-attention, MLP, proj_out,
+                                                residual)
+``sampler``    ``down0.downsample``,           ``….downsamplers.0`` / ``….upsamplers.0``: output
+               ``up1.upsample``                 at the *next* level's grid
+``out``        ``down0.out``, ``mid.out``,     the block itself: what it hands the next block
+               ``up3.out``                      (after its sampler, if any)
+=============  ==============================  ====================================================
+
+Beware the two "attention" names: ``down0.attn1`` is the block's *second* Transformer2DModel,
+``down0.1`` the self-attention (diffusers' ``attn1``) *inside* it. A block with a sampler hands
+the sampler's output on, so ``down0.out`` and ``down0.downsample`` are the same tensor (both names
+are kept: one says "block output", the other "sampler"; the lens skips such duplicates when it
+combines layers).
+
+Which name is "the first encoder layer at 16x16" (the lens paper's best layer) depends on the
+model and its resolution, and on what one counts as a layer; :func:`first_at_grid` lists the
+candidates in forward order:
+
+- **SD v1.4 at 512 px** (latent 64x64; down blocks at 64, 32, 16, 8): the first module whose
+  output is 16x16 is ``down1.downsample`` (= ``down1.out``); the first layer *computed at* 16x16
+  is ``down_blocks.2``: ``down2.res0`` (ResNet), ``down2.0`` (self-attention), ``down2.attn0``
+  (transformer), channels 1280.
+- **The toy model** (64 px images, 4x VAE, latent 16x16; grids 16, 8, 4, 2): the first encoder
+  level is already 16x16, so the same readings are ``down0.res0``, ``down0.0``, ``down0.attn0``
+  (``down_blocks.0``); the tiny random test model (128 px, 8x VAE) has the same grids.
 """
 from __future__ import annotations
 
@@ -19,6 +57,21 @@ import torch.nn as nn
 _ATTN1 = re.compile(r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 
 
+#: every kind of layer the registry knows (see the module docstring); ``attn1`` is the default
+ALL_KINDS: tuple[str, ...] = ("attn1", "res", "attn", "sampler", "out")
+_KIND_OF_SUFFIX = {"res": re.compile(r"^res\d+$"), "attn": re.compile(r"^attn\d+$"),
+                   "sampler": re.compile(r"^(?:downsample|upsample)$"), "out": re.compile(r"^out$"),
+                   "attn1": re.compile(r"^\d+$")}
+
+
+def kind_of(name: str) -> str:
+    """The kind of a registered name, read off the name itself (``down2.res0`` -> ``res``), so
+    that :class:`LayerInfo` and the manifests it is written into keep their fields. A layer
+    someone registered under another name is of kind ``custom``."""
+    last = name.rsplit(".", 1)[-1]
+    return next((kind for kind, rx in _KIND_OF_SUFFIX.items() if rx.match(last)), "custom")
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """One probe-able layer. ``module`` is the path of the module whose output is captured."""
@@ -31,6 +84,11 @@ class LayerInfo:
     @property
     def tokens(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def kind(self) -> str:
+        """``attn1``, ``res``, ``attn``, ``sampler`` or ``out`` (see the module docstring)."""
+        return kind_of(self.name)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -64,27 +122,46 @@ SD14_LAYERS = ("down0.0", "down0.1", "down1.0", "down1.1", "down2.0", "down2.1",
 _NAME_SYNTAX = re.compile(r"^(down\d+\.\d+|mid\.\d+|up\d+\.\d+)(\.\d+)?$")
 
 
-def _plausible_names() -> list[str]:
+def _plausible_names(kinds: Iterable[str] = ("attn1",)) -> list[str]:
     """Names any SD-family U-Net can have (4 blocks, up to 3 attentions, optional transformer depth)."""
+    kinds = set(kinds)
     names = [f"{k}{b}.{a}" for k in ("down", "up") for b in range(4) for a in range(3)] + ["mid.0"]
-    return names + [f"{n}.{d}" for n in names for d in range(10)]
+    out = names + [f"{n}.{d}" for n in names for d in range(10)] if "attn1" in kinds else []
+    prefixes = [f"{k}{b}" for k in ("down", "up") for b in range(4)] + ["mid"]
+    if "res" in kinds:
+        out += [f"{p}.res{i}" for p in prefixes for i in range(4)]
+    if "attn" in kinds:
+        out += [f"{p}.attn{i}" for p in prefixes for i in range(4)]
+    if "sampler" in kinds:
+        out += [f"down{b}.downsample" for b in range(4)] + [f"up{b}.upsample" for b in range(4)]
+    if "out" in kinds:
+        out += [f"{p}.out" for p in prefixes]
+    return out
 
 
-def check_layer_patterns(patterns: str | Iterable[str]) -> None:
+def check_layer_patterns(patterns: str | Iterable[str], kinds: Iterable[str] = ("attn1",),
+                         option: str = "capture.layers") -> None:
     """Fail at config time on a layer pattern no SD-family U-Net can match (typos like ``upp3.0``).
 
     Which of the plausible layers a model really has is checked again once it is loaded
-    (:meth:`LayerRegistry.select`); this catches misspellings before any compute.
+    (:meth:`LayerRegistry.select`); this catches misspellings before any compute. ``kinds`` widens
+    the names accepted to other kinds of layer (the lens reads ResNets, transformers, samplers
+    and block outputs too); ``option`` is the config key named in the error.
     """
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    universe = _plausible_names()
+    kinds = tuple(kinds)
+    universe = _plausible_names(kinds)
     for pat in pats:
-        if pat in ("all", "*") or "blocks" in pat or "attn" in pat:   # "all", or a module-path pattern
+        if pat in ("all", "*") or "blocks" in pat:   # "all", or a module-path pattern
+            continue
+        if "attn" in pat and (kinds == ("attn1",) or "." not in pat):   # a module-path pattern like '*attn1*'
             continue
         if not any(fnmatch.fnmatchcase(n, pat) for n in universe):
-            raise ValueError(f"capture.layers: {pat!r} names no layer; layers are named down<block>.<attention>, "
-                             f"mid.0, up<block>.<attention> (SD v1.4: {', '.join(SD14_LAYERS)}); patterns like "
-                             f"'up*' or module paths like 'up_blocks.3.*' also work")
+            extra = ("; and down<block>.res<i>, .attn<i>, .downsample, .out, mid.res<i>, up<block>.upsample ..."
+                     if set(kinds) - {"attn1"} else "")
+            raise ValueError(f"{option}: {pat!r} names no layer; layers are named down<block>.<attention>, "
+                             f"mid.0, up<block>.<attention> (SD v1.4: {', '.join(SD14_LAYERS)}){extra}; patterns "
+                             f"like 'up*' or module paths like 'up_blocks.3.*' also work")
 
 
 class LayerRegistry:
@@ -96,8 +173,24 @@ class LayerRegistry:
             self.register(layer)
 
     @classmethod
-    def from_unet(cls, unet: nn.Module, latent_hw: tuple[int, int]) -> LayerRegistry:
-        """Discover every self-attention (``attn1``) of the U-Net at the given latent size."""
+    def from_unet(cls, unet: nn.Module, latent_hw: tuple[int, int],
+                  kinds: Iterable[str] = ("attn1",)) -> LayerRegistry:
+        """Discover the U-Net's layers at the given latent size, in forward order.
+
+        By default only the self-attentions (``attn1``), as the probes use them; ``kinds`` adds
+        ResNets, transformers, samplers and block outputs (:data:`ALL_KINDS`, module docstring).
+        """
+        kinds = tuple(kinds)
+        bad = sorted(set(kinds) - set(ALL_KINDS))
+        if bad:
+            raise ValueError(f"unknown layer kinds {bad}; valid kinds: {', '.join(ALL_KINDS)}")
+        attn1 = cls._attn1_layers(unet, latent_hw)
+        if kinds == ("attn1",):
+            return attn1
+        return cls._all_layers(unet, latent_hw, kinds, attn1)
+
+    @classmethod
+    def _attn1_layers(cls, unet: nn.Module, latent_hw: tuple[int, int]) -> LayerRegistry:
         grids = _block_resolutions(unet, latent_hw)
         found: dict[str, list[tuple[int, int, str, nn.Module]]] = {}
         for path, module in unet.named_modules():
@@ -119,6 +212,65 @@ class LayerRegistry:
                                        channels=int(module.to_out[0].out_features), grid=grids[prefix]))
         if not reg._layers:
             raise ValueError("no self-attention (attn1) layers found: is this an SD-family UNet2DConditionModel?")
+        return reg
+
+    @classmethod
+    def _all_layers(cls, unet: nn.Module, latent_hw: tuple[int, int], kinds: tuple[str, ...],
+                    attn1: LayerRegistry) -> LayerRegistry:
+        """Every requested kind, block by block in the order the forward pass produces them."""
+        grids = _block_resolutions(unet, latent_hw)
+        attn1_of: dict[str, list[LayerInfo]] = {}
+        for info in attn1:
+            path = info.module.split(".transformer_blocks.")[0]       # the Transformer2DModel
+            attn1_of.setdefault(path, []).append(info)
+        blocks = [(f"down{b}", f"down_blocks.{b}", blk, "down") for b, blk in enumerate(unet.down_blocks)]
+        blocks.append(("mid", "mid_block", unet.mid_block, "mid"))
+        blocks += [(f"up{b}", f"up_blocks.{b}", blk, "up") for b, blk in enumerate(unet.up_blocks)]
+        reg = cls()
+        for prefix, path, block, side in blocks:
+            if block is None:
+                continue
+            grid = grids[prefix]
+            resnets = list(getattr(block, "resnets", None) or [])
+            attentions = list(getattr(block, "attentions", None) or [])
+            channels = int(resnets[-1].out_channels) if resnets else None
+            # a mid block runs resnet0, then (attention_i, resnet_i+1); a down/up block (resnet_i, attention_i)
+            order: list[tuple[str, int]] = []
+            if side == "mid":
+                order.append(("res", 0))
+                for i in range(len(attentions)):
+                    order += [("attn", i), ("res", i + 1)]
+            else:
+                for i in range(len(resnets)):
+                    order.append(("res", i))
+                    if i < len(attentions):
+                        order.append(("attn", i))
+            for kind, i in order:
+                if kind == "res" and "res" in kinds:
+                    reg.register(LayerInfo(f"{prefix}.res{i}", f"{path}.resnets.{i}",
+                                           int(resnets[i].out_channels), grid))
+                if kind == "attn":
+                    if "attn1" in kinds:
+                        for info in attn1_of.get(f"{path}.attentions.{i}", []):
+                            reg.register(info)
+                    if "attn" in kinds:
+                        reg.register(LayerInfo(f"{prefix}.attn{i}", f"{path}.attentions.{i}",
+                                               int(attentions[i].out_channels), grid))
+            sampler_grid = grid
+            for attr, name in (("downsamplers", "downsample"), ("upsamplers", "upsample")):
+                samplers = getattr(block, attr, None)
+                if not samplers:
+                    continue
+                # as _block_resolutions walks the forward pass: down halves (ceil), up doubles
+                sampler_grid = ((math.ceil(grid[0] / 2), math.ceil(grid[1] / 2)) if side == "down"
+                                else (grid[0] * 2, grid[1] * 2))
+                channels = int(samplers[0].out_channels)
+                if "sampler" in kinds:
+                    reg.register(LayerInfo(f"{prefix}.{name}", f"{path}.{attr}.0", channels, sampler_grid))
+            if "out" in kinds and channels is not None:
+                reg.register(LayerInfo(f"{prefix}.out", path, channels, sampler_grid))
+        if not reg._layers:
+            raise ValueError(f"no layers of kinds {list(kinds)} found: is this an SD-family UNet2DConditionModel?")
         return reg
 
     def register(self, layer: LayerInfo) -> None:
@@ -154,8 +306,26 @@ class LayerRegistry:
             chosen.update(hits)
         return [info for n, info in self._layers.items() if n in chosen]
 
+    def at_grid(self, grid: tuple[int, int], kinds: Iterable[str] = ALL_KINDS) -> list[str]:
+        """Names (forward order) of the registered layers of ``kinds`` whose output grid is ``grid``."""
+        kinds = set(kinds)
+        return [n for n, info in self._layers.items() if tuple(info.grid) == tuple(grid) and info.kind in kinds]
+
     def __iter__(self):
         return iter(self._layers.values())
 
     def __len__(self) -> int:
         return len(self._layers)
+
+
+def first_at_grid(registry: LayerRegistry, grid: tuple[int, int]) -> dict[str, str]:
+    """Every reading of "the first encoder layer at ``grid``", by kind: the first name of each kind
+    on the encoder side (``down*``) whose output has that grid. ``"first_output"`` is the first
+    encoder module of any kind producing that grid (for SD v1.4 at 16x16, ``down1.downsample``)."""
+    encoder = [info for info in registry if info.name.startswith("down") and tuple(info.grid) == tuple(grid)]
+    out: dict[str, str] = {}
+    if encoder:
+        out["first_output"] = encoder[0].name
+    for info in encoder:
+        out.setdefault(info.kind, info.name)
+    return out

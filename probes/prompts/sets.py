@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from probes.common.hashing import sha256_file
 from probes.paths import data_path
@@ -75,7 +76,9 @@ class PromptSpec:
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ValueError(f"prompts.{name} must be in [0, 1), got {v}")
+                raise ValueError(f"data.prompts.{name} must be in [0, 1), got {v}")
+        if not 0 <= self.seed_base <= MAX_SEED:
+            raise ValueError(f"data.prompts.seed_base must be a seed from 0 to {MAX_SEED}, got {self.seed_base}")
 
 
 def fetch_chen2023(cache_dir: str | Path | None = None, local_dir: str | Path | None = None) -> dict[str, Path]:
@@ -86,7 +89,7 @@ def fetch_chen2023(cache_dir: str | Path | None = None, local_dir: str | Path | 
         if local_dir:
             path = Path(local_dir).expanduser() / name
             if not path.exists():
-                raise FileNotFoundError(f"{path} not found (prompts.local_dir={str(local_dir)!r} must hold {name})")
+                raise FileNotFoundError(f"{path} not found (data.prompts.local_dir={str(local_dir)!r} must hold {name})")
         else:
             path = Path(cache_dir or default_cache_dir()) / "chen2023" / CHEN2023_COMMIT / name
             if not path.exists():
@@ -94,7 +97,7 @@ def fetch_chen2023(cache_dir: str | Path | None = None, local_dir: str | Path | 
         got = sha256_file(path)
         if got != sha:
             raise ValueError(f"{path} has sha256 {got}, expected {sha} (the pinned reference file); "
-                             f"delete it to re-download, or point prompts.local_dir at a correct copy")
+                             f"delete it to re-download, or point data.prompts.local_dir at a correct copy")
         out[split] = path
     return out
 
@@ -111,22 +114,74 @@ def _download(url: str, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise RuntimeError(
             f"could not download {url} to {path}: {err}\n"
-            f"On an offline machine, copy the file there by hand, or set prompts.local_dir "
+            f"On an offline machine, copy the file there by hand, or set data.prompts.local_dir "
             f"(or $DPROBE_CHEN2023_DIR) to a folder holding the reference CSVs.") from err
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range; a negative seed wraps around onto another one
+
+
+def _parse_seed(value: str | None, path: Path, line: int, column: str) -> int:
+    """A row's seed as an int; anything else is an error naming the file, line, column and value."""
+    text = (value or "").strip()
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_SEED:
+        raise ValueError(f"{path}, line {line}: column {column!r} holds {value!r}, which is not a seed; seeds are "
+                         f"whole numbers from 0 to {MAX_SEED} (torch.manual_seed): fix that row")
+    return int(text)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a prompt CSV, each with its seed parsed and its place (``file``, ``line``) for errors."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, r) for r in reader]  # line_num: the line the row ends on
     if not rows:
         raise ValueError(f"{path} holds no rows")
-    cols = set(rows[0])
+    cols = set(rows[0][1])
     pcol = "prompt" if "prompt" in cols else "prompts" if "prompts" in cols else None
     scol = "seed" if "seed" in cols else "seeds" if "seeds" in cols else None
     if pcol is None or scol is None:
         raise ValueError(f"{path} needs columns 'prompt' (or 'prompts') and 'seed' (or 'seeds'); it has {sorted(cols)}")
-    return [{"prompt": r[pcol], "seed": r[scol], "split": (r.get("split") or "").strip(),
-             "source_id": r.get("prompt_inds", "") or r.get("id", "")} for r in rows]
+    return [{"prompt": r[pcol] or "", "seed": _parse_seed(r[scol], path, line, scol),
+             "split": (r.get("split") or "").strip(), "source_id": r.get("prompt_inds", "") or r.get("id", ""),
+             "file": str(path), "line": line} for line, r in rows]
+
+
+def _read_text(path: Path, seed_base: int) -> list[dict[str, Any]]:
+    """One prompt per non-empty, non-``#`` line; seeds ``seed_base`` + prompt number."""
+    lines = [(n, ln.strip()) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
+    lines = [(n, ln) for n, ln in lines if ln and not ln.startswith("#")]
+    return [{"prompt": p, "seed": seed_base + i, "split": "",
+             "source_id": str(i), "file": str(path), "line": n} for i, (n, p) in enumerate(lines)]
+
+
+def _places(rows: list[dict[str, Any]]) -> str:
+    """``a.csv, lines 2 and 4; b.csv, line 9``: where rows are, grouped by file."""
+    by_file: dict[str, list[int]] = {}
+    for r in rows:
+        by_file.setdefault(r["file"], []).append(r["line"])
+    out = []
+    for file, lines in by_file.items():
+        nums = [str(n) for n in lines]
+        joined = nums[0] if len(nums) == 1 else ", ".join(nums[:-1]) + " and " + nums[-1]
+        out.append(f"{file}, line{'s' if len(nums) > 1 else ''} {joined}")
+    return "; ".join(out)
+
+
+def _reject_duplicates(rows: list[dict[str, Any]]) -> None:
+    """Refuse rows that would draw the same image: the same seed and the same prompt up to case and
+    spacing (the CLIP tokenizer lowercases and collapses whitespace). Two such rows in different
+    splits would put one image in train and in test."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((" ".join(r["prompt"].split()).casefold(), r["seed"]), []).append(r)
+    dups = [g for g in groups.values() if len(g) > 1]
+    if dups:
+        shown = "\n".join(f"  {g[0]['prompt']!r} with seed {g[0]['seed']} at {_places(g)}" for g in dups[:10])
+        more = f"\n  ... and {len(dups) - 10} more" if len(dups) > 10 else ""
+        raise ValueError(f"{len(dups)} (prompt, seed) pairs occur more than once; each is the same image, which "
+                         f"could land in two splits (train and test):\n{shown}{more}\n"
+                         f"Remove the repeated rows, or give them different seeds.")
 
 
 def _assign(n: int, fraction: float, rng: random.Random) -> set[int]:
@@ -155,7 +210,7 @@ def resolve_source(source: str) -> Path:
 def load_prompts(spec: PromptSpec) -> list[PromptRecord]:
     """All records of the prompt set, indexed 0..N-1 in a stable order, with their split."""
     rng = random.Random(spec.split_seed)
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     if spec.source == "chen2023":
         files = fetch_chen2023(spec.cache_dir, spec.local_dir)
         for split in ("train", "test"):
@@ -165,16 +220,14 @@ def load_prompts(spec: PromptSpec) -> list[PromptRecord]:
         if path.suffix.lower() == ".csv":
             rows = _read_csv(path)
         else:
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-            lines = [ln for ln in lines if ln and not ln.startswith("#")]
-            rows = [{"prompt": p, "seed": str(spec.seed_base + i), "split": "", "source_id": str(i)}
-                    for i, p in enumerate(lines)]
+            rows = _read_text(path, spec.seed_base)
         if not rows:
             raise ValueError(f"prompt source {path} holds no prompts")
         if not all(r["split"] for r in rows):
             test = _assign(len(rows), spec.test_fraction, rng)
             for i, r in enumerate(rows):
                 r["split"] = r["split"] or ("test" if i in test else "train")
+    _reject_duplicates(rows)
     bad = sorted({r["split"] for r in rows} - set(SPLITS))
     if bad:
         raise ValueError(f"unknown split names {bad} in {spec.source}; use train, val or test")
@@ -184,12 +237,12 @@ def load_prompts(spec: PromptSpec) -> list[PromptRecord]:
         if k in val:
             rows[i]["split"] = "val"
     if spec.limit is not None:
-        kept: list[dict[str, str]] = []
+        kept: list[dict[str, Any]] = []
         for split in SPLITS:
             kept += [r for r in rows if r["split"] == split][: spec.limit]
         order = {id(r): k for k, r in enumerate(rows)}
         rows = sorted(kept, key=lambda r: order[id(r)])
-    return [PromptRecord(index=i, prompt=r["prompt"], seed=int(r["seed"]), split=r["split"],
+    return [PromptRecord(index=i, prompt=r["prompt"], seed=r["seed"], split=r["split"],
                          source_id=str(r["source_id"])) for i, r in enumerate(rows)]
 
 

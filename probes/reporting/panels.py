@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from probes.reporting.tables import tick_timestep  # noqa: E402
 from probes.tasks import get_task  # noqa: E402
 from probes.training.heads import apply_probe, layer_key, to_label_units, token_map  # noqa: E402
 
@@ -84,7 +85,7 @@ def plot_panel(task: str, panel: dict[str, Any], path: Path, max_steps: int = 8)
         for c, si in enumerate(pick):
             axes[r, 2 + c].imshow(panel["preds"][r, si], cmap=cmap, vmin=lo, vmax=hi)
             if r == 0:
-                axes[r, 2 + c].set_title(f"step {steps[si]}\nt={ts[si]:.0f}", fontsize=8)
+                axes[r, 2 + c].set_title(f"step {steps[si]}\nt={tick_timestep(ts[si])}", fontsize=8)
         axes[r, 0].set_ylabel(f"image {panel['indices'][r]}", fontsize=8)
         if r == 0:
             axes[r, 0].set_title("image", fontsize=8)

@@ -7,6 +7,7 @@ their test value is reported, so the test set is never used for selection.
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
 #: rows of metrics.csv that are not scores (no best head is picked on them)
 NOT_SCORES = {"loss", "ridge_lambda"}
 #: pseudo-layers that are not probes (the labeler on decoded intermediate images)
-NOT_PROBES = {"decoded_x0"}
+NOT_PROBES = {"decoded_x0", "position"}
 REAL_COMMAND = "python train.py fit --config configs/sd14/all.yaml"
 RANDOM_WARNING = (
     "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number here is meaningless by "
@@ -47,9 +48,18 @@ def best_heads(rows: list[dict], select_split: str = "val") -> list[dict]:
     if select_split not in splits:
         select_split = splits[0]
     out = []
+    # a NaN never wins a comparison, so dropping it would quietly crown another head; it means corrupt
+    # data or diverged probes, and the run's numbers cannot be ranked
+    bad = [r for r in rows if r["metric"] not in NOT_SCORES and r["layer"] not in NOT_PROBES
+           and not math.isfinite(float(r["value"]))]
+    if bad:
+        shown = ", ".join(f"{r['split']} {r['task']}/{r['metric']} layer {r['layer']} step {r['step']}" for r in bad[:3])
+        raise ValueError(f"{len(bad)} metric value(s) are not finite ({shown}{', ...' if len(bad) > 3 else ''}): "
+                         f"no best head can be picked. They come from non-finite activations or labels, or diverged "
+                         f"probes; rerun (training stops on them, naming the file and the sample).")
     for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES):
         cands = [r for r in rows if r["split"] == select_split and r["task"] == task and r["metric"] == metric
-                 and r["value"] == r["value"] and r["layer"] not in NOT_PROBES]
+                 and r["layer"] not in NOT_PROBES]
         if not cands:
             continue
         best = cands[0]
@@ -85,13 +95,13 @@ def format_table(rows: list[dict], is_random: bool) -> str:
     head = f"{'task':<11}{'metric':<10}{'best layer':<12}{'step':>5}{'t':>8}" + "".join(f"{s:>9}" for s in splits)
     lines += ["", "Best (layer, step) per task and metric, selected on the validation split:", head, "-" * len(head)]
     for b in best:
-        lines.append(f"{b['task']:<11}{b['metric']:<10}{b['layer']:<12}{b['step']:>5}{b['timestep']:>8.1f}"
-                     + "".join(f"{b.get(s, float('nan')):>9.3f}" for s in splits))
+        lines.append(f"{b['task']:<11}{b['metric']:<10}{b['layer']:<12}{b['step']:>5}{fmt_timestep(b['timestep']):>8}"
+                     + "".join(f"{fmt_value(b.get(s, float('nan'))):>9}" for s in splits))
     ref = reference_heads(rows)
     if ref:
         lines += ["", f"Published comparison point (layer up3.0, last step {ref[0]['step']}):"]
         for r in ref:
-            lines.append(f"{r['task']:<11}{r['metric']:<10}" + "".join(f"{s}={r.get(s, float('nan')):.3f}  " for s in splits))
+            lines.append(f"{r['task']:<11}{r['metric']:<10}" + "".join(f"{s}={fmt_value(r.get(s, float('nan')))}  " for s in splits))
     if is_random:
         lines += ["", RANDOM_WARNING]
     return "\n".join(lines)
@@ -112,19 +122,60 @@ def _curve(rows: list[dict], split: str, task: str, metric: str, layer: str | No
     return out
 
 
-def emergence_step(curve: list[tuple[int, float, float]], fraction: float = 0.9,
-                   lower_is_better: bool = False) -> dict[str, float] | None:
-    """First step whose score reaches ``fraction`` of the final step's score.
+def fmt_value(v: float, digits: int = 3) -> str:
+    """A score as people read it: ``0.853``; ``nan``; and ``0.000`` rather than ``1.35e-10`` for the
+    vanishing values of an empty prediction (metrics.csv keeps the full precision)."""
+    if v != v:
+        return "nan"
+    if abs(v) < 0.5 * 10 ** -digits:
+        v = 0.0                                  # also avoids "-0.000"
+    return f"{v:.{digits}f}"
 
-    For lower-is-better metrics the score must come within ``1/fraction`` of the final value.
+
+def fmt_timestep(t: float) -> str:
+    """A scheduler timestep to one decimal (K-LMS visits fractional ones such as 927.64...)."""
+    return "nan" if t != t else f"{t:.1f}"
+
+
+def tick_timestep(t: float) -> str:
+    """A timestep on a plot axis: ``999``, ``927.6`` (one decimal only where it is fractional)."""
+    return "nan" if t != t else (f"{t:.0f}" if abs(t - round(t)) < 0.05 else f"{t:.1f}")
+
+
+def emergence_step(curve: list[tuple[int, float, float]], fraction: float = 0.9,
+                   lower_is_better: bool = False) -> dict | None:
+    """When a curve's signal appears: the first step whose score reaches ``fraction`` of the final one.
+
+    That definition assumes the score builds up towards the last step. Two other shapes get an
+    explicit answer instead of a misleading step (a curve falling from 0.43 to 0.17 would
+    otherwise "emerge" at step 0, since every step beats 90 % of 0.17):
+
+    - **declines**: the final score is below ``fraction`` of the curve's peak. ``step`` is
+      ``None``; ``peak_step`` / ``peak`` say where the signal was highest.
+    - **no signal**: the final score is not positive (higher-is-better scores only). ``step`` is
+      ``None``.
+
+    ``note`` says which case applies, in words for the report. For lower-is-better metrics the
+    score must come within ``1/fraction`` of the final value (and "declines" means it ends worse
+    than ``1/fraction`` of its best).
     """
     if not curve:
         return None
     final = curve[-1][2]
+    best = min(curve, key=lambda c: c[2]) if lower_is_better else max(curve, key=lambda c: c[2])
+    out = {"step": None, "timestep": None, "value": None, "final": final, "peak_step": best[0], "peak": best[2]}
+    if final != final:
+        return dict(out, note="no score at the last step")
+    if not lower_is_better and final <= 0:
+        return dict(out, note=f"never emerges: final score {fmt_value(final)} <= 0")
+    declines = final > best[2] / fraction if lower_is_better else final < fraction * best[2]
+    if declines:
+        return dict(out, note=f"never emerges: peaks at step {best[0]} ({fmt_value(best[2])}), "
+                              f"declines to {fmt_value(final)}")
     for step, t, v in curve:
         ok = v <= final / fraction if lower_is_better else v >= fraction * final
         if ok:
-            return {"step": step, "timestep": t, "value": v, "final": final}
+            return dict(out, step=step, timestep=t, value=v, note=f"step {step}")
     return None
 
 

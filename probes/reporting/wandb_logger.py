@@ -41,6 +41,10 @@ class WandbLogger(_WandbLogger):
         os.environ.setdefault("WANDB_SILENT", "true")
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning passes anonymous=None, which recent wandb answers with "The anonymous setting has
+            # no effect" on every run: leave the setting out instead
+            self._wandb_init.pop("anonymous", None)
         self.is_offline = offline
 
     def log_results(self, rows: list[dict], best: list[dict], written: dict[str, Any],
@@ -48,12 +52,14 @@ class WandbLogger(_WandbLogger):
         """Final results: tables, custom charts, plots, prediction panels and the probe artifact."""
         import wandb
 
-        from probes import wandb_report
+        from probes.reporting import wandb_tables as wandb_report
 
         run = self.experiment
         payload: dict[str, Any] = {"results/metrics": wandb_report.metrics_table(rows)}
         if best:
-            payload["results/best"] = wandb.Table(columns=list(best[0]), data=[list(b.values()) for b in best])
+            # timesteps to one decimal as everywhere people read them (metrics.csv keeps full precision)
+            payload["results/best"] = wandb.Table(columns=list(best[0]), data=[
+                [round(v, 1) if k == "timestep" else v for k, v in b.items()] for b in best])
         payload.update(wandb_report.charts(rows))
         for path in written.get("plots", []):
             payload[f"plots/{Path(path).stem}"] = wandb.Image(str(path))

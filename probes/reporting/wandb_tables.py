@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.reporting.tables import COLUMNS, NOT_SCORES
+from probes.reporting.tables import COLUMNS, NOT_SCORES, tick_timestep
 
 ARTIFACT_TYPE = "probes"
 
@@ -34,12 +34,12 @@ def charts(rows: list[dict], split: str = "test") -> dict[str, Any]:
     for task, metric in pairs:
         sel = [r for r in rows if r["split"] == split and r["task"] == task and r["metric"] == metric]
         table = wandb.Table(columns=["step", "timestep", "layer", "value"],
-                            data=[[r["step"], r["timestep"], r["layer"], r["value"]] for r in sel])
+                            data=[[r["step"], round(r["timestep"], 1), r["layer"], r["value"]] for r in sel])
         key = f"charts/{split}/{task}/{metric}"
         out[f"{key}/vs_step"] = wandb.plot.line(table, "step", "value", stroke="layer",
                                                 title=f"{task}: {metric} vs denoising step ({split}), one line per layer")
         heat = wandb.Table(columns=["layer", "step", "value"],
-                           data=[[r["layer"], f"{r['step']:02d} (t={r['timestep']:.0f})", round(r["value"], 4)] for r in sel])
+                           data=[[r["layer"], f"{r['step']:02d} (t={tick_timestep(r['timestep'])})", round(r["value"], 4)] for r in sel])
         out[f"{key}/heatmap"] = wandb.plot_table("wandb/confusion_matrix/v1", heat,
                                                  {"Actual": "layer", "Predicted": "step", "nPredictions": "value"},
                                                  {"title": f"{task}: {metric} ({split}), layer x step"})
@@ -58,7 +58,7 @@ def panel_table(task: str, panel: dict[str, Any]):
         def scale(x, lo=lo, hi=hi):
             return (np.clip((x - lo) / max(hi - lo, 1e-8), 0, 1) * 255).astype(np.uint8)
         for si, step in enumerate(panel["steps"]):
-            table.add_data(task, panel["layer"], idx, step, panel["timesteps"][si], wandb.Image(panel["images"][r]),
+            table.add_data(task, panel["layer"], idx, step, round(float(panel["timesteps"][si]), 1), wandb.Image(panel["images"][r]),
                            wandb.Image(scale(lab)), wandb.Image(scale(panel["preds"][r, si])))
     return table
 

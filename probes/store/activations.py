@@ -8,12 +8,17 @@ Layout of a store folder::
     acts/<layer>.npy       [N, S, halves, tokens, channels], fp16 by default
     commits/<index>.json   one marker per committed sample (its prompt, seed, timesteps)
     labels/                the label cache (probes.labels.cache)
+    .lock                  taken by a run creating or filling the store (probes.store.locks)
 
 Every array is preallocated (sparse) at creation, so a sample is written in place with
 ``pwrite`` and read back as a slice of a ``np.memmap``: no pickles, no per-sample files to open.
 A sample becomes valid only when its marker exists, and markers are written after the data is
 synced to disk: a crash mid-batch leaves samples without markers, which a rerun regenerates.
 Ranks write disjoint samples into the same files, so shards never race.
+
+Opening a store validates it (manifest, every array's shape and size, every marker's sample and
+prompt), so a damaged or foreign file is named with its fix before any work starts; and a folder
+that still holds markers or labels but lost its manifest is never recreated over.
 """
 from __future__ import annotations
 
@@ -46,6 +51,27 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _preallocate(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+    """Write a ``.npy`` header and extend the file to its full size without writing the data (sparse)."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+    del mm
+
+
+def _publish_if_absent(tmp: Path, path: Path) -> None:
+    """Give the complete file ``tmp`` the name ``path`` unless that name exists already.
+
+    ``os.link`` fails atomically when the name is taken, unlike a check followed by a create
+    (two processes can both pass the check; the later create truncates the earlier file).
+    """
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: the check-then-rename is the best left
+        if not path.exists():
+            os.replace(tmp, path)
+
+
 class InsufficientDisk(RuntimeError):
     pass
 
@@ -68,28 +94,52 @@ def check_disk(path: Path, needed: int, what: str) -> None:
         raise InsufficientDisk(
             f"{what} needs {human_bytes(needed)} at {path} but only {human_bytes(free)} is free. "
             f"Capture fewer layers/steps (data.capture.layers / data.capture.steps), use "
-            f"data.probe_mode=streaming (no activation cache), or point data.store_dir at a bigger disk.")
+            f"data.mode=streaming with ridge probes (no activation cache: configs/sd14/all_streaming.yaml), "
+            f"or point data.store_dir at a bigger disk.")
 
 
 class PreallocatedArray:
-    """A ``.npy`` file of fixed shape, written row by row in place and read as a memmap."""
+    """A ``.npy`` file of fixed shape, written row by row in place and read as a memmap.
 
-    def __init__(self, path: Path) -> None:
+    Opening checks the header and the file size, so a truncated file (an interrupted copy, a full
+    disk) is reported at once with its name and ``fix``, not as numpy's "mmap length is greater
+    than file size" deep inside training.
+    """
+
+    def __init__(self, path: Path, fix: str = "restore it from a copy, or delete it and what was made from it") -> None:
         self.path = Path(path)
         self._mm: np.memmap | None = None
         self._fd: int | None = None
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            self.shape, _, self.dtype = read(f)
-            self.offset = f.tell()
+        try:
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                self.shape, _, self.dtype = read(f)
+                self.offset = f.tell()
+        except ValueError as err:
+            raise ValueError(f"{self.path} is not a readable .npy array ({err}): it is damaged or truncated; "
+                             f"{fix}") from err
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        size, need = self.path.stat().st_size, self.offset + self.nbytes
+        if size < need:
+            raise ValueError(f"{self.path} is {size} bytes but its header (shape {tuple(self.shape)}, {self.dtype}) "
+                             f"needs {need}: the file was truncated (an interrupted copy? a full disk?); {fix}")
 
     @classmethod
-    def create(cls, path: Path, shape: tuple[int, ...], dtype: Any) -> PreallocatedArray:
+    def create(cls, path: Path, shape: tuple[int, ...], dtype: Any, exclusive: bool = False) -> PreallocatedArray:
+        """Preallocate a sparse array. ``exclusive``: if another process created ``path`` first, keep
+        its file (and what it already wrote) and open that one instead of truncating it."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)  # sparse file
-        del mm
+        if not exclusive:
+            _preallocate(path, shape, dtype)
+            return cls(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+        os.close(fd)
+        try:
+            _preallocate(Path(tmp), shape, dtype)
+            _publish_if_absent(Path(tmp), path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return cls(path)
 
     @property
@@ -130,10 +180,15 @@ class PreallocatedArray:
 
 
 class CommitLog:
-    """One marker file per committed row: creation is atomic, and ranks never share a file."""
+    """One marker file per committed row: creation is atomic, and ranks never share a file.
 
-    def __init__(self, root: Path) -> None:
+    With ``num_samples`` given, a marker for a row outside ``0..num_samples-1`` (a file copied in
+    from a bigger store, a hand-made one) is an error naming it, not an ``IndexError`` later.
+    """
+
+    def __init__(self, root: Path, num_samples: int | None = None) -> None:
         self.root = Path(root)
+        self.num_samples = num_samples
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, index: int) -> Path:
@@ -143,32 +198,122 @@ class CommitLog:
         atomic_write_text(self._path(index), json.dumps(dict(record or {}), default=str))
 
     def done(self) -> set[int]:
-        return {int(p.name[:7]) for p in self.root.glob("*.json") if p.name[:7].isdigit()}
+        out = {int(p.stem) for p in self.root.glob("*.json") if p.stem.isdigit()}
+        bad = sorted(i for i in out if self.num_samples is not None and i >= self.num_samples)
+        if bad:
+            raise ValueError(f"commit marker {self.root / f'{bad[0]:07d}.json'} is for sample {bad[0]}, but this "
+                             f"store holds {self.num_samples} samples (0..{self.num_samples - 1}): the marker does "
+                             f"not belong here; delete it" + (f" (and the {len(bad) - 1} others past the end)"
+                                                               if len(bad) > 1 else ""))
+        return out
 
     def record(self, index: int) -> dict:
-        return json.loads(self._path(index).read_text())
+        path = self._path(index)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"commit marker {path} is not valid JSON ({err.msg}); delete it and sample {index} "
+                             f"is made again") from err
+
+
+DAMAGED_MANIFEST_FIX = "restore it from a backup, or delete the store folder {root} to regenerate the store"
+MANIFEST_KEYS = ("fingerprint", "request", "generation", "capture", "num_samples")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at ``path``; a truncated or edited one is an error naming it and the fix."""
+    fix = DAMAGED_MANIFEST_FIX.format(root=path.parent)
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): it was "
+                         f"truncated or edited; {fix}") from err
+    if not isinstance(manifest, dict) or any(k not in manifest for k in MANIFEST_KEYS):
+        have = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} is not a store manifest (needs {', '.join(MANIFEST_KEYS)}; has {have}); {fix}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"store {path.parent} has format {manifest.get('format_version')}, "
+                         f"this code reads {FORMAT_VERSION}; regenerate it into a new store_dir")
+    return manifest
+
+
+def orphaned_data(root: Path) -> list[str]:
+    """What of value a store folder holds besides its manifest: commit markers and label caches.
+
+    Preallocated arrays are not listed: without markers none of their rows is valid.
+    """
+    root = Path(root)
+    out = []
+    markers = [p for p in (root / "commits").glob("*.json") if p.stem.isdigit()]
+    if markers:
+        out.append(f"{len(markers)} commit markers ({root / 'commits'})")
+    labels = root / "labels"
+    if labels.is_dir() and any(p.is_file() for p in labels.rglob("*")):
+        out.append(f"label caches ({labels})")
+    return out
+
+
+def refuse_orphaned_data(root: Path) -> None:
+    """Refuse to create a store over the markers and labels of one whose manifest was lost.
+
+    A new store there would zero the images and activations while the old markers still say
+    "committed", so nothing would be regenerated and every metric would be computed on zeros.
+    """
+    found = orphaned_data(root)
+    if found and not (Path(root) / "manifest.json").exists():
+        raise FileExistsError(
+            f"{root} holds {' and '.join(found)} but no manifest.json: the store's manifest was deleted or "
+            f"lost, and a new store over it would pair the old markers and labels with zeroed data. Restore "
+            f"{Path(root) / 'manifest.json'} (from a backup, or wherever it was moved), or delete the folder {root} "
+            f"to regenerate the whole store.")
 
 
 class ActivationStore:
     """Images and per-layer activations of N samples, plus a manifest. See the module docstring."""
 
     def __init__(self, root: str | Path) -> None:
+        """Open and validate a store: its manifest, every array's shape and size, every commit marker.
+
+        Validating here, once, turns a damaged file into an error that names it and says what to
+        do, instead of a numpy or JSON error (or a wrong image) after hours of training.
+        """
         self.root = Path(root)
         mpath = self.root / "manifest.json"
         if not mpath.exists():
             raise FileNotFoundError(f"no activation store at {self.root} (manifest.json missing)")
-        self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"store {self.root} has format {self.manifest.get('format_version')}, "
-                             f"this code reads {FORMAT_VERSION}; regenerate it into a new store_dir")
-        self.images = PreallocatedArray(self.root / "images.npy")
-        x0 = self.root / "x0_images.npy"
+        self.manifest: dict[str, Any] = read_manifest(mpath)
+        layout = self.layout(self.manifest)
+        self.images = self._open_array("images", layout)
         #: decoded predicted-x0 images per captured step (``generation.decode_x0``)
-        self.x0_images = PreallocatedArray(x0) if x0.exists() else None
-        cap = self.manifest["capture"]
-        self.acts = {layer["name"]: PreallocatedArray(self.root / "acts" / f"{layer['name']}.npy")
-                     for layer in (cap["layers"] if cap.get("store_activations", True) else [])}
-        self.commits = CommitLog(self.root / "commits")
+        self.x0_images = self._open_array("x0_images", layout) if "x0_images" in layout else None
+        self.acts = {name[len("acts/"):]: self._open_array(name, layout) for name in layout if name.startswith("acts/")}
+        self.commits = CommitLog(self.root / "commits", self.num_samples)
+        self._check_commits()
+
+    def _open_array(self, name: str, layout: Mapping[str, tuple[tuple[int, ...], str]]) -> PreallocatedArray:
+        """One array of the store, checked against the shape and dtype the manifest implies."""
+        path, fix = self.root / f"{name}.npy", f"restore it, or delete the store folder {self.root} to regenerate it"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing, but the store's manifest lists it; {fix}")
+        arr = PreallocatedArray(path, fix=fix)
+        shape, dtype = layout[name]
+        if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != np.dtype(dtype):
+            raise ValueError(f"{path} holds {tuple(arr.shape)} {np.dtype(arr.dtype)}, but the manifest says "
+                             f"{tuple(shape)} {np.dtype(dtype)}: it comes from another store; {fix}")
+        return arr
+
+    def _check_commits(self) -> None:
+        """Each marker must be for a sample of this store and record that sample's prompt and seed."""
+        prompts = self.manifest.get("prompts") or []
+        for i in sorted(self.commits.done()):
+            rec = self.commits.record(i)
+            want = prompts[i] if i < len(prompts) else {}
+            if any(k in rec and k in want and rec[k] != want[k] for k in ("prompt", "seed")):
+                raise ValueError(
+                    f"commit marker {self.commits._path(i)} records prompt {rec.get('prompt')!r}, seed "
+                    f"{rec.get('seed')}, but the manifest's sample {i} is {want.get('prompt')!r}, seed "
+                    f"{want.get('seed')}: the marker (and maybe the data) came from another store; delete the "
+                    f"marker and sample {i} is generated again")
 
     # -- creation --------------------------------------------------------------------------
     @staticmethod
@@ -194,10 +339,15 @@ class ActivationStore:
 
     @classmethod
     def create(cls, root: str | Path, manifest: dict[str, Any]) -> ActivationStore:
-        """Preallocate all arrays; the manifest is written last, so a crash here leaves no store."""
+        """Preallocate all arrays; the manifest is written last, so a crash here leaves no store.
+
+        Refuses a folder that holds commit markers or labels but no manifest (see
+        :func:`refuse_orphaned_data`); preallocated arrays alone are a crashed creation and are redone.
+        """
         root = Path(root)
         if (root / "manifest.json").exists():
             raise FileExistsError(f"a store already exists at {root}")
+        refuse_orphaned_data(root)
         check_disk(root, cls.required_bytes(manifest), f"the activation store ({manifest['num_samples']} samples)")
         for name, (shape, dtype) in cls.layout(manifest).items():
             PreallocatedArray.create(root / f"{name}.npy", shape, dtype)
@@ -229,17 +379,26 @@ class ActivationStore:
 
     # -- writing ---------------------------------------------------------------------------
     def write_batch(self, indices: list[int], images: np.ndarray, acts: Mapping[str, np.ndarray],
-                    records: list[dict[str, Any]], x0_images: np.ndarray | None = None) -> None:
-        """Write a batch of samples in place, sync, then commit each (markers last)."""
+                    records: list[dict[str, Any]], x0_images: np.ndarray | None = None,
+                    x0_indices: list[int] | None = None) -> None:
+        """Write a batch of samples in place, sync, then commit each (markers last).
+
+        ``x0_images`` rows belong to ``x0_indices`` (default: all of ``indices``): only the test
+        split's decoded images are generated, the other rows of ``x0_images.npy`` stay unwritten.
+        """
         unknown = set(acts) - set(self.acts)
         if unknown or len(acts) != len(self.acts):
             raise KeyError(f"activations for layers {sorted(acts)} do not match the store's {self.layer_names}")
         if (x0_images is None) != (self.x0_images is None):
             raise ValueError("decoded x0 images must be written exactly when the store has them (generation.decode_x0)")
+        if x0_images is not None:
+            x0_rows = list(indices) if x0_indices is None else list(x0_indices)
+            if len(x0_images) != len(x0_rows):
+                raise ValueError(f"{len(x0_images)} decoded x0 images for {len(x0_rows)} samples")
+            for k, i in enumerate(x0_rows):
+                self.x0_images.write_row(i, x0_images[k])
         for k, i in enumerate(indices):
             self.images.write_row(i, images[k])
-            if self.x0_images is not None:
-                self.x0_images.write_row(i, x0_images[k])
             for name, arr in acts.items():
                 self.acts[name].write_row(i, arr[k])
         self.images.sync()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,10 @@ from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_in
 from probes.store.activations import ActivationStore
 from probes.store.manifest import request_fingerprint, store_request
 from probes.tasks import get_task
+from probes.training.budget import check_budget, label_bytes, planned_layout, records_split, store_bytes
 from probes.training.datasets import ActivationDataset, StreamingDataset, StreamSource, UnpaddedShardSampler, collated
-from probes.training.target_stats import target_stats
+from probes.training.finite import describe_sample
+from probes.training.target_stats import scan_labels
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +77,18 @@ class ActivationDataModule(pl.LightningDataModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size!r} (images per training batch)")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers!r} (0: load in the main process)")
         self.diffusion, self.prompts, self.generation, self.capture = diffusion, prompts, generation, capture
         if isinstance(labels, (str, os.PathLike)):   # a labels group file, e.g. configs/labels/sd14.yaml
             labels = yaml.safe_load(Path(labels).read_text())
         self.labels = dict(labels or {"foreground": {"name": "otsu"}})
         for task, cfg in self.labels.items():
-            if not isinstance(cfg, dict) or "name" not in cfg:
+            if not isinstance(cfg, Mapping) or "name" not in cfg:
                 raise ValueError(f"data.labels.{task} must be a mapping with a 'name' (a labeler), got {cfg!r}")
+            self.labels[task] = dict(cfg)  # an export's frozen config (MappingProxyType) becomes a plain dict
             get_task(task)                 # checked now, before any compute: unknown names list the valid ones
             check_labeler(cfg["name"])
         self.mode, self.store_dir, self.store_root = mode, store_dir, store_root
@@ -90,6 +97,9 @@ class ActivationDataModule(pl.LightningDataModule):
         self.probe_spec: ProbeSpec | None = None
         self.datasets: dict[str, Dataset] = {}
         self.label_caches: dict[str, LabelCache] = {}
+        #: per task, each sample's smallest and largest label value (cached mode): binary tasks whose
+        #: train labels are all empty or all full are refused by the probe module
+        self.label_ranges: dict[str, tuple[Any, Any]] = {}
         #: labels of the decoded predicted-x0 images of the test split (generation.decode_x0)
         self.x0_label_caches: dict[str, LabelCache] = {}
         self._pipe = None
@@ -132,6 +142,66 @@ class ActivationDataModule(pl.LightningDataModule):
         name = ("random-" if self.diffusion.is_random else "") + ("images-" if self.streaming else "")
         return Path(self.store_root) / f"{name}{request_fingerprint(request)}"
 
+    # -- checks before any compute -------------------------------------------------------
+    def check_splits(self, stage: str | None = "fit") -> None:
+        """Refuse a prompt set without train or test prompts, and a fit without validation prompts.
+
+        Fitting selects on the validation split, never on test: the best (layer, step) per task in
+        ``summary.json`` and the report, ``model.selection: best_val`` and the ridge λ. Without val
+        prompts that selection would silently fall back to the test split, or fail after hours of
+        generation, so it is refused here, before any compute.
+        """
+        splits = split_indices(self.records())
+        empty = [s for s in ("train", "test") if not splits[s]]
+        if empty:
+            raise ValueError(f"the prompt set has no {' and no '.join(empty)} prompts; check data.prompts "
+                             f"(source={self.prompts.source!r}, limit={self.prompts.limit}, "
+                             f"test_fraction={self.prompts.test_fraction})")
+        if stage in ("fit", None) and not splits["val"]:
+            raise ValueError(
+                f"the prompt set has no validation prompts (data.prompts.val_fraction={self.prompts.val_fraction}, "
+                f"{len(splits['train'])} train prompts): fitting picks the best (layer, step), best_val weights and "
+                f"ridge λ on the validation split, never on test. Set data.prompts.val_fraction > 0 (e.g. 0.1), "
+                f"or give the prompt file a split column with some 'val' rows.")
+
+    def disk_needs(self) -> list[tuple[str, int]] | None:
+        """``(what, bytes)`` this run still writes under the store (activations, images, labels); None if unknown.
+
+        Unknown only when the model's config is not cached yet (its weights are missing, which the
+        pre-flight check reports).
+        """
+        records = self.records()
+        test = records_split(records, "test")
+        store_dir = self.resolved_store_dir()
+        store = ActivationStore(store_dir) if (store_dir / "manifest.json").exists() else None
+        if store is not None:
+            layout, todo = store.manifest, store.missing()
+        else:
+            layout = planned_layout(self.diffusion, self.generation, self.capture, len(records), not self.streaming)
+            if layout is None:
+                return None
+            todo = list(range(len(records)))
+        h, w = layout["generation"]["height"], layout["generation"]["width"]
+        what = "images" if self.streaming else "activations and images"
+        needs = [(f"{what} of {len(todo)} samples", store_bytes(layout, todo, test))]
+        x0 = bool(layout["generation"].get("decode_x0"))
+        for task, cfg in self.labels.items():
+            cfg = dict(cfg)
+            labeler = build_labeler(cfg.pop("name"), **cfg)
+            rows = LabelCache(store, task, labeler).missing(range(len(records))) if store is not None else records
+            needs.append((f"{task} labels", label_bytes(len(rows), h, w)))
+            if x0:
+                x0_rows = LabelCache(store, task, labeler, "x0").missing(test) if store is not None else test
+                needs.append((f"{task} labels of decoded x0 images",
+                              label_bytes(len(x0_rows), h, w, len(layout["capture"]["steps"]))))
+        return needs
+
+    def check_disk_budget(self) -> None:
+        """Refuse, before generating, a disk that cannot hold the store *and* its label caches."""
+        needs = self.disk_needs()
+        if needs is not None:
+            check_budget(needs, self.resolved_store_dir())
+
     def pipeline(self):
         """The diffusion pipeline (streaming mode keeps it loaded for the whole run)."""
         if self._pipe is None:
@@ -163,6 +233,8 @@ class ActivationDataModule(pl.LightningDataModule):
             return
         rank, world, barrier = self.dist()
         records = self.records()
+        self.check_splits(stage)           # before any compute: generation and labels take hours on SD v1.4
+        self.check_disk_budget()           # every rank (same answer): a rank that raised alone would hang a barrier
         store_dir = self.resolved_store_dir()
         progress = self.progress and (rank == 0 or world > 1)
         if self.streaming:
@@ -176,9 +248,6 @@ class ActivationDataModule(pl.LightningDataModule):
             cfg = dict(cfg)
             self.label_caches[task] = LabelCache(store, task, build_labeler(cfg.pop("name"), **cfg))
         splits = split_indices(records)
-        empty = [s for s in ("train", "test") if not splits[s]]
-        if empty:
-            raise ValueError(f"the prompt set has no {' and no '.join(empty)} prompts; check data.prompts")
         if self.streaming:
             if store.x0_images is not None:
                 self.x0_label_caches = {t: LabelCache(store, t, c.labeler, source="x0") for t, c in self.label_caches.items()}
@@ -203,7 +272,15 @@ class ActivationDataModule(pl.LightningDataModule):
                 barrier()
                 self.x0_label_caches = {t: LabelCache(store, t, c.labeler, "x0") for t, c in self.x0_label_caches.items()}
             self.datasets = {s: ActivationDataset(store, idx, self.label_caches) for s, idx in splits.items() if idx}
-            stats = {t: target_stats(c.array(), splits["train"]) for t, c in self.label_caches.items()}
+            stats = {}
+            for t, c in self.label_caches.items():  # one read of each cache: finiteness, ranges, statistics
+                scan = scan_labels(c.array(), range(store.num_samples), c.path, lambda i: describe_sample(self, i),
+                                   f"labels of task {t!r} (labeler {c.labeler.name!r})",
+                                   f"The label cache is corrupt: delete {c.root} to recompute it"
+                                   + (" (the 'files' labeler re-reads its files: check them)"
+                                      if c.labeler.name == "files" else "") + ".")
+                stats[t] = scan.stats(splits["train"])
+                self.label_ranges[t] = (scan.min, scan.max)
         cap = store.manifest["capture"]
         self.probe_spec = ProbeSpec(
             layers=[LayerInfo.from_dict(d) for d in cap["layers"]], steps=list(cap["steps"]),
@@ -214,7 +291,7 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
-            raise ValueError(f"the prompt set has no {split!r} split (val needs prompts.val_fraction > 0)")
+            raise ValueError(f"the prompt set has no {split!r} split (val needs data.prompts.val_fraction > 0)")
         ds = self.datasets[split]
         if isinstance(ds, StreamingDataset):
             return DataLoader(ds, batch_size=None, num_workers=0)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-from probes.generation.stage import commit_records
+from probes.generation.stage import commit_records, x0_missing
 from probes.labels.cache import LabelCache
 from probes.models.layers import LayerInfo
 from probes.prompts.sets import PromptRecord
@@ -103,11 +103,11 @@ class StreamingDataset(IterableDataset):
         layers = [LayerInfo.from_dict(d) for d in store.manifest["capture"]["layers"]]
         for batch in generate(src.pipeline(), src.records, mine, src.generation, layers, src.capture,
                               acts_device=None, progress=src.progress, desc=f"streaming {self.split}",
-                              universe=mine):
+                              universe=mine, decode=mine if self.split == "test" else ()):  # only test x0 is labelled
             idx = batch.indices
-            if store.missing(idx):
+            if store.missing(idx) or (self.split == "test" and x0_missing(store, idx)):
                 recs = commit_records(src.records, batch, rank)
-                store.write_batch(idx, batch.images, {}, recs, batch.x0_images)
+                store.write_batch(idx, batch.images, {}, recs, batch.x0_images, batch.x0_indices)
             labels = {}
             for task, cache in src.label_caches.items():
                 cache.ensure(idx, device=src.device(), progress=False)

@@ -20,9 +20,33 @@ from torch import Tensor
 from probes.contract import ProbeSpec
 from probes.metrics.exact import BlockTargets, HeadMetrics, task_scores
 from probes.tasks import Task, get_task
+from probes.training.finite import NonFiniteError, non_finite_heads, raise_non_finite
 from probes.training.heads import ProbeBank, SortedBlocks, binary_loss, layer_key, regression_loss
 
 SELECTIONS = ("last", "best_val")
+
+
+def check_binary_fraction(task: str, threshold: float, positive_any: int, all_positive: int, n: int,
+                          values: tuple[float, float] | None, where: str) -> None:
+    """Refuse binary labels with no positive (or no negative) pixel in any of the ``n`` train samples.
+
+    :param positive_any: train samples with at least one pixel above ``threshold``.
+    :param all_positive: train samples with every pixel above it.
+    :param values: the smallest and largest label value, when known (for the message).
+    """
+    if n == 0:
+        return
+    state = "empty" if positive_any == 0 else "full" if all_positive == n else None
+    if state is None:
+        return
+    rule = f"no pixel > threshold {threshold}" if state == "empty" else f"every pixel > threshold {threshold}"
+    if values is not None:
+        rule += f"; label values {values[0]:g}..{values[1]:g}"
+    raise ValueError(
+        f"task {task!r}: all {n} train labels are {state} ({rule}) in "
+        f"{where}. There is nothing to learn, and an {state} mask makes Dice meaningless (an empty prediction of an "
+        f"empty mask scores 1.000). Check the labeler's output (data.labels.{task}); with the 'files' labeler, the "
+        f"masks' values and channel (data.labels.{task}.channel); or set model.init_args.threshold.")
 
 
 class ProbeModule(pl.LightningModule):
@@ -92,6 +116,30 @@ class ProbeModule(pl.LightningModule):
             self.build(spec)
         else:
             self._check_compatible(spec)
+        if stage == "fit":
+            self._check_binary_labels(dm)
+
+    def _check_binary_labels(self, dm: Any) -> None:
+        """Refuse a binary task whose train labels are all empty (or all full) under ``threshold``.
+
+        With no positive (or no negative) pixel there is nothing to learn, and an empty prediction
+        of an empty mask scores a "perfect" Dice of 1.000: the report would look excellent.
+        Uses the per-sample label ranges the data module measured (cached mode; one-pass probes
+        also check what they accumulate, for streamed data).
+        """
+        ranges = getattr(dm, "label_ranges", None) or {}
+        train = getattr(dm, "datasets", {}).get("train")
+        if train is None:
+            return
+        idx = list(train.indices)
+        for t in self.banks:
+            if get_task(t).kind != "binary" or t not in ranges:
+                continue
+            lo, hi = (ranges[t][0][idx], ranges[t][1][idx])
+            path = getattr(getattr(dm, "label_caches", {}).get(t), "path", "the label cache")
+            check_binary_fraction(t, self.hparams.threshold, positive_any=int((hi > self.hparams.threshold).sum()),
+                                  all_positive=int((lo > self.hparams.threshold).sum()), n=len(idx),
+                                  values=(float(lo.min()), float(hi.max())), where=str(path))
 
     def _check_compatible(self, data: ProbeSpec) -> None:
         """A module restored from an export must see the activations it was trained on."""
@@ -123,6 +171,7 @@ class ProbeModule(pl.LightningModule):
     def _run(self, batch: dict[str, Any], split: str) -> Tensor:
         acts, labels = batch["acts"], batch["labels"]
         total = torch.zeros((), device=self.device)
+        per_head: dict[tuple[str, str], Tensor] = {}      # (task, layer) -> per-image, per-step losses
         steps = len(self.spec.steps)
         xs = {l.name: acts[l.name].to(torch.float32) for l in self.spec.layers}
         for t, bank in self.banks.items():
@@ -143,16 +192,32 @@ class ProbeModule(pl.LightningModule):
                     if grid not in sorted_blocks:
                         sorted_blocks[grid] = SortedBlocks(y, grid)
                     loss_img = regression_loss(out[..., 0], y, grid, self.hparams.huber_delta, sorted_blocks[grid])
+                per_head[(t, layer.name)] = loss_img.detach()
                 task_loss = task_loss + loss_img.mean(0).sum()
                 if split != "train":
                     with torch.no_grad():
                         vals = self._metric_values(task, out.detach(), blocks[grid])
                         vals = torch.cat([vals, loss_img.detach().to(vals.dtype).unsqueeze(-1)], -1)
                         self.metrics[split][t].update(vals, slice(li * steps, (li + 1) * steps))
-            self.log(f"{split}/{t}/loss", task_loss / (steps * len(self.spec.layers)), on_step=split == "train",
-                     on_epoch=True, prog_bar=split == "train", batch_size=len(batch["index"]), sync_dist=split != "train")
+            mean_loss = task_loss / (steps * len(self.spec.layers))
+            self.log(f"{split}/{t}/loss", mean_loss, on_step=split == "train", on_epoch=True,
+                     batch_size=len(batch["index"]), sync_dist=split != "train")
+            if split == "train":  # the progress bar: one short entry per task (loggers get the full key above)
+                self.log(t, mean_loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                         batch_size=len(batch["index"]))
             total = total + task_loss
+        if not bool(torch.isfinite(total)):   # one check per batch; the losses are >= 0, so any NaN/inf shows here
+            self._non_finite("loss", split, batch, non_finite_heads(per_head, self.spec.steps))
         return total
+
+    def _non_finite(self, what: str, split: str, batch: dict[str, Any], heads: list[tuple[str, str, int]]) -> None:
+        """Stop the run, naming the heads and the samples (and files) the non-finite values come from."""
+        lr = self.hparams.lr
+        hint = ("Lower the learning rate of these tasks (model.init_args.lr, now "
+                f"{lr if lr is not None else 'the protocol default'}).") if not self.one_pass else \
+            "Raise the smallest ridge strength (model.init_args.lambdas)."
+        raise_non_finite(what, split, heads, batch, [l.name for l in self.spec.layers], list(self.banks),
+                         list(self.spec.steps), getattr(self._trainer, "datamodule", None), hint)
 
     @staticmethod
     def _metric_values(task: Task, out: Tensor, blocks: BlockTargets) -> Tensor:
@@ -176,6 +241,13 @@ class ProbeModule(pl.LightningModule):
             metric = self.metrics[split][t]
             values = metric.compute().cpu()
             metric.reset()
+            if not bool(torch.isfinite(values).all()):  # the batch checks make this unreachable; never report NaN
+                bad = torch.nonzero(~torch.isfinite(values)).tolist()
+                names = [f"{metric.metric_names[m]} of layer {self.spec.layers[h // steps].name} step "
+                         f"{self.spec.steps[h % steps]}" for m, h in bad[:3]]
+                raise NonFiniteError(f"non-finite {split} metrics for task {t!r}: {', '.join(names)}"
+                                     f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (did the {split} split "
+                                     f"have no images?)")
             for mi, name in enumerate(metric.metric_names):
                 for li, layer in enumerate(self.spec.layers):
                     for si, step in enumerate(self.spec.steps):

@@ -27,7 +27,7 @@ from torch import Tensor
 from probes.metrics.exact import BlockTargets, HeadMetrics, block_mean
 from probes.tasks import LOWER_IS_BETTER, get_task
 from probes.training.heads import layer_key
-from probes.training.module import ProbeModule
+from probes.training.module import ProbeModule, check_binary_fraction
 
 DEFAULT_LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -85,21 +85,43 @@ class RidgeProbeModule(ProbeModule):
             # float64 sums: the solve amplifies rounding by the Gram matrices' condition number, and
             # float32 sums would make the probes depend on how images were batched
             xs = {layer.name: acts[layer.name].to(torch.float64) for layer in self.spec.layers}  # [B, S, T, C]
+            finite: dict[tuple[str, str], Tensor] = {}     # per (task, layer): [S] all inputs finite
             for layer in self.spec.layers:
                 x = xs[layer.name]
                 self._add(f"gram/{layer.name}", torch.einsum("bstc,bstd->scd", x, x))
-                self._add(f"sumx/{layer.name}", x.sum(dim=(0, 2)))
+                sx = x.sum(dim=(0, 2))                                                   # [S, C]
+                self._add(f"sumx/{layer.name}", sx)
+                finite[("*", layer.name)] = torch.isfinite(sx).all(-1)   # a sum is finite iff its terms are
             for t in self.banks:
                 task = get_task(t)
                 raw = labels[t].to(torch.float64)
+                ok = torch.isfinite(raw).all()      # a NaN label is never > threshold: check before binarising
+                for layer in self.spec.layers:
+                    finite[(t, layer.name)] = ok.expand(len(self.spec.steps))
                 y = (raw > self.hparams.threshold).to(torch.float64) if task.kind == "binary" else raw
                 if task.kind == "regression":
                     self._add(f"ysum/{t}", raw.sum())
                     self._add(f"ysq/{t}", (raw * raw).sum())
                     self._add(f"ycount/{t}", torch.tensor(float(raw.numel()), device=raw.device))
+                else:  # streamed labels are never scanned beforehand: count empty / full masks here
+                    flat = y.reshape(y.shape[0], -1)
+                    self._add(f"anypos/{t}", (flat.amax(1) > 0).sum())
+                    self._add(f"allpos/{t}", (flat.amin(1) > 0).sum())
+                    self._add(f"images/{t}", torch.tensor(float(y.shape[0]), device=y.device))
                 for layer in self.spec.layers:
                     yb = block_mean(y.to(torch.float64), tuple(layer.grid))      # [B, T]
                     self._add(f"xy/{t}/{layer.name}", torch.einsum("bstc,bt->sc", xs[layer.name], yb))
+            self._check_finite(finite, "train", batch)
+
+    def _check_finite(self, finite: dict[tuple[str, str], Tensor], split: str, batch: dict[str, Any]) -> None:
+        """One check per batch; on failure, name the heads (``*``: every task) and the samples."""
+        if bool(torch.stack([v.all() for v in finite.values()]).all()):
+            return
+        heads = [(t, layer, self.spec.steps[s]) for (t, layer), ok in finite.items()
+                 for s in torch.nonzero(~ok).reshape(-1).tolist()]
+        tasks = list(self.banks)
+        heads = [(tt, layer, step) for t, layer, step in heads for tt in (tasks if t == "*" else [t])]
+        self._non_finite("inputs", split, batch, heads)
 
     def on_validation_epoch_start(self) -> None:
         # Lightning validates at the end of the training epoch *before* on_train_epoch_end
@@ -108,9 +130,17 @@ class RidgeProbeModule(ProbeModule):
 
     def on_train_epoch_end(self) -> None:
         self.trainer.should_stop = True  # one pass is the whole fit, whatever max_epochs says
-        if self._sums:  # no validation split: nothing to select λ on, keep the middle of the grid
+        if self._sums:
+            # no validation ran (trainer.limit_val_batches=0; the data module refuses a fit without a
+            # val split): nothing to select λ on, so every head keeps the middle of the grid, said aloud
             self.solve()
             mid = len(self.hparams.lambdas) // 2
+            if len(self.hparams.lambdas) > 1:
+                from pytorch_lightning.utilities import rank_zero_warn
+
+                rank_zero_warn(f"ridge probes: no validation ran, so λ was not selected: every head uses "
+                               f"λ={self.hparams.lambdas[mid]} (the middle of model.init_args.lambdas). Pass a "
+                               f"single λ to choose it yourself.")
             steps = len(self.spec.steps)
             with torch.no_grad():
                 for t, bank in self.banks.items():
@@ -132,6 +162,12 @@ class RidgeProbeModule(ProbeModule):
                 std = (sums[f"ysq/{t}"] / n - mean * mean).clamp_min(0).sqrt()
                 stats[t] = {"mean": float(mean), "std": float(std) if std > 0 else 1.0}
         self.spec = self.spec.with_target_stats(stats)  # the module's own spec; the data's stays as it was
+        for t in self.banks:
+            if f"images/{t}" in sums:
+                dm = getattr(self._trainer, "datamodule", None)
+                cache = getattr(dm, "label_caches", {}).get(t)
+                check_binary_fraction(t, self.hparams.threshold, int(sums[f"anypos/{t}"]), int(sums[f"allpos/{t}"]),
+                                      int(sums[f"images/{t}"]), None, str(getattr(cache, "path", "the train stream")))
         for layer in self.spec.layers:
             evals, evecs = torch.linalg.eigh(sums[f"gram/{layer.name}"])                # [S, C], [S, C, C]
             evals = evals.clamp_min(0)
@@ -155,8 +191,10 @@ class RidgeProbeModule(ProbeModule):
             raise RuntimeError("validation before the ridge solve (set trainer.num_sanity_val_steps=0)")
         acts, labels = batch["acts"], batch["labels"]
         steps, nl, k = len(self.spec.steps), len(self.spec.layers), len(self.hparams.lambdas)
+        finite: dict[tuple[str, str], Tensor] = {}
         for t in self.banks:
             task = get_task(t)
+            label_ok = torch.isfinite(labels[t]).all()
             y = self.targets(task, labels[t])
             blocks: dict[tuple[int, int], BlockTargets] = {}
             for li, layer in enumerate(self.spec.layers):
@@ -164,6 +202,7 @@ class RidgeProbeModule(ProbeModule):
                 if grid not in blocks:
                     blocks[grid] = BlockTargets.build(y, grid, ranks=task.kind != "binary")
                 q = torch.einsum("bstc,ksc->bkst", acts[layer.name].to(torch.float32), self._candidates[t][layer.name])
+                finite[(t, layer.name)] = torch.isfinite(q).all(-1).all(1).all(0) & label_ok     # [S]
                 b = q.shape[0]
                 q = q.reshape(b, k * steps, -1)                                           # heads (λ, step)
                 out = torch.stack([-q / 2, q / 2], -1) if task.kind == "binary" else q.unsqueeze(-1)
@@ -171,6 +210,7 @@ class RidgeProbeModule(ProbeModule):
                 for ki in range(k):
                     start = (ki * nl + li) * steps
                     self.ridge_val[t].update(vals[:, ki], slice(start, start + steps))
+        self._check_finite(finite, "val", batch)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

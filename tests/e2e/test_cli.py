@@ -86,10 +86,12 @@ def test_metrics_csv_is_long_form_and_complete(demo_run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["split", "task", "layer", "step", "timestep", "metric", "value"]
     per_split = {"foreground": 2, "depth": 4, "shading": 4}  # metrics + loss
-    probe_rows = [r for r in rows if r["layer"] != "decoded_x0"]
+    probe_rows = [r for r in rows if r["layer"] not in ("decoded_x0", "position")]
     assert len(probe_rows) == 2 * N_HEADS * sum(per_split.values())
     decoded = [r for r in rows if r["layer"] == "decoded_x0"]  # labelers on decoded x0 images (demo has it on)
     assert len(decoded) == 15 * (1 + 3 + 3) and {r["split"] for r in decoded} == {"test"}
+    position = [r for r in rows if r["layer"] == "position"]   # the position-only baseline, one value per step
+    assert len(position) == 15 * (1 + 3 + 3) and {r["split"] for r in position} == {"test"}
     r = next(r for r in rows if r["layer"] == "up3.0" and r["step"] == "3" and r["split"] == "test")
     assert float(r["timestep"]) == pytest.approx(784.93, abs=0.01)
     assert all(np.isfinite(float(r["value"])) for r in rows)
@@ -196,5 +198,5 @@ def test_sd14_config_without_weights_fails_with_instructions(tmp_path):
                            "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / "run")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "could not load 'CompVis/stable-diffusion-v1-4'" in proc.stderr
-    assert "download CompVis/stable-diffusion-v1-4" in proc.stderr
+    assert "SD weights CompVis/stable-diffusion-v1-4" in proc.stderr and "Traceback" not in proc.stderr  # pre-flight
+    assert "hf download CompVis/stable-diffusion-v1-4" in proc.stderr

@@ -170,6 +170,8 @@ def test_bench_script_runs_quick(tmp_path):
     main(["--quick", "--out", str(out), "--workdir", str(tmp_path / "w")])
     text = out.read_text()
     for section in ("## 1. Capture overhead", "## 2. Probe bank", "## 3. Store read", "## 4. Streaming ridge",
-                    "## 5. SD v1.4 architecture on the GPU"):
+                    "## 5. The whole experiment next to plain generation", "## 6. Torch threads",
+                    "## 7. SD v1.4 architecture on the GPU", "## 8. Projection"):
         assert section in text
     assert "max weight difference" in text
+    assert "a projection from FLOP counts, not a measurement" in text

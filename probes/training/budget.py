@@ -1,0 +1,107 @@
+"""The disk a run will still write, estimated before any compute: the store *and* its label caches.
+
+The store checks its own size when it is created, and each label cache checks its own when it is
+created, hours later. A disk with room for the store but not for the labels passed the first
+check, generated everything, and was refused while labelling. This module adds up everything a
+run will write (activations and images not yet generated, labels not yet computed, decoded x0
+images and their labels) so that the data module and the pre-flight check refuse up front.
+
+The activation layout comes from the U-Net's *config* (a model built on the meta device: no
+weights, no memory), so it is known before the model is loaded.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from probes.generation.sampling import CaptureSpec, GenerationSpec
+from probes.models.loading import DiffusionSpec, load_architecture
+from probes.prompts.sets import PromptRecord
+from probes.store.activations import ActivationStore, InsufficientDisk, human_bytes
+
+
+def unet_config(diffusion: DiffusionSpec) -> tuple[dict[str, Any], int] | None:
+    """``(unet config, VAE scale factor)`` without loading weights; None when the config is not cached."""
+    if diffusion.is_random:
+        arch = load_architecture(diffusion.architecture)
+        return dict(arch["unet"]), 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
+    try:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        kw = dict(revision=diffusion.revision, cache_dir=diffusion.cache_dir, local_files_only=True)
+        unet = UNet2DConditionModel.load_config(diffusion.model_id, subfolder="unet", **kw)
+        vae = AutoencoderKL.load_config(diffusion.model_id, subfolder="vae", **kw)
+    except Exception:  # not cached yet: the pre-flight check reports the missing weights
+        return None
+    return dict(unet), 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def planned_layout(diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
+                   num_samples: int, store_activations: bool = True) -> dict[str, Any] | None:
+    """The part of a store manifest that fixes its size (what ``ActivationStore.layout`` reads), or None."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from probes.models.layers import LayerRegistry
+
+    found = unet_config(diffusion)
+    if found is None:
+        return None
+    cfg, f = found
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    native = int(cfg.get("sample_size", 64)) * f
+    h, w = generation.height or native, generation.width or native
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+    layers = LayerRegistry.from_unet(unet, (h // f, w // f)).select(capture.layers)
+    steps = list(range(generation.steps)) if capture.steps is None else sorted(set(capture.steps))
+    return {"num_samples": num_samples, "generation": dict(asdict(generation), height=h, width=w),
+            "capture": {"layers": [layer.to_dict() for layer in layers], "steps": steps, "dtype": capture.dtype,
+                        "halves": ["cond"] if capture.halves == "cond" else ["uncond", "cond"],
+                        "store_activations": store_activations}}
+
+
+def _row_bytes(shape: Sequence[int], dtype: str) -> int:
+    return int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def store_bytes(layout: dict[str, Any], todo: Sequence[int], test: Sequence[int]) -> int:
+    """Bytes the samples ``todo`` add to a store of ``layout`` (decoded x0 images: test samples only)."""
+    todo_set, total = set(todo), 0
+    x0_rows = len(todo_set & set(test))
+    for name, (shape, dtype) in ActivationStore.layout(layout).items():
+        total += _row_bytes(shape, dtype) * (x0_rows if name == "x0_images" else len(todo_set))
+    return total
+
+
+def free_bytes(path: Path) -> int:
+    probe = Path(path)
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_budget(needs: list[tuple[str, int]], path: Path) -> None:
+    """Refuse when ``needs`` (``(what, bytes)``) do not fit on the disk holding ``path``."""
+    total = sum(b for _, b in needs)
+    free = free_bytes(path)
+    if total > free:
+        parts = ", ".join(f"{what} {human_bytes(b)}" for what, b in needs if b)
+        raise InsufficientDisk(
+            f"this run still writes {human_bytes(total)} at {path} ({parts}) but only {human_bytes(free)} is free. "
+            f"Capture fewer layers/steps (data.capture.layers / data.capture.steps), use data.mode=streaming "
+            f"(no activation cache), or point data.store_root at a bigger disk.")
+
+
+def label_bytes(num_rows: int, height: int, width: int, per_row: int = 1) -> int:
+    """float32 label maps: ``num_rows`` samples of ``per_row`` maps each."""
+    return num_rows * per_row * height * width * 4
+
+
+def records_split(records: Sequence[PromptRecord], split: str) -> list[int]:
+    return [r.index for r in records if r.split == split]
