@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from probes.lens import transforms as T  # noqa: E402
+from probes.lens.distances import DEFAULT_DISTANCES  # noqa: E402
 from probes.lens.experiments import COLUMNS, COMBO_SEP, control_gap, csv_rows, ranking  # noqa: E402
 
 ROBUSTNESS_METRICS = ("instance_matching", "class_retrieval", "relative_distance")
@@ -69,9 +70,9 @@ def _models(rows: Sequence[dict]) -> list[str]:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """Figures are made with the constrained layout: unlike tight_layout it gives a suptitle its
+    own row and keeps colorbars beside their panels."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    top = 1 - 0.4 / fig.get_figheight() if fig._suptitle is not None else 1   # room for the suptitle
-    fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -139,9 +140,10 @@ def plot_semantic_heatmap(rows: Sequence[dict], metric: str, path: Path, starred
         return None
     models = _models(sel)
     layers = forward_order([r["layers"] for r in sel], order)
-    distances = list(dict.fromkeys(r["distance"] for r in sel))
+    seen = list(dict.fromkeys(r["distance"] for r in sel))
+    distances = [d for d in DEFAULT_DISTANCES if d in seen] + [d for d in seen if d not in DEFAULT_DISTANCES]
     fig, axes = plt.subplots(1, len(models), figsize=(2.2 + 1.1 * len(distances) * len(models),
-                                                      1.2 + 0.19 * len(layers)), squeeze=False)
+                                                      1.2 + 0.19 * len(layers)), squeeze=False, layout="constrained")
     lower = metric in ("ratio", "intra")
     values = [r["value"] for r in sel if r["value"] == r["value"]]
     vmin, vmax = (min(values), max(values)) if values else (0, 1)
@@ -171,7 +173,7 @@ def plot_layer_ranking(rows: Sequence[dict], distance: str, path: Path, starred:
         return None
     models = _models(sel)
     layers = forward_order([r["layers"] for r in sel], order)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.17 * len(layers) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.17 * len(layers) + 2), 4.8), layout="constrained")
     width = 0.8 / len(models)
     for m, model in enumerate(models):
         vals = {r["layers"]: r["value"] for r in _sel(sel, model=model)}
@@ -222,7 +224,7 @@ def plot_robustness(rows: Sequence[dict], metric: str, distance: str, path: Path
         return None
     cols = min(4, len(factors))
     nrows = math.ceil(len(factors) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.8 * nrows), squeeze=False, layout="constrained")
     for ax, factor in zip(axes.flat, factors):
         _curves(ax, _sel(sel, factor=factor), metric, CHANCE_OF.get(metric), f"{factor} strength")
         ax.set_title(factor, fontsize=9)
@@ -238,7 +240,7 @@ def plot_sweep(rows: Sequence[dict], experiment: str, distance: str, path: Path,
     if not sel:
         return None
     metrics = [m for m in SWEEP_METRICS if _sel(sel, metric=m)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False, layout="constrained")
     for ax, metric in zip(axes[0], metrics):
         _curves(ax, sel, metric, CHANCE_OF.get(metric), xlabel)
     axes[0][0].legend(fontsize=6)
@@ -250,7 +252,7 @@ def plot_video(rows: Sequence[dict], distance: str, path: Path) -> Path | None:
     sel = _sel(rows, experiment="video", distance=distance)
     if not sel:
         return None
-    fig, axes = plt.subplots(1, len(VIDEO_METRICS), figsize=(3.6 * len(VIDEO_METRICS), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(VIDEO_METRICS), figsize=(3.6 * len(VIDEO_METRICS), 3.2), squeeze=False, layout="constrained")
     for ax, (metric, chance) in zip(axes[0], VIDEO_METRICS):
         _curves(ax, sel, metric, chance, "frame gap")
     axes[0][0].legend(fontsize=6)
@@ -275,7 +277,7 @@ def plot_tsne(objects: dict[str, Any], layer: str, path: Path, class_names: dict
     models = [m for m, o in objects.items() if layer.split(COMBO_SEP)[0] in o.vectors and len(o) >= 5]
     if not models:
         return None
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False, layout="constrained")
     colours = plt.get_cmap("tab10")
     for ax, model in zip(axes[0], models):
         objs = objects[model]

@@ -123,7 +123,7 @@ def test_trained_toy_model_separates_classes_better_than_its_control(tmp_path: P
 
     out = lens(data=DataSpec(kind="toy", n=120), diffusion=DiffusionSpec(source="hub", model_id=str(model),
                                                                         local_files_only=True),
-               features=FeatureSpec(layers=["down*", "mid.*"]), pooling=PoolingSpec(max_objects=4),
+               features=FeatureSpec(layers=["all"]), pooling=PoolingSpec(max_objects=4),
                experiments=ExperimentSpec(run=["semantic"], distances=["cosine"], auto_combinations=0, tsne_layers=0),
                out=str(tmp_path / "run"), cache_root=str(tmp_path / "cache"), progress=False)
     summary = json.loads((out / "summary.json").read_text())["control"]
