@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from probes.models.hooks import ModuleHooks
 from probes.models.layers import LayerInfo
 
 HALVES = {"cond": ("cond",), "both": ("uncond", "cond")}
@@ -26,7 +27,7 @@ class HookNeverFired(RuntimeError):
     """A selected layer produced nothing: its module was bypassed (e.g. a fused attention kernel)."""
 
 
-class ActivationCapture:
+class ActivationCapture(ModuleHooks):
     """Capture ``[batch, step, half, tokens, channels]`` per layer during one pipeline call.
 
     :param unet: the U-Net the hooks go on.
@@ -52,24 +53,17 @@ class ActivationCapture:
             raise ValueError(f"capture steps {bad} out of range 0..{num_steps - 1}")
         self._slot = {s: k for k, s in enumerate(self.steps)}
         self.halves, self.dtype, self.guidance = halves, dtype, guidance
-        self._handles: list[Any] = []
         #: batched U-Net forward calls (one per step with K-LMS, whatever the batch size); the guided
         #: calls users see in the progress bar and summary are this times the images in the batch
         self.unet_calls = 0
         self.reset()
 
     # -- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> ActivationCapture:
-        for k, layer in enumerate(self.layers):
-            module = self.unet.get_submodule(layer.module)
-            self._handles.append(module.register_forward_hook(self._make_hook(k)))
-        self._handles.append(self.unet.register_forward_pre_hook(self._count_call))
-        return self
+    def hooks(self):
+        return [(layer.module, self._make_hook(k)) for k, layer in enumerate(self.layers)]
 
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def pre_hooks(self):
+        return [("", self._count_call)]
 
     def reset(self) -> None:
         """Forget the previous batch (buffers are reallocated lazily at the right size)."""

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from probes.export.probeset import LinearProbe, ProbeSet
 from probes.intervention.objective import ProbeObjective
+from probes.models.hooks import ModuleHooks
 from probes.models.layers import LayerInfo, LayerRegistry
 
 
@@ -97,7 +98,7 @@ def optimise_activation(acts: Tensor, objective: Callable[[Tensor], Tensor],
     return z.detach(), before, after
 
 
-class ActivationEditor:
+class ActivationEditor(ModuleHooks):
     """Replace the conditional half of chosen layers' outputs at chosen steps (module docstring).
 
     :param unet: the U-Net the hooks go on.
@@ -126,7 +127,6 @@ class ActivationEditor:
         self.layers = [layer for layer in layers if layer.name in names]      # hooked modules, forward order
         self.unet, self.target, self.settings, self.guidance = unet, target, settings, guidance
         self.on_edit = on_edit
-        self._handles: list[Any] = []
         self._objectives: dict[tuple[int, str], ProbeObjective] = {}
         self.reset()
 
@@ -135,16 +135,8 @@ class ActivationEditor:
         return len(self.plan)
 
     # -- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> ActivationEditor:
-        for layer in self.layers:
-            module = self.unet.get_submodule(layer.module)
-            self._handles.append(module.register_forward_hook(self._make_hook(layer)))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def hooks(self):
+        return [(layer.module, self._make_hook(layer)) for layer in self.layers]
 
     def reset(self) -> None:
         """Back to step 0, with no edits recorded (one editor can serve several pipeline calls)."""

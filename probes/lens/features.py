@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from probes.common.hashing import sha256_text
 from probes.generation.capture import HookNeverFired
+from probes.models.hooks import ModuleHooks
 from probes.models.layers import ALL_KINDS, LayerInfo, LayerRegistry
 
 
@@ -137,7 +138,7 @@ class _AllCollected(Exception):
     """Raised by the last needed hook to skip the rest of the U-Net (nothing after it is read)."""
 
 
-class FeatureCapture:
+class FeatureCapture(ModuleHooks):
     """Forward hooks that keep the output of each layer, as feature maps, during armed passes.
 
     Set and removed explicitly (a context manager), like :class:`probes.generation.capture.ActivationCapture`.
@@ -149,19 +150,10 @@ class FeatureCapture:
     def __init__(self, unet: nn.Module, layers: Sequence[LayerInfo], stop_early: bool = True) -> None:
         self.unet, self.layers, self.stop_early = unet, list(layers), stop_early
         self.armed = False
-        self._handles: list[Any] = []
         self.features: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> FeatureCapture:
-        for layer in self.layers:
-            module = self.unet.get_submodule(layer.module)
-            self._handles.append(module.register_forward_hook(self._make_hook(layer)))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def hooks(self):
+        return [(layer.module, self._make_hook(layer)) for layer in self.layers]
 
     def _make_hook(self, layer: LayerInfo):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
