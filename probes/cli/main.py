@@ -33,12 +33,9 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     from probes.training.datamodule import ActivationDataModule
     from probes.training.module import ProbeModule
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    apply_thread_policy()   # one torch thread per free core: a shared machine must not thrash
-    quiet_known_noise()     # library messages a user cannot act on
-    load_plugins(argv)
+    args = _prepared(argv)
     try:
-        ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True, args=expand_configs(strip_imports(argv)))
+        ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True, args=args)
     finally:
         finish_wandb()   # a run called in-process (a notebook, the demo, tests) ends its W&B run and flushes it
 
@@ -50,23 +47,28 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
+def _prepared(argv: Sequence[str] | None, plugins: bool = True) -> list[str]:
+    """What every command does first: thread policy, quiet logs, user plug-ins, config chains."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    apply_thread_policy()   # one torch thread per free core: a shared machine must not thrash
+    quiet_known_noise()     # library messages a user cannot act on
+    if not plugins:
+        return argv
+    load_plugins(argv)      # user labelers/tasks/layers are registered before their names are checked
+    return expand_configs(strip_imports(argv))
+
+
 def evaluate_main(argv: Sequence[str] | None = None) -> None:
     from probes.cli.evaluate import evaluate_main as run
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    apply_thread_policy()
-    quiet_known_noise()
-    load_plugins(argv)
-    run(expand_configs(strip_imports(argv)))
+    run(_prepared(argv))
 
 
 def demo_main(argv: Sequence[str] | None = None) -> None:
     """``make demo``: the toy model and its permuted control, side by side (``probes/cli/demo.py``)."""
     from probes.cli.demo import demo_main as run
 
-    apply_thread_policy()
-    quiet_known_noise()
-    run(list(sys.argv[1:] if argv is None else argv))
+    run(_prepared(argv, plugins=False))
 
 
 def report_main(argv: Sequence[str] | None = None) -> None:
@@ -78,21 +80,13 @@ def report_main(argv: Sequence[str] | None = None) -> None:
 def intervene_main(argv: Sequence[str] | None = None) -> None:
     from probes.intervention.run import intervene_main as run
 
-    quiet_known_noise()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    apply_thread_policy()
-    load_plugins(argv)   # a user labeler named in the export's data config must be registered first
-    run(expand_configs(strip_imports(argv)))
+    run(_prepared(argv))
 
 
 def lens_main(argv: Sequence[str] | None = None) -> None:
     from probes.cli.lens import lens_main as run
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    apply_thread_policy()
-    quiet_known_noise()
-    load_plugins(argv)
-    run(expand_configs(strip_imports(argv)))
+    run(_prepared(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

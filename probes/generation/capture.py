@@ -133,6 +133,3 @@ class ActivationCapture(ModuleHooks):
             out[layer.name] = buf if device is None else buf.to(device)
         return out
 
-    @property
-    def half_names(self) -> tuple[str, ...]:
-        return HALVES[self.halves] if self.guidance else ("cond",)

@@ -8,7 +8,6 @@ ranks share the work, a sample is always generated in the same batch, hence bit-
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -151,7 +150,6 @@ class GeneratedBatch:
     x0_images: np.ndarray | None       # [len(x0_indices), S_sel, H, W, 3] uint8 decoded predicted x0 (decode_x0)
     unet_calls: int                    # batched U-Net calls for this chunk (one per step with K-LMS)
     guided_calls: int                  # per-image guided calls: unet_calls x images in the chunk
-    seconds: float
     #: the samples of ``indices`` whose x0 images were decoded (rows of ``x0_images``, in order)
     x0_indices: list[int] = field(default_factory=list)
 
@@ -220,7 +218,7 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
         for chunk in chunks:
             recs = [by_index[i] for i in chunk]
             cap.reset()
-            calls0, t0 = cap.unet_calls, time.perf_counter()
+            calls0 = cap.unet_calls
 
             def on_step_end(pipe_, i, t, kwargs, _n=len(chunk), _c0=calls0, _g0=guided_before):
                 kwargs = cap.on_step_end(pipe_, i, t, kwargs)
@@ -252,7 +250,6 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
                                    acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
                                    timesteps=[float(t) for t in cap.timesteps], x0_images=x0_images,
                                    unet_calls=unet_calls, guided_calls=unet_calls * len(chunk),
-                                   seconds=time.perf_counter() - t0,
                                    x0_indices=[chunk[k] for k in rows] if spec.decode_x0 else [])
             guided_before += batch.guided_calls
             bar.batch_done(len(keep))

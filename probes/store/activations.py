@@ -430,5 +430,3 @@ class ActivationStore:
             raise KeyError(f"layer {layer!r} is not in the store {self.root}; stored: {', '.join(self.layer_names)}")
         return self.acts[layer].array()[index]
 
-    def layer_info(self) -> list[dict[str, Any]]:
-        return list(self.manifest["capture"]["layers"])
