@@ -29,6 +29,9 @@ class ProbeSpec:
 
     :param target_stats: per regression task, ``{"mean", "std"}`` of the raw labels on the train
         split (the z-score the probes train on and the export records).
+    :param target_norm: per task, a rule that overrides those statistics (``probes.tasks.
+        check_target_norm``: another task's statistics, or fixed constants); kept so that
+        statistics measured later (one-pass probes) follow it too.
     """
 
     layers: tuple[LayerInfo, ...]
@@ -42,23 +45,29 @@ class ProbeSpec:
     store_dir: str
     data_config: Mapping[str, Any] = field(default_factory=dict)
     streaming: bool = False
+    target_norm: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("layers", "steps", "timesteps", "tasks", "label_size"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("target_stats", "model", "data_config"):
+        for name in ("target_stats", "model", "data_config", "target_norm"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     def with_target_stats(self, stats: Mapping[str, Mapping[str, float]]) -> ProbeSpec:
-        """A copy whose statistics are ``stats`` merged over these (one-pass probes measure their own)."""
-        return replace(self, target_stats={**_thawed(self.target_stats), **_thawed(stats)})
+        """A copy whose statistics are ``stats`` merged over these (one-pass probes measure their own),
+        with this spec's ``target_norm`` rules applied to the result."""
+        from probes.tasks import resolve_target_stats
+
+        merged = {**_thawed(self.target_stats), **_thawed(stats)}
+        return replace(self, target_stats=resolve_target_stats(merged, _thawed(self.target_norm)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [layer.to_dict() for layer in self.layers], "steps": list(self.steps),
                 "timesteps": list(self.timesteps), "tasks": list(self.tasks), "label_size": list(self.label_size),
                 "target_stats": _thawed(self.target_stats), "model": _thawed(self.model),
                 "is_random": self.is_random, "store_dir": self.store_dir,
-                "data_config": _thawed(self.data_config), "streaming": self.streaming}
+                "data_config": _thawed(self.data_config), "streaming": self.streaming,
+                "target_norm": _thawed(self.target_norm)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProbeSpec:

@@ -262,7 +262,7 @@ def experiment_vs_plain(diffusion: DiffusionSpec, prompts: PromptSpec, generatio
     t = _rounds(fns, rounds, warmup=False)
     med = {k: statistics.median(v) for k, v in t.items()}
     return {"images": len(records), "steps": generation.steps, "epochs": epochs, "rounds": rounds,
-            "decode_x0": generation.decode_x0, **{f"{k}_s": v for k, v in med.items()},
+            "decode": generation.decode, **{f"{k}_s": v for k, v in med.items()},
             "cached_ratio": med["cached"] / med["plain"], "streaming_ratio": med["streaming"] / med["plain"]}
 
 
@@ -341,7 +341,7 @@ def gpu_projection(flops: dict[str, Any], images: int = 617, train: int = 221, v
     gen = images * (steps * flops["unet_guided_call"] + flops["vae_decode"]) / f16
     return {
         "generation_s": gen,
-        "decode_x0_test_s": test * steps * flops["vae_decode"] / f16,
+        "decode_test_s": test * steps * flops["vae_decode"] / f16,
         "store_write_s": images * per_image_bytes / disk,
         "store_bytes": images * per_image_bytes,
         "sgd_read_s": (epochs * (train + val) + test) * per_image_bytes / disk,
@@ -366,7 +366,8 @@ def projection_section(flops: dict[str, Any]) -> list[str]:
         "and Python overhead; a real GPU run will be slower than this.", "",
         "| part | projected minutes |", "|---|---|",
         f"| generation: 617 images x 15 guided U-Net calls + final decode | {p['generation_s'] / m:.1f} |",
-        f"| decoded-x0 baseline (`all_decoded.yaml`): 371 test images x 15 decodes | {p['decode_x0_test_s'] / m:.1f} |",
+        f"| labelers on decoded noisy latents x_(t-1) (`all_decoded.yaml`): 371 test images x 15 decodes "
+        f"(the same for decode=x0) | {p['decode_test_s'] / m:.1f} |",
         f"| cached: write the store ({p['store_bytes'] / 1e9:.0f} GB) | {p['store_write_s'] / m:.1f} |",
         f"| cached: read it for 30 SGD epochs (train + val) and test | {p['sgd_read_s'] / m:.1f} |",
         f"| cached: probe FLOPs (720 probes, 30 epochs) | {p['sgd_flops_s'] / m:.2f} |",
@@ -527,7 +528,7 @@ def experiment_section(work: Path, quick: bool, labels: dict[str, dict[str, Any]
     tiny = DiffusionSpec(source="random", architecture="tiny")
     demo = PromptSpec(source="demo", val_fraction=0.15, test_fraction=0.25, limit=1 if quick else None)
     gen = GenerationSpec(**yaml.safe_load((REPO / "configs/generation/demo.yaml").read_text()))
-    rows.append(("tiny (`configs/tiny.yaml`: 8 SGD epochs; decoded-x0 baseline on)",
+    rows.append((f"tiny (`configs/tiny.yaml`: 8 SGD epochs; labelers on decoded {gen.decode} latents)",
                  experiment_vs_plain(tiny, demo, gen, labels, epochs=1 if quick else 8, rounds=1 if quick else 3,
                                      work=work / "exp-tiny")))
     if not quick:
@@ -540,7 +541,8 @@ def experiment_section(work: Path, quick: bool, labels: dict[str, dict[str, Any]
     out = ["## 5. The whole experiment next to plain generation of the same images", "",
            "Plain = load the pipeline and generate the images with stock diffusers (same prompts, seeds, batches, "
            "sampler, steps and guidance; no capture). Whole experiment = `train.py fit` in one process into a fresh "
-           "store: load, generate with capture (and decoded-x0 images for the test split where the config asks), "
+           "store: load, generate with capture (and the decoded intermediate images of the test split where the "
+           "config asks: generation.decode), "
            "label (classical labelers), fit, test, and write every output (metrics, export, plots, panels, report). "
            "The three alternate in rounds within this run; medians.", "",
            "| model and settings | images | plain (s) | cached SGD (s) | ratio | streaming ridge (s) | ratio |",

@@ -16,18 +16,24 @@ from probes.paths import REPO_ROOT
 
 RUNS = (("toy model", "model", "configs/toy/demo.yaml"),
         ("permuted weights", "control", "configs/toy/control.yaml"))
+#: the replication's classifier experiment, run beside the comparison (not a control: its prompts are
+#: one-object scenes with a class, which the classifier is scored against): (label, folder, config)
+CLASSIFIER_RUN = ("toy model, one-object prompts with a class", "classifier", "configs/toy/classifier.yaml")
 
 
 def _f(v) -> str:
     return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
-def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequence[tuple[str, str, str]] = RUNS) -> Path:
+def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequence[tuple[str, str, str]] = RUNS,
+         classifier_run: tuple[str, str, str] | None = CLASSIFIER_RUN) -> Path:
     """Run every config of ``runs`` into ``out/<folder>``, then compare them in ``out/comparison.md``.
 
     :param out: output folder (one run folder per config, ``comparison.md``, ``summary.json``, ``report/``).
     :param overrides: extra command-line options for every run (e.g. ``--data.prompts.limit 8``).
     :param runs: ``(label, folder, config)`` triples; the first is the model, the others its controls.
+    :param classifier_run: the classifier experiment's ``(label, folder, config)`` (None: skipped); its
+        per-step classifier scores go into ``comparison.md``, its emergence figures into its own report.
     """
     from probes.cli.evaluate import report
     from probes.cli.main import train_main
@@ -42,6 +48,22 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
         t0 = time.perf_counter()
         train_main(["fit", "--config", str(REPO_ROOT / config), "--run_dir", str(out_dir / folder), *overrides])
         seconds[folder] = time.perf_counter() - t0
+    classifier_lines: list[str] = []
+    if classifier_run is not None:
+        label, folder, config = classifier_run
+        t0 = time.perf_counter()
+        train_main(["fit", "--config", str(REPO_ROOT / config), "--run_dir", str(out_dir / folder), *overrides])
+        seconds[folder] = time.perf_counter() - t0
+        clf = [r for r in read_metrics_csv(out_dir / folder / "metrics.csv") if r["task"] == "classification"]
+        per_step = {(r["metric"], r["step"]): r["value"] for r in clf}
+        steps = sorted({r["step"] for r in clf})
+        classifier_lines = [
+            f"## The classifier on decoded images ({label}: `{config}`)", "",
+            f"The toy shape classifier on the image decoded after each step ({clf[0]['layer'] if clf else '-'}), "
+            f"test split, against the prompt's shape (chance top-1: 0.25). Emergence figures: "
+            f"`{folder}/report.html`.", "",
+            "| step | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps),
+            *[f"| {m} | " + " | ".join(_f(per_step.get((m, s))) for s in steps) + " |" for m in ("top1", "prob")], ""]
     rows = {label: read_metrics_csv(out_dir / folder / "metrics.csv") for label, folder, _ in runs}
     labels = [label for label, _, _ in runs]
     comparison = compare_runs(rows)
@@ -62,6 +84,7 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
              "| task | metric | curve | step | score there | final | note |", "|---|---|---|---|---|---|---|",
              *[f"| {e['task']} | {e['metric']} | {e['curve']} | {_f(e.get('step'))} | {_f(e.get('value'))} | "
                f"{_f(e.get('final'))} | {e.get('note', '')} |" for e in em], "",
+             *classifier_lines,
              "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     (out_dir / "comparison.md").write_text("\n".join(lines))
     (out_dir / "summary.json").write_text(json.dumps(

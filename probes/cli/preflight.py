@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +27,8 @@ from probes.common.hub import cached_snapshot, download_command, has_any, hub_ca
 from probes.labels import build_labeler
 from probes.labels.base import Missing
 from probes.models.loading import DiffusionSpec
+from probes.prompts.replication2024 import LOCAL_DIR_ENV as REPLICATION2024_ENV
+from probes.prompts.replication2024 import REPLICATION2024_COMMIT, REPLICATION2024_FILES, REPLICATION2024_URL
 from probes.prompts.sets import (
     CHEN2023_COMMIT,
     CHEN2023_FILES,
@@ -50,6 +53,8 @@ class PreflightFailed(SystemExit):
 # -- each stage's prerequisites -----------------------------------------------------------------
 def prompt_prerequisites(spec: PromptSpec) -> list[Missing]:
     """The prompt files: the reference split (local folder, cache, or download) or a prompt file."""
+    if spec.source == "replication2024":   # the chen2023 CSVs and the replication's two pickles
+        return prompt_prerequisites(replace(spec, source="chen2023")) + replication_prerequisites(spec)
     if spec.source != "chen2023":
         try:
             resolve_source(spec.source)
@@ -72,6 +77,22 @@ def prompt_prerequisites(spec: PromptSpec) -> list[Missing]:
                     f"set data.prompts.local_dir to a folder holding {' and '.join(names)} "
                     f"({CHEN2023_REPO} at commit {CHEN2023_COMMIT[:8]})",
                     url=CHEN2023_URL.format(name=absent[0]))]
+
+
+def replication_prerequisites(spec: PromptSpec) -> list[Missing]:
+    """The 2024 replication's shading split pickles (``data.prompts.source=replication2024``)."""
+    names = [name for name, _ in REPLICATION2024_FILES.values()]
+    local = spec.replication_dir or os.environ.get(REPLICATION2024_ENV)
+    folder = Path(local).expanduser() if local else \
+        Path(spec.cache_dir or default_cache_dir()) / "replication2024" / REPLICATION2024_COMMIT
+    absent = [n for n in names if not (folder / n).is_file()]
+    if not absent:
+        return []
+    where = "data.prompts.replication_dir" if local else "the download cache"
+    return [Missing(f"the replication's shading split: {', '.join(absent)} not in {folder} ({where})",
+                    f"download {REPLICATION2024_URL.format(name=absent[0])} (and the other pickle) into {folder}, "
+                    f"or set data.prompts.replication_dir to a folder holding {' and '.join(names)}",
+                    url=None if local else REPLICATION2024_URL.format(name=absent[0]))]
 
 
 def diffusion_prerequisites(spec: DiffusionSpec) -> list[Missing]:
@@ -134,8 +155,8 @@ def _still_missing(m: Missing) -> Missing | None:
 def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit") -> list[Missing]:
     """Everything ``dm`` (an ``ActivationDataModule``) needs before it can compute, that is missing.
 
-    :param model: the probe module (unused today: every fit needs a validation split).
-    :param stage: the CLI subcommand; only ``fit`` needs a validation split.
+    :param model: the probe module: a fit needs a validation split only if it selects on it.
+    :param stage: the CLI subcommand; only ``fit`` can need a validation split.
     """
     found: list[Missing] = []
     prompts = prompt_prerequisites(dm.prompts)
@@ -144,11 +165,13 @@ def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit") -
     for task, cfg in dm.labels.items():
         cfg = dict(cfg)
         found += build_labeler(cfg.pop("name"), **cfg).prerequisites(f"data.labels.{task}")
+    found += dm.classifier_prerequisites()
     found = [m for m in (_still_missing(m) for m in found) if m is not None]
     if prompts:              # the prompt count decides the splits and the disk: not known yet
         return found
     try:
-        dm.check_splits(stage)
+        dm.check_splits(stage, model)
+        dm.check_classifier()
     except ValueError as err:
         found.append(Missing(str(err), ""))
         return found

@@ -14,6 +14,13 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def verify_sha256(path: str | os.PathLike, expected: str, fix: str) -> None:
+    """Refuse a file whose sha256 is not ``expected``; ``fix`` tells the user what to do about it."""
+    got = sha256_file(path)
+    if got != expected:
+        raise ValueError(f"{path} has sha256 {got}, expected {expected}; {fix}")
+
+
 def sha256_text(text: str, length: int | None = None) -> str:
     """Hex sha256 of a string (optionally truncated: fingerprints that name folders)."""
     digest = hashlib.sha256(text.encode()).hexdigest()

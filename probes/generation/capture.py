@@ -8,6 +8,14 @@ hooks only read: the generated image is bit-identical with and without capture (
 Activations are copied, as they are produced, into one preallocated buffer per layer on the
 model's device, in the capture dtype (fp16 by default), and moved off the accelerator once per
 batch: one device-to-host copy per layer instead of one per step and layer.
+
+The VAE decoder's probe (``vae.mid``, see :mod:`probes.models.layers`) is read in
+:meth:`ActivationCapture.on_step_end` from the latent the pipeline hands the callback (x_{t-1}
+after the scheduler step: the latent the decoded-image baseline decodes): the decoder's
+``post_quant_conv``, ``conv_in`` and ``mid_block`` run on ``latents / scaling_factor`` with a hook
+on the mid-block attention's output projection; the up-blocks, which nothing reads, do not run.
+The latent has no classifier-free-guidance halves, so it is stored as the ``cond`` half (and
+``halves: both`` refuses it).
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from probes.models.hooks import ModuleHooks
-from probes.models.layers import LayerInfo
+from probes.models.layers import VAE_PREFIX, LayerInfo
 
 HALVES = {"cond": ("cond",), "both": ("uncond", "cond")}
 
@@ -46,6 +54,11 @@ class ActivationCapture(ModuleHooks):
             raise ValueError(f"capture halves must be one of {sorted(HALVES)}, got {halves!r}")
         if halves == "both" and not guidance:
             raise ValueError("halves='both' needs classifier-free guidance (guidance_scale > 1)")
+        vae_layers = [layer.name for layer in layers if layer.in_vae]
+        if vae_layers and halves != "cond":
+            raise ValueError(f"capture layers {vae_layers} read the VAE decoder on the latent, which has no "
+                             f"classifier-free-guidance halves: use capture.halves=cond, or drop them from "
+                             f"capture.layers")
         self.unet, self.layers, self.num_steps = unet, list(layers), num_steps
         self.steps = list(range(num_steps)) if steps is None else sorted(set(int(s) for s in steps))
         bad = [s for s in self.steps if not 0 <= s < num_steps]
@@ -60,7 +73,8 @@ class ActivationCapture(ModuleHooks):
 
     # -- lifecycle -------------------------------------------------------------------------
     def hooks(self):
-        return [(layer.module, self._make_hook(k)) for k, layer in enumerate(self.layers)]
+        """The U-Net's layers (the VAE's are read in :meth:`on_step_end`)."""
+        return [(layer.module, self._make_hook(k)) for k, layer in enumerate(self.layers) if not layer.in_vae]
 
     def pre_hooks(self):
         return [("", self._count_call)]
@@ -77,10 +91,27 @@ class ActivationCapture(ModuleHooks):
         self.unet_calls += 1
 
     def on_step_end(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
-        """``callback_on_step_end`` of diffusers pipelines: records the step's timestep."""
+        """``callback_on_step_end`` of diffusers pipelines: records the step's timestep, and reads
+        the VAE decoder's layers on the step's latent (``callback_kwargs["latents"]``)."""
         self.timesteps[i] = float(t)
+        vae_layers = [k for k, layer in enumerate(self.layers) if layer.in_vae]
+        if vae_layers and i < self.num_steps:
+            if "latents" not in callback_kwargs:
+                raise RuntimeError("capturing the VAE decoder needs the step's latent: the pipeline's "
+                                   "callback_on_step_end_tensor_inputs must include 'latents'")
+            self._capture_vae(pipe.vae, callback_kwargs["latents"], vae_layers)
         self._step = i + 1
         return callback_kwargs
+
+    def _capture_vae(self, vae: nn.Module, latents: torch.Tensor, which: list[int]) -> None:
+        """Run the VAE decoder up to its mid block on ``latents`` with the VAE layers' hooks on."""
+        handles = [vae.get_submodule(self.layers[k].module[len(VAE_PREFIX):]).register_forward_hook(self._make_hook(k))
+                   for k in which]
+        try:
+            decoder_mid(vae, latents)
+        finally:
+            for h in handles:
+                h.remove()
 
     def _make_hook(self, k: int):
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
@@ -97,7 +128,9 @@ class ActivationCapture(ModuleHooks):
                     f"layer {layer.name} ({layer.module}) produced {tuple(out.shape)}; expected "
                     f"[batch, {layer.tokens}, {layer.channels}] (is the resolution in the config the one generated?)")
             n = out.shape[0]
-            if self.guidance:
+            if layer.in_vae:                   # the latent: one row per image, stored as the cond half
+                data = out.detach().unsqueeze(0)
+            elif self.guidance:
                 halves = out.detach().view(2, n // 2, *out.shape[1:])  # [uncond, cond]
                 data = halves[1:] if self.halves == "cond" else halves
             else:
@@ -133,3 +166,13 @@ class ActivationCapture(ModuleHooks):
             out[layer.name] = buf if device is None else buf.to(device)
         return out
 
+
+
+def decoder_mid(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE decoder's mid-block output for pipeline latents: what ``vae.decode`` computes before
+    its up-blocks (``post_quant_conv`` if any, ``decoder.conv_in``, ``decoder.mid_block``), from the
+    latents unscaled by ``scaling_factor`` as the pipeline does before decoding."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    if getattr(vae, "post_quant_conv", None) is not None:
+        z = vae.post_quant_conv(z)
+    return vae.decoder.mid_block(vae.decoder.conv_in(z), None)

@@ -8,8 +8,9 @@ ranks share the work, a sample is always generated in the same batch, hence bit-
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 import torch
@@ -17,10 +18,15 @@ from tqdm.auto import tqdm
 
 from probes.generation.capture import ActivationCapture
 from probes.models.layers import LayerInfo, check_layer_patterns
+from probes.models.loading import precision_of
 from probes.prompts.sets import PromptRecord
 
 SCHEDULERS = {"lms": "LMSDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
               "euler": "EulerDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler"}
+#: which latent is decoded into an image at every captured step (``generation.decode``)
+DECODE = ("none", "noisy", "x0")
+#: samplers whose ``step`` reports the predicted clean latent (``pred_original_sample``)
+X0_SCHEDULERS = ("lms", "ddim", "euler")
 
 
 @dataclass
@@ -34,10 +40,15 @@ class GenerationSpec:
     :param scheduler: ``lms`` (K-LMS, the protocol), ``ddim``, ``pndm``, ``euler`` or ``dpm``.
     :param negative_prompt: the unconditional prompt.
     :param batch_size: images per pipeline call.
-    :param decode_x0: also decode the sampler's predicted clean latent (x0) at every captured
-        step into an image, so that labelers can be run on the intermediate images (the
-        protocol's "off-the-shelf model on decoded images" baseline). Costs one VAE decode per
-        image and step.
+    :param decode: which latent of every captured step is decoded into an image, so that the
+        labelers (and a classifier) can be run on the intermediate images: the protocol's
+        "off-the-shelf model on decoded images" baseline. ``noisy``: the noisy latent x_{t-1}
+        the sampler hands to the next step (the scheduler's ``prev_sample``, what the 2024
+        replication decoded; noise-filled early on, the final image at the last step); ``x0``:
+        the sampler's predicted clean latent (clean-looking from the first steps, so labelers
+        "succeed" earlier than in the replication); ``none``: nothing decoded. Costs one VAE
+        decode per test image and step.
+    :param decode_x0: deprecated (before ``decode`` existed): ``true`` means ``decode: x0``.
     """
 
     steps: int = 15
@@ -47,13 +58,31 @@ class GenerationSpec:
     scheduler: str = "lms"
     negative_prompt: str = ""
     batch_size: int = 4
-    decode_x0: bool = False
+    decode: str = "none"
+    # an init-only alias: configs and probe exports written before ``decode`` keep loading, and it
+    # never enters ``asdict`` (the store fingerprint, exported configs)
+    decode_x0: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, decode_x0: bool | None = None) -> None:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"generation.scheduler must be one of {sorted(SCHEDULERS)}, got {self.scheduler!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"generation.steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
+        if decode_x0:
+            if self.decode not in ("none", "x0"):
+                raise ValueError(f"generation.decode_x0 (deprecated) and generation.decode={self.decode!r} disagree: "
+                                 f"drop decode_x0 and keep generation.decode (none | noisy | x0)")
+            warnings.warn("generation.decode_x0 is deprecated: it means generation.decode: x0 (the predicted clean "
+                          "latent); the protocol decodes the noisy latent, generation.decode: noisy", FutureWarning,
+                          stacklevel=3)
+            self.decode = "x0"
+        if self.decode not in DECODE:
+            raise ValueError(f"generation.decode must be one of {' | '.join(DECODE)}, got {self.decode!r} (noisy: the "
+                             f"latent x_(t-1) after each step, as the replication; x0: the predicted clean latent)")
+        if self.decode == "x0" and self.scheduler not in X0_SCHEDULERS:
+            raise ValueError(f"generation.decode=x0 needs a sampler that reports its predicted x0 "
+                             f"({', '.join(X0_SCHEDULERS)}); generation.scheduler={self.scheduler!r} does not. Use "
+                             f"generation.decode=noisy, or another scheduler")
 
 
 @dataclass
@@ -107,8 +136,8 @@ def _x0_recording(base: type) -> type:
             out = super().step(*args, return_dict=True, **kwargs)
             x0 = getattr(out, "pred_original_sample", None)
             if x0 is None:
-                raise ValueError(f"generation.decode_x0 needs a sampler that reports its predicted x0; "
-                                 f"{base.__name__} does not (use lms, ddim or euler)")
+                raise ValueError(f"generation.decode=x0 needs a sampler that reports its predicted x0; "
+                                 f"{base.__name__} does not (use {', '.join(X0_SCHEDULERS)}, or decode=noisy)")
             self.x0_history.append(x0)
             return out if return_dict else (out.prev_sample,)
 
@@ -147,11 +176,13 @@ class GeneratedBatch:
     images: np.ndarray                 # [B, H, W, 3] uint8
     acts: dict[str, torch.Tensor]      # layer -> [B, S_sel, halves, T, C] (device per `acts_device`)
     timesteps: list[float]             # all S timesteps of the sampler
-    x0_images: np.ndarray | None       # [len(x0_indices), S_sel, H, W, 3] uint8 decoded predicted x0 (decode_x0)
+    #: [len(decoded_indices), S_sel, H, W, 3] uint8: the latent ``spec.decode`` names, decoded at every
+    #: captured step (None when ``decode`` is ``none``)
+    decoded_images: np.ndarray | None
     unet_calls: int                    # batched U-Net calls for this chunk (one per step with K-LMS)
     guided_calls: int                  # per-image guided calls: unet_calls x images in the chunk
-    #: the samples of ``indices`` whose x0 images were decoded (rows of ``x0_images``, in order)
-    x0_indices: list[int] = field(default_factory=list)
+    #: the samples of ``indices`` whose intermediate images were decoded (rows of ``decoded_images``, in order)
+    decoded_indices: list[int] = field(default_factory=list)
 
 
 class StepProgress:
@@ -195,62 +226,75 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
     each chunk that holds any wanted index is generated whole and yielded with only the wanted
     samples. ``acts_device=None`` leaves the activations on the model's device.
 
-    ``decode`` (with ``spec.decode_x0``): the indices whose predicted-x0 images are decoded; only
-    the test split's are ever labelled, and a VAE decode per image and step costs about as much as
-    the generation itself, so callers pass the test indices. ``None`` decodes every wanted sample.
+    ``decode`` (with ``spec.decode`` other than ``none``): the indices whose intermediate images
+    are decoded; only the test split's are ever labelled, and a VAE decode per image and step costs
+    about as much as the generation itself, so callers pass the test indices. ``None`` decodes every
+    wanted sample. The noisy latent x_{t-1} is read where the pipeline hands it to
+    ``callback_on_step_end`` (after the scheduler step); the predicted x0 from the scheduler's own
+    output (see :func:`make_scheduler`).
     """
     todo_set = set(int(i) for i in todo)
     decode_set = todo_set if decode is None else {int(i) for i in decode}
     order = [r.index for r in records] if universe is None else list(universe)
     chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
     by_index = {r.index: r for r in records}
-    pipe.scheduler = make_scheduler(pipe, spec.scheduler, record_x0=spec.decode_x0)
+    pipe.scheduler = make_scheduler(pipe, spec.scheduler, record_x0=spec.decode == "x0")
     height, width = spec.height or native_size(pipe)[0], spec.width or native_size(pipe)[1]
     f = pipe.vae_scale_factor
     latent_shape = (pipe.unet.config.in_channels, height // f, width // f)
-    device, dtype = pipe.device, pipe.unet.dtype
+    device, precision = pipe.device, precision_of(pipe)     # diffusion.precision, set by load_pipeline
+    dtype = precision.latents
     guidance = spec.guidance_scale > 1.0
     bar = StepProgress(len(chunks), spec.steps, len(todo_set), desc, progress)
     cap = ActivationCapture(pipe.unet, layers, spec.steps, capture.steps, capture.halves,
                             getattr(torch, capture.dtype), guidance)
+    cap_steps = set(cap.steps)
     guided_before = 0
     with cap:
         for chunk in chunks:
             recs = [by_index[i] for i in chunk]
             cap.reset()
             calls0 = cap.unet_calls
+            keep = [k for k, i in enumerate(chunk) if i in todo_set]
+            rows = [k for k in keep if chunk[k] in decode_set] if spec.decode != "none" else []  # decoded samples
+            noisy: dict[int, torch.Tensor] = {}      # step -> x_{t-1} of the decoded rows (decode=noisy)
+            record_noisy = spec.decode == "noisy" and bool(rows)
 
-            def on_step_end(pipe_, i, t, kwargs, _n=len(chunk), _c0=calls0, _g0=guided_before):
+            def on_step_end(pipe_, i, t, kwargs, _n=len(chunk), _c0=calls0, _g0=guided_before, _rows=rows,
+                            _noisy=noisy, _record=record_noisy):
+                if _record and i in cap_steps:
+                    _noisy[i] = kwargs["latents"][_rows].clone()   # x_{t-1}: the scheduler's prev_sample
                 kwargs = cap.on_step_end(pipe_, i, t, kwargs)
                 bar.step(_g0 + (cap.unet_calls - _c0) * _n)    # guided calls so far, as the summary counts them
                 return kwargs
 
             latents = initial_latents([r.seed for r in recs], latent_shape).to(device, dtype)
-            if spec.decode_x0:
+            if spec.decode == "x0":
                 pipe.scheduler.x0_history = []
-            keep = [k for k, i in enumerate(chunk) if i in todo_set]
-            rows = [k for k in keep if chunk[k] in decode_set]     # the kept samples whose x0 is decoded
-            # fp16 autocast on CUDA, as the reference generated; a no-op on the CPU
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            # the configured autocast (precision reference: fp16 on CUDA, as the reference generated; none on the CPU)
+            with torch.inference_mode(), precision.autocast_context(device.type):
                 out = pipe(prompt=[r.prompt for r in recs], negative_prompt=[spec.negative_prompt] * len(recs),
                            num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
                            height=height, width=width, latents=latents, output_type="np",
                            callback_on_step_end=on_step_end)
-                x0_images = None
-                if spec.decode_x0:
-                    x0_images = np.zeros((0, len(cap.steps), height, width, 3), np.uint8)
+                decoded = None
+                if spec.decode != "none":
+                    decoded = np.zeros((0, len(cap.steps), height, width, 3), np.uint8)
                     if rows:
-                        x0 = torch.stack([pipe.scheduler.x0_history[s][rows] for s in cap.steps], 1)  # [R, S_sel, C, h, w]
-                        x0_images = decode_latents(pipe, x0.flatten(0, 1)).reshape(len(rows), len(cap.steps), height, width, 3)
+                        per_step = ([noisy[s] for s in cap.steps] if spec.decode == "noisy"
+                                    else [pipe.scheduler.x0_history[s][rows] for s in cap.steps])
+                        lat = torch.stack(per_step, 1)                                   # [R, S_sel, C, h, w]
+                        decoded = decode_latents(pipe, lat.flatten(0, 1)).reshape(len(rows), len(cap.steps),
+                                                                                   height, width, 3)
             acts = cap.collect(acts_device)
             images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
             sel = torch.tensor(keep)
             unet_calls = cap.unet_calls - calls0
             batch = GeneratedBatch(indices=[chunk[k] for k in keep], images=images[keep],
                                    acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
-                                   timesteps=[float(t) for t in cap.timesteps], x0_images=x0_images,
+                                   timesteps=[float(t) for t in cap.timesteps], decoded_images=decoded,
                                    unet_calls=unet_calls, guided_calls=unet_calls * len(chunk),
-                                   x0_indices=[chunk[k] for k in rows] if spec.decode_x0 else [])
+                                   decoded_indices=[chunk[k] for k in rows])
             guided_before += batch.guided_calls
             bar.batch_done(len(keep))
             yield batch

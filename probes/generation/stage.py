@@ -87,24 +87,33 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def commit_records(records: Sequence[PromptRecord], batch, rank: int) -> list[dict[str, Any]]:
     """What each sample's commit marker records: its prompt and seed, its U-Net calls, its rank,
-    and whether its decoded x0 images were stored (only the test split's are: see ``x0_missing``)."""
-    x0 = set(batch.x0_indices)
-    return [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank, x0_decoded=i in x0)
+    and whether its decoded intermediate images were stored (only the test split's are: see
+    ``decoded_missing``)."""
+    decoded = set(batch.decoded_indices)
+    return [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank, decoded=i in decoded)
             for i in batch.indices]
 
 
-def x0_missing(store: ActivationStore, indices: Sequence[int]) -> list[int]:
-    """Committed samples among ``indices`` stored without their decoded x0 images.
+def decoded_missing(store: ActivationStore, indices: Sequence[int]) -> list[int]:
+    """Committed samples among ``indices`` stored without their decoded intermediate images.
 
-    Only the test split's x0 images are decoded, and the store's fingerprint does not cover the
-    split (a run with another ``test_fraction`` shares the store): such samples are regenerated
-    (bit-identically: same batch, same seed) to add the decoded images their new split needs.
-    Markers written before this flag existed decoded every sample.
+    Only the test split's intermediate images are decoded, and the store's fingerprint does not
+    cover the split (a run with another ``test_fraction`` shares the store): such samples are
+    regenerated (bit-identically: same batch, same seed) to add the decoded images their new split
+    needs. Which latent is decoded (noisy or x0) *is* in the fingerprint and the manifest, so a
+    store never mixes the two. Markers of stores made before the ``decoded`` flag carry
+    ``x0_decoded``, and those made before that decoded every sample.
     """
-    if store.x0_images is None:
+    if store.decoded_images is None:
         return []
     done = store.commits.done()
-    return [int(i) for i in indices if int(i) in done and not store.commits.record(int(i)).get("x0_decoded", True)]
+    out = []
+    for i in (int(i) for i in indices):
+        if i in done:
+            rec = store.commits.record(i)
+            if not rec.get("decoded", rec.get("x0_decoded", True)):
+                out.append(i)
+    return out
 
 
 def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: DiffusionSpec,
@@ -126,8 +135,8 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
                barrier: Callable[[], None] = lambda: None, progress: bool = True) -> ActivationStore:
     """The body of :func:`ensure_store`, without its lock."""
     store, pipe = open_store(store_dir, records, diffusion, generation, capture, device, rank, barrier)
-    test = [r.index for r in records if r.split == "test"]    # the only split whose x0 images are labelled
-    todo = shard_of(sorted(set(store.missing()) | set(x0_missing(store, test))), generation.batch_size, rank, world)
+    test = [r.index for r in records if r.split == "test"]    # the only split whose decoded images are used
+    todo = shard_of(sorted(set(store.missing()) | set(decoded_missing(store, test))), generation.batch_size, rank, world)
     if todo:
         check_disk(store_dir, ActivationStore.required_bytes(store.manifest, len(todo)), f"generating {len(todo)} samples")
         if pipe is None:
@@ -141,7 +150,7 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
                                    f"{store.manifest['capture']['all_timesteps']}")
             acts = {n: a.numpy() for n, a in batch.acts.items()}
             recs = commit_records(records, batch, rank)
-            store.write_batch(batch.indices, batch.images, acts, recs, batch.x0_images, batch.x0_indices)
+            store.write_batch(batch.indices, batch.images, acts, recs, batch.decoded_images, batch.decoded_indices)
             calls += batch.guided_calls
         store.close()
         extra = ("; a sample is regenerated in its whole batch, bit-identically"

@@ -18,20 +18,25 @@ from probes.store.activations import ActivationStore, CommitLog, PreallocatedArr
 
 
 class LabelCache:
-    """Labels of the final images (``source="images"``, ``[N, H, W]``) or of the decoded
-    predicted-x0 images of every captured step (``source="x0"``, ``[N, S, H, W]``)."""
+    """Labels of the final images (``source="images"``, ``[N, H, W]``) or of the intermediate
+    images decoded at every captured step (``source="decoded"``, ``[N, S, H, W]``).
+
+    Decoded labels are filed under the latent the store decodes (``noisy_labels.npy`` or
+    ``x0_labels.npy``), so labels of one kind are never read as the other's.
+    """
 
     def __init__(self, store: ActivationStore, task: str, labeler: Labeler, source: str = "images") -> None:
-        if source not in ("images", "x0"):
-            raise ValueError(f"label source must be 'images' or 'x0', got {source!r}")
-        if source == "x0" and store.x0_images is None:
-            raise ValueError(f"the store at {store.root} has no decoded x0 images: generate with generation.decode_x0=true")
+        if source not in ("images", "decoded"):
+            raise ValueError(f"label source must be 'images' or 'decoded', got {source!r}")
+        if source == "decoded" and store.decoded_images is None:
+            raise ValueError(f"the store at {store.root} has no decoded intermediate images: generate with "
+                             f"generation.decode=noisy (the replication's baseline) or x0")
         self.store, self.task, self.labeler, self.source = store, task, labeler, source
         self.root = store.root / "labels" / task / labeler.fingerprint()
         n = store.num_samples
         h, w = store.manifest["generation"]["height"], store.manifest["generation"]["width"]
         self.shape = (n, h, w) if source == "images" else (n, len(store.manifest["capture"]["steps"]), h, w)
-        self._prefix = "" if source == "images" else "x0_"
+        self._prefix = "" if source == "images" else f"{store.decoded}_"
         self._array: PreallocatedArray | None = None
         self._loaded_on: str | None = None
         self.commits = CommitLog(self.root / f"{self._prefix}commits", n) if self.root.exists() else None
@@ -70,10 +75,10 @@ class LabelCache:
         if self._loaded_on != device:  # load weights once, not per batch of a streaming run
             self.labeler.load(device)
             self._loaded_on = device
-        images = (self.store.images if self.source == "images" else self.store.x0_images).array()
+        images = (self.store.images if self.source == "images" else self.store.decoded_images).array()
         per = 1 if self.source == "images" else self.shape[1]        # labeler images per sample
         bs = max(1, int(getattr(self.labeler, "batch_size", 8)) // per)
-        what = "" if self.source == "images" else " on decoded x0 images"
+        what = "" if self.source == "images" else f" on decoded {self.store.decoded} images"
         bar = tqdm(total=len(todo), desc=f"labels: {self.task} ({self.labeler.name}){what}", unit="img",
                    disable=not progress, dynamic_ncols=True)
         for k in range(0, len(todo), bs):

@@ -95,6 +95,11 @@ class IntrinsicLabeler(Labeler):
       equalisation draws an unseeded ``np.random.randn`` pixel subset; seeding per image makes an
       image's label independent of its batch position. The caller's global NumPy RNG state is
       restored afterwards.
+      ``resize_before_uninvert`` (False): the 2024 replication's recipe: when Intrinsic's output is
+      not at the image's size, resize the *inverse* shading to it (anti-aliased) and uninvert
+      afterwards. Default: uninvert first, then resize the linear shading (bilinear), so that the
+      label is an interpolation of shading, not of its reciprocal. Both agree when the processing
+      size is the image size.
       ``device`` (overrides the device given to :meth:`load`).
     The pipeline runs one image at a time, so ``batch_size`` only sets how many images a call gets.
     """
@@ -122,9 +127,20 @@ class IntrinsicLabeler(Labeler):
     def seed(self) -> int:
         return int(self.kwargs.get("seed", 0))
 
+    @property
+    def resize_before_uninvert(self) -> bool:
+        value = self.kwargs.get("resize_before_uninvert", False)
+        if not isinstance(value, bool):
+            raise ValueError(f"intrinsic labeler: resize_before_uninvert must be true or false, got {value!r}")
+        return value
+
     def cache_kwargs(self) -> dict[str, Any]:
-        """Defaults filled in, so that spelling out a default keeps the same fingerprint."""
-        return {"weights": self.weights, "resize_conf": self.resize_conf, "seed": self.seed}
+        """Defaults filled in, so that spelling out a default keeps the same fingerprint (the
+        replication's resize order only enters it when on: existing label caches stay valid)."""
+        out = {"weights": self.weights, "resize_conf": self.resize_conf, "seed": self.seed}
+        if self.resize_before_uninvert:
+            out["resize_before_uninvert"] = True
+        return out
 
     def prerequisites(self, key: str) -> list[Missing]:
         """The ``intrinsic`` package (never installed automatically) and its checkpoint(s)."""
@@ -221,7 +237,26 @@ class IntrinsicLabeler(Labeler):
             inv = inv[..., 0]
         if inv.ndim != 2:
             raise ValueError(f"intrinsic labeler: expected 2-D inverse shading, got shape {inv.shape}")
+        if self.resize_before_uninvert:
+            return uninvert(resize_antialiased(inv, (h, w)))
         shading = uninvert(inv)
         if shading.shape != (h, w):
             shading = cv2.resize(shading, (w, h), interpolation=cv2.INTER_LINEAR)
         return shading
+
+
+def resize_antialiased(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float map resized to ``size`` (h, w) with an anti-aliased bilinear filter (PIL), as the
+    replication resized Intrinsic's inverse shading before uninverting it.
+
+    PIL widens the bilinear kernel by the scale factor when shrinking, so every source pixel
+    contributes (no aliasing), the same family of filter as skimage's ``anti_aliasing`` resize
+    the replication's tools use (their exact kernels differ slightly).
+    """
+    from PIL import Image
+
+    h, w = size
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape == (h, w):
+        return x
+    return np.asarray(Image.fromarray(x, mode="F").resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)

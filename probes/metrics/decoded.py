@@ -1,9 +1,11 @@
-"""The protocol's baseline: the off-the-shelf labeler run on the image decoded from the predicted
-x0 at every step, scored against the final image's labels with the probes' metrics.
+"""The protocol's baseline: the off-the-shelf labeler run on the image decoded at every step,
+scored against the final image's labels with the probes' metrics.
 
-Rows use the pseudo-layer ``decoded_x0`` so that metric-vs-step plots draw "probe vs labeler on
-decoded images" in one figure (the replication's claim: probes from step ~3, labelers only from
-step ~10).
+The decoded latent is the store's (``generation.decode``): the noisy latent x_{t-1} as the 2024
+replication (default), or the predicted x0. Rows use the pseudo-layer ``decoded_noisy`` or
+``decoded_x0`` (``probes.metrics.pseudo_layers``) so that metric-vs-step plots draw "probe vs
+labeler on decoded images" in one figure and say which latent (the replication's claim: probes
+from step ~3, labelers on the noisy latent only from step ~10).
 """
 from __future__ import annotations
 
@@ -11,17 +13,18 @@ import numpy as np
 import torch
 
 from probes.metrics.exact import BlockTargets, HeadMetrics, task_scores
+from probes.metrics.pseudo_layers import DECODED
 from probes.tasks import get_task
-
-DECODED = "decoded_x0"
 
 
 @torch.no_grad()
 def decoded_rows(module, dm, split: str = "test", chunk: int = 4) -> list[dict]:
-    caches = getattr(dm, "x0_label_caches", {})
+    """Metric rows (pseudo-layer ``decoded_<latent>``) of the labeler on the decoded images of ``split``."""
+    caches = getattr(dm, "decoded_label_caches", {})
     ds = dm.datasets.get(split)
     if not caches or ds is None:
         return []
+    layer = DECODED[dm.store.decoded]
     spec, steps = module.spec, len(module.spec.steps)
     idx = list(ds.indices)
     h, w = spec.label_size
@@ -42,6 +45,6 @@ def decoded_rows(module, dm, split: str = "test", chunk: int = 4) -> list[dict]:
         values = metric.compute()
         for mi, name in enumerate(task.metrics):
             for si, step in enumerate(spec.steps):
-                rows.append({"split": split, "task": t, "layer": DECODED, "step": step,
+                rows.append({"split": split, "task": t, "layer": layer, "step": step,
                              "timestep": spec.timesteps[si], "metric": name, "value": float(values[mi, si])})
     return rows

@@ -32,6 +32,16 @@ the sampler's output on, so ``down0.out`` and ``down0.downsample`` are the same 
 are kept: one says "block output", the other "sampler"; the lens skips such duplicates when it
 combines layers).
 
+**The VAE decoder's probe** (``vae.mid``, kind ``vae``): the reference also probed the VAE
+decoder's mid-block self-attention on the partially denoised latent. It is registered by
+:meth:`LayerRegistry.from_pipeline` with the hooked module's path *relative to the pipeline*
+(``vae.decoder.mid_block.attentions.0.to_out.0``: the attention's output projection, before the
+residual, as for the U-Net layers), tokens = the latent grid, channels = the VAE's mid-block
+width. The U-Net never runs it: :class:`probes.generation.capture.ActivationCapture` runs the
+decoder's ``post_quant_conv``, ``conv_in`` and ``mid_block`` on each step's latent. It is
+**opt-in**: ``*`` and other wildcards keep meaning the U-Net's layers; only a pattern that starts
+with ``vae`` (``vae.mid``, ``vae.*``) selects it.
+
 Which name is "the first encoder layer at 16x16" (the lens paper's best layer) depends on the
 model and its resolution, and on what one counts as a layer; :func:`first_at_grid` lists the
 candidates in forward order:
@@ -59,6 +69,10 @@ _ATTN1 = re.compile(r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\
 
 #: every kind of layer the registry knows (see the module docstring); ``attn1`` is the default
 ALL_KINDS: tuple[str, ...] = ("attn1", "res", "attn", "sampler", "out")
+#: the VAE decoder's layers: kind, name prefix, and the one registered name (see the module docstring)
+VAE_KIND, VAE_PREFIX, VAE_MID = "vae", "vae.", "vae.mid"
+#: the hooked module of ``vae.mid``, relative to the pipeline
+VAE_MID_MODULE = "vae.decoder.mid_block.attentions.0.to_out.0"
 _KIND_OF_SUFFIX = {"res": re.compile(r"^res\d+$"), "attn": re.compile(r"^attn\d+$"),
                    "sampler": re.compile(r"^(?:downsample|upsample)$"), "out": re.compile(r"^out$"),
                    "attn1": re.compile(r"^\d+$")}
@@ -68,6 +82,8 @@ def kind_of(name: str) -> str:
     """The kind of a registered name, read off the name itself (``down2.res0`` -> ``res``), so
     that :class:`LayerInfo` and the manifests it is written into keep their fields. A layer
     someone registered under another name is of kind ``custom``."""
+    if name.startswith(VAE_PREFIX):
+        return VAE_KIND
     last = name.rsplit(".", 1)[-1]
     return next((kind for kind, rx in _KIND_OF_SUFFIX.items() if rx.match(last)), "custom")
 
@@ -87,8 +103,13 @@ class LayerInfo:
 
     @property
     def kind(self) -> str:
-        """``attn1``, ``res``, ``attn``, ``sampler`` or ``out`` (see the module docstring)."""
+        """``attn1``, ``res``, ``attn``, ``sampler``, ``out`` or ``vae`` (see the module docstring)."""
         return kind_of(self.name)
+
+    @property
+    def in_vae(self) -> bool:
+        """Read from the VAE decoder (``module`` is relative to the pipeline), not from the U-Net."""
+        return self.kind == VAE_KIND
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -150,7 +171,7 @@ def check_layer_patterns(patterns: str | Iterable[str], kinds: Iterable[str] = (
     """
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
     kinds = tuple(kinds)
-    universe = _plausible_names(kinds)
+    universe = _plausible_names(kinds) + [VAE_MID]
     for pat in pats:
         if pat in ("all", "*") or "blocks" in pat:   # "all", or a module-path pattern
             continue
@@ -160,8 +181,9 @@ def check_layer_patterns(patterns: str | Iterable[str], kinds: Iterable[str] = (
             extra = ("; and down<block>.res<i>, .attn<i>, .downsample, .out, mid.res<i>, up<block>.upsample ..."
                      if set(kinds) - {"attn1"} else "")
             raise ValueError(f"{option}: {pat!r} names no layer; layers are named down<block>.<attention>, "
-                             f"mid.0, up<block>.<attention> (SD v1.4: {', '.join(SD14_LAYERS)}){extra}; patterns "
-                             f"like 'up*' or module paths like 'up_blocks.3.*' also work")
+                             f"mid.0, up<block>.<attention> (SD v1.4: {', '.join(SD14_LAYERS)}){extra}, and "
+                             f"{VAE_MID} (the VAE decoder's mid-block attention); patterns like 'up*' or module paths "
+                             f"like 'up_blocks.3.*' also work")
 
 
 class LayerRegistry:
@@ -188,6 +210,16 @@ class LayerRegistry:
         if kinds == ("attn1",):
             return attn1
         return cls._all_layers(unet, latent_hw, kinds, attn1)
+
+    @classmethod
+    def from_pipeline(cls, pipe, latent_hw: tuple[int, int], kinds: Iterable[str] = ("attn1",)) -> LayerRegistry:
+        """:meth:`from_unet` on ``pipe.unet``, plus the VAE decoder's ``vae.mid`` when the VAE has
+        a mid-block attention (opt-in: see the module docstring)."""
+        reg = cls.from_unet(pipe.unet, latent_hw, kinds)
+        vae = getattr(pipe, "vae", None)
+        if vae is not None and vae_mid_channels(vae) is not None:
+            reg.register(vae_mid_layer(vae_mid_channels(vae), latent_hw))
+        return reg
 
     @classmethod
     def _attn1_layers(cls, unet: nn.Module, latent_hw: tuple[int, int]) -> LayerRegistry:
@@ -283,9 +315,14 @@ class LayerRegistry:
         return list(self._layers)
 
     def list(self, pattern: str = "*") -> list[str]:
-        """Names (forward order) whose short name or module path matches the fnmatch pattern."""
+        """Names (forward order) whose short name or module path matches the fnmatch pattern.
+
+        The VAE's layers only answer patterns that start with ``vae`` (opt-in), so ``*`` and
+        ``up*`` keep meaning the U-Net's layers.
+        """
         return [n for n, info in self._layers.items()
-                if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(info.module, pattern)]
+                if (not info.in_vae or pattern.startswith("vae"))
+                and (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(info.module, pattern))]
 
     def get(self, name: str) -> LayerInfo:
         try:
@@ -316,6 +353,21 @@ class LayerRegistry:
 
     def __len__(self) -> int:
         return len(self._layers)
+
+
+def vae_mid_channels(vae: nn.Module) -> int | None:
+    """Channels of the VAE decoder's mid-block attention (None when it has none, e.g.
+    ``mid_block_add_attention: false``)."""
+    attentions = getattr(getattr(getattr(vae, "decoder", None), "mid_block", None), "attentions", None)
+    if not attentions or attentions[0] is None:
+        return None
+    return int(attentions[0].to_out[0].out_features)
+
+
+def vae_mid_layer(channels: int, latent_hw: tuple[int, int]) -> LayerInfo:
+    """``vae.mid``: the decoder's mid-block self-attention, at the latent's grid (the decoder's
+    ``conv_in`` and mid block keep the latent's size)."""
+    return LayerInfo(VAE_MID, VAE_MID_MODULE, int(channels), (int(latent_hw[0]), int(latent_hw[1])))
 
 
 def first_at_grid(registry: LayerRegistry, grid: tuple[int, int]) -> dict[str, str]:

@@ -8,12 +8,20 @@ Three ways to get a pipeline, chosen in config (``data.diffusion``):
 - ``source: random, architecture: tiny``: SD v1.4's topology with small widths, for the demo and
   the tests.
 Random-weight models get a real CLIP tokenizer built offline (``probes.models.tokenizer``).
+
+Two settings make a loaded pipeline behave as the reference's did (both default to the protocol):
+``precision`` (:class:`Precision`: the reference kept fp32 weights and latents and ran under fp16
+autocast on CUDA) and ``tokenizer`` (``reference``: transformers 4.22's slow CLIP tokenizer without
+ftfy, see :mod:`probes.models.tokenizer`). The resolved precision travels with the pipeline
+(:func:`precision_of`), so the code that runs it reads it from there instead of guessing.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,69 @@ from probes.paths import data_path
 
 ARCH_DIR = data_path("architectures")
 
+#: ``diffusion.precision`` values (see :class:`Precision`)
+PRECISIONS = ("reference", "fp16", "bf16", "fp32")
+#: ``diffusion.tokenizer`` values (see :mod:`probes.models.tokenizer`)
+TOKENIZERS = ("reference", "default")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The numeric precision a pipeline runs in: its weights, its latents, and the autocast around it.
+
+    ``diffusion.precision`` names one of these (:meth:`resolve`):
+
+    =============  ==============  ==============  ===========================================
+    precision      weights         latents         autocast
+    =============  ==============  ==============  ===========================================
+    ``reference``  float32         float32         float16 on CUDA (the reference's setting)
+    ``fp16``       float16         float16         float16 on CUDA (half the memory, faster)
+    ``bf16``       bfloat16        bfloat16        none
+    ``fp32``       float32         float32         none
+    =============  ==============  ==============  ===========================================
+
+    On a CPU, ``reference`` and ``fp16`` run in plain float32 with no autocast (so they equal
+    ``fp32``, as ``dtype: auto`` did before this option): float16 matrix products on a CPU are slow
+    and partly unsupported, CPU autocast is a bfloat16 feature, and the CPU only serves tests and
+    the toy model. ``bf16`` loads bfloat16 weights on any device.
+    """
+
+    name: str
+    weights: torch.dtype
+    latents: torch.dtype
+    autocast: torch.dtype | None
+
+    @classmethod
+    def resolve(cls, name: str, device: torch.device | str) -> Precision:
+        if name not in PRECISIONS:
+            raise ValueError(f"diffusion.precision must be one of {' | '.join(PRECISIONS)}, got {name!r}")
+        cuda = torch.device(device).type == "cuda"
+        if name == "reference":
+            return cls(name, torch.float32, torch.float32, torch.float16 if cuda else None)
+        if name == "fp16":
+            if not cuda:
+                return cls(name, torch.float32, torch.float32, None)
+            return cls(name, torch.float16, torch.float16, torch.float16)
+        if name == "bf16":
+            return cls(name, torch.bfloat16, torch.bfloat16, None)
+        return cls(name, torch.float32, torch.float32, None)
+
+    def autocast_context(self, device_type: str):
+        """The autocast context the denoising loop runs under (a null context when there is none)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast)
+
+
+def precision_of(pipe: Any) -> Precision:
+    """The precision :func:`load_pipeline` set on ``pipe``. A pipeline built elsewhere runs as
+    before this option existed: latents in its U-Net's dtype, fp16 autocast on CUDA."""
+    plan = getattr(pipe, "precision_plan", None)
+    if plan is not None:
+        return plan
+    dtype, cuda = pipe.unet.dtype, torch.device(pipe.device).type == "cuda"
+    return Precision("unset", dtype, dtype, torch.float16 if cuda else None)
+
 
 @dataclass
 class DiffusionSpec:
@@ -34,14 +105,26 @@ class DiffusionSpec:
     :param source: ``hub`` (pretrained weights via ``from_pretrained``) or ``random``.
     :param model_id: Hub id or local folder of a diffusers SD pipeline (``source: hub``).
     :param revision: Hub revision to pin (commit hash or branch); recorded in every output.
-    :param variant: weight file variant, e.g. ``fp16`` (smaller download).
+    :param variant: weight file variant, e.g. ``fp16`` (smaller download; the weights are cast to
+        ``precision``'s dtype after loading).
     :param architecture: for ``source: random``: ``sd14``, ``tiny`` or a path to such a YAML.
-    :param dtype: ``auto`` (float16 on CUDA, float32 on CPU), ``float16``, ``bfloat16`` or ``float32``.
+    :param precision: ``reference`` (fp32 weights and latents, fp16 autocast on CUDA: the
+        reference's), ``fp16``, ``bf16`` or ``fp32`` (no autocast); see :class:`Precision`.
+    :param tokenizer: ``reference`` (the slow CLIP tokenizer of transformers 4.22 without ftfy, as
+        the reference ran: BERT basic cleaning, accents stripped, punctuation split) or
+        ``default`` (the installed transformers' CLIP tokenizer); see :mod:`probes.models.tokenizer`.
     :param local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
     :param cache_dir: Hugging Face cache folder; default ``$HF_HOME/hub``.
     :param init_seed: seed of the random weights (``source: random``).
-    :param permute_seed: if set, every U-Net weight tensor is permuted elementwise with this
-        seed: the protocol's control, whose probes should fail.
+    :param permute_seed: if set, every U-Net weight tensor (parameters named ``*.weight``, norm
+        layers' scales included) is permuted elementwise with this seed: the protocol's control,
+        whose probes should fail.
+    :param permute_biases: with ``permute_seed``, permute the biases too (the reference did not).
+    :param dtype: deprecated (before ``precision`` existed): ``auto``/``float16`` mean ``fp16``,
+        ``float32`` ``fp32``, ``bfloat16`` ``bf16``. A config that says it was written before
+        ``tokenizer`` and ``permute_biases`` existed, so it keeps what it ran then: the installed
+        tokenizer (``default``) and permuted biases, unless it sets them itself. Init-only: it never
+        enters ``asdict`` (exports, configs).
     """
 
     source: str = "hub"
@@ -49,29 +132,60 @@ class DiffusionSpec:
     revision: str | None = None
     variant: str | None = None
     architecture: str = "sd14"
-    dtype: str = "auto"
+    precision: str = "reference"
+    tokenizer: str = "reference"
     local_files_only: bool = False
     cache_dir: str | None = None
     init_seed: int = 0
     permute_seed: int | None = None
+    permute_biases: bool = False
+    dtype: InitVar[str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, dtype: str | None = None) -> None:
         if self.source not in {"hub", "random"}:
             raise ValueError(f"diffusion.source must be 'hub' or 'random', got {self.source!r}")
-        if self.dtype not in {"auto", "float16", "bfloat16", "float32"}:
-            raise ValueError(f"diffusion.dtype must be auto, float16, bfloat16 or float32; got {self.dtype!r}")
+        if dtype is not None:
+            self._from_legacy_dtype(dtype)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"diffusion.precision must be one of {' | '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"diffusion.tokenizer must be one of {' | '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+
+    def _from_legacy_dtype(self, dtype: str) -> None:
+        """Read a config (or probe export) written when ``dtype`` chose the weights' dtype."""
+        legacy = {"auto": "fp16", "float16": "fp16", "float32": "fp32", "bfloat16": "bf16"}
+        if dtype not in legacy:
+            raise ValueError(f"diffusion.dtype (deprecated) must be auto, float16, bfloat16 or float32; got "
+                             f"{dtype!r}. Use diffusion.precision ({' | '.join(PRECISIONS)}) instead")
+        if self.precision != "reference" and self.precision != legacy[dtype]:
+            raise ValueError(f"diffusion.dtype={dtype!r} (deprecated) and diffusion.precision={self.precision!r} "
+                             f"disagree: drop dtype and keep precision")
+        warnings.warn(f"diffusion.dtype is deprecated: dtype: {dtype} reads as precision: {legacy[dtype]}; the "
+                      f"protocol's is precision: reference (fp32 weights, fp16 autocast on CUDA)", FutureWarning,
+                      stacklevel=4)
+        self.precision = legacy[dtype]
+        if self.tokenizer == "reference":
+            self.tokenizer = "default"
+        self.permute_biases = True
 
     @property
     def is_random(self) -> bool:
         return self.source == "random"
 
+    def resolve_precision(self, device: torch.device | str) -> Precision:
+        return Precision.resolve(self.precision, device)
+
     def torch_dtype(self, device: torch.device | str) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        """The weights' dtype on ``device``."""
+        return self.resolve_precision(device).weights
 
     def identity(self) -> dict[str, Any]:
-        """What the activations depend on: written into the store manifest and every export."""
+        """What the activations depend on: written into the store manifest and every export.
+
+        A setting is left out while it has the value every store had before it became an option
+        (``precision: fp32`` (the CPU's), ``tokenizer: default``, biases permuted), so that those
+        stores keep their fingerprints; any other value enters, and gives a store of its own.
+        """
         if self.is_random:
             arch = load_architecture(self.architecture)
             ident = {"model_id": f"random:{arch['name']}", "revision": f"init_seed={self.init_seed}",
@@ -82,6 +196,12 @@ class DiffusionSpec:
             if manifest is not None and manifest.exists():    # a shipped or trained folder: its weights' checksums
                 ident["revision"] = "sha256:" + sha256_text(manifest.read_text(), 16)
         ident["permute_seed"] = self.permute_seed
+        if self.permute_seed is not None and not self.permute_biases:
+            ident["permute"] = "weights"
+        if self.precision != "fp32":
+            ident["precision"] = self.precision
+        if self.tokenizer != "default":
+            ident["tokenizer"] = self.tokenizer
         return ident
 
 
@@ -159,18 +279,31 @@ def resolved_revision(pipe) -> str | None:
     return m.group(1) if m else None
 
 
-def permute_weights_(module: torch.nn.Module, seed: int) -> None:
+def is_weight(name: str) -> bool:
+    """A parameter the control permutes by default: a ``*.weight`` (linear, convolution, embedding
+    and normalisation layers' scales alike), not a ``*.bias``."""
+    return name.rsplit(".", 1)[-1] == "weight"
+
+
+def permute_weights_(module: torch.nn.Module, seed: int, biases: bool = False) -> list[str]:
     """The protocol's control: permute each weight tensor's entries independently, in place.
 
     Every tensor keeps its values (so norms and statistics stay plausible) but loses its
-    structure. Each tensor's permutation is seeded by (seed, name), so it does not depend on
-    parameter order.
+    structure. The reference permuted the weight tensors only and left the biases as they were;
+    ``biases=True`` permutes every parameter. Each tensor's permutation is seeded by (seed, name),
+    so it does not depend on parameter order (nor on whether the biases are permuted). Returns the
+    names of the permuted parameters.
     """
+    done = []
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if not (biases or is_weight(name)):
+                continue
+            done.append(name)
             g = torch.Generator().manual_seed(seed * 1_000_003 + int(sha256_text(name, 16), 16) % 1_000_003)
             perm = torch.randperm(p.numel(), generator=g).to(p.device)
             p.copy_(p.reshape(-1)[perm].reshape(p.shape))
+    return done
 
 
 def local_model_dir(model_id: str) -> Path | None:
@@ -188,16 +321,25 @@ def local_model_dir(model_id: str) -> Path | None:
 
 
 def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
-    """The configured pipeline on ``device``, with its progress bar off (we draw our own)."""
-    dtype = spec.torch_dtype(device)
+    """The configured pipeline on ``device``, with its progress bar off (we draw our own).
+
+    The resolved :class:`Precision` is set on it as ``pipe.precision_plan`` (read it with
+    :func:`precision_of`); with ``tokenizer: reference`` its tokenizer behaves as the reference's.
+    """
+    plan = spec.resolve_precision(device)
+    dtype = plan.weights
     if spec.is_random:
         pipe = build_random_pipeline(spec.architecture, spec.init_seed)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
         pipe = load_hub_pipeline(spec, dtype)
+    if spec.tokenizer == "reference":
+        from probes.models.tokenizer import use_reference_tokenisation_
+
+        use_reference_tokenisation_(pipe.tokenizer)
     if spec.permute_seed is not None:
-        permute_weights_(pipe.unet, spec.permute_seed)
+        permute_weights_(pipe.unet, spec.permute_seed, biases=spec.permute_biases)
     # PyTorch SDPA attention: fast, and it calls attn.to_out[0] as a module, so the capture hooks
     # fire (fused or xformers processors may bypass it; capture then fails loudly)
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -205,5 +347,6 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.precision_plan = plan
     return pipe
 

@@ -2,7 +2,9 @@
 
 The reference split of Chen et al. (246 train / 371 test LAION captions, one seed each) is
 fetched on first use from its pinned public URL and checked against its sha256; it is never
-copied into this repository. A local folder holding the two CSVs can be given instead.
+copied into this repository. A local folder holding the two CSVs can be given instead. The 2024
+replication's shading split (``replication2024``: the same 617 pairs split 500/117) is built on
+top of it (``probes.prompts.replication2024``).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probes.common.hashing import sha256_file
+from probes.common.hashing import verify_sha256
 from probes.paths import data_path
+from probes.prompts.replication2024 import fetch_replication2024, replication_splits
 
 CHEN2023_COMMIT = "788101cc2f81918b9ea87c76b11be0910e4d96bf"
 CHEN2023_URL = ("https://raw.githubusercontent.com/yc015/scene-representation-diffusion-model/"
@@ -28,6 +31,8 @@ CHEN2023_FILES = {
     "test": ("test_split_prompts_seeds.csv", "6e1833810d8aaaed112112acca18d299f44a6963ca20697e4ae51d0fb3f39c7b"),
 }
 SPLITS = ("train", "val", "test")
+#: sources built from the chen2023 CSVs: its own 246/371 split, and the replication's 500/117 shading split
+REFERENCE_SOURCES = ("chen2023", "replication2024")
 
 
 def default_cache_dir() -> Path:
@@ -43,18 +48,24 @@ class PromptRecord:
     seed: int
     split: str
     source_id: str = ""
+    label: int | None = None   # class index (CSV column ``class_index``) for classifier experiments
 
 
 @dataclass
 class PromptSpec:
     """Where prompts come from and how they are split.
 
-    :param source: ``chen2023`` (the reference 246/371 split), the name of a prompt set shipped in
+    :param source: ``chen2023`` (the reference 246/371 split), ``replication2024`` (the same 617
+        pairs in the 2024 replication's 500/117 shading split, in the same order, so the same
+        store), the name of a prompt set shipped in
         ``data/prompts/`` (e.g. ``demo``), or a path to a CSV (columns ``prompt`` or ``prompts``,
-        ``seed`` or ``seeds``, optional ``split``) or a text file (one prompt per line; seeds
+        ``seed`` or ``seeds``, optional ``split`` and ``class_index``) or a text file (one prompt per line; seeds
         ``seed_base + line number``).
-    :param local_dir: for ``chen2023``: a folder that holds the two CSVs (no download).
-        ``$DPROBE_CHEN2023_DIR`` does the same.
+    :param local_dir: for ``chen2023`` and ``replication2024``: a folder that holds the two chen2023
+        CSVs (no download). ``$DPROBE_CHEN2023_DIR`` does the same.
+    :param replication_dir: for ``replication2024``: a folder that holds its two pickles,
+        ``train_indices_500.pkl`` and ``test_indices_117.pkl`` (no download).
+        ``$DPROBE_REPLICATION2024_DIR`` does the same.
     :param cache_dir: where downloads are kept; default ``$DPROBE_CACHE`` or ``~/.cache/diffusion-probes``.
     :param limit: keep only the first ``limit`` prompts of each split (quick runs).
     :param seed_base: first seed for text files.
@@ -65,6 +76,7 @@ class PromptSpec:
 
     source: str = "chen2023"
     local_dir: str | None = None
+    replication_dir: str | None = None
     cache_dir: str | None = None
     limit: int | None = None
     seed_base: int = 0
@@ -94,10 +106,8 @@ def fetch_chen2023(cache_dir: str | Path | None = None, local_dir: str | Path | 
             path = Path(cache_dir or default_cache_dir()) / "chen2023" / CHEN2023_COMMIT / name
             if not path.exists():
                 _download(CHEN2023_URL.format(name=name), path)
-        got = sha256_file(path)
-        if got != sha:
-            raise ValueError(f"{path} has sha256 {got}, expected {sha} (the pinned reference file); "
-                             f"delete it to re-download, or point data.prompts.local_dir at a correct copy")
+        verify_sha256(path, sha, "the pinned reference file: delete it to re-download, or point "
+                                 "data.prompts.local_dir at a correct copy")
         out[split] = path
     return out
 
@@ -130,6 +140,17 @@ def _parse_seed(value: str | None, path: Path, line: int, column: str) -> int:
     return int(text)
 
 
+def _parse_label(value: str | None, path: Path, line: int) -> int | None:
+    """A row's ``class_index`` (the class a classifier should find in its image), or None when blank."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{path}, line {line}: column 'class_index' holds {value!r}, which is not a class "
+                         f"index; use a whole number >= 0 (the classifier's output index), or leave it empty")
+    return int(text)
+
+
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     """The rows of a prompt CSV, each with its seed parsed and its place (``file``, ``line``) for errors."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -144,6 +165,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
         raise ValueError(f"{path} needs columns 'prompt' (or 'prompts') and 'seed' (or 'seeds'); it has {sorted(cols)}")
     return [{"prompt": r[pcol] or "", "seed": _parse_seed(r[scol], path, line, scol),
              "split": (r.get("split") or "").strip(), "source_id": r.get("prompt_inds", "") or r.get("id", ""),
+             "label": _parse_label(r.get("class_index"), path, line),
              "file": str(path), "line": line} for line, r in rows]
 
 
@@ -203,7 +225,7 @@ def resolve_source(source: str) -> Path:
         shipped = data_path("prompts", source + suffix)
         if shipped.exists():
             return shipped
-    raise FileNotFoundError(f"data.prompts.source {source!r} is neither 'chen2023', a shipped prompt set "
+    raise FileNotFoundError(f"data.prompts.source {source!r} is neither 'chen2023', 'replication2024', a shipped prompt set "
                             f"({', '.join(shipped_prompt_sets())}), nor an existing file")
 
 
@@ -211,10 +233,13 @@ def load_prompts(spec: PromptSpec) -> list[PromptRecord]:
     """All records of the prompt set, indexed 0..N-1 in a stable order, with their split."""
     rng = random.Random(spec.split_seed)
     rows: list[dict[str, Any]] = []
-    if spec.source == "chen2023":
+    if spec.source in REFERENCE_SOURCES:
         files = fetch_chen2023(spec.cache_dir, spec.local_dir)
         for split in ("train", "test"):
             rows += [dict(r, split=split) for r in _read_csv(files[split])]
+        if spec.source == "replication2024":   # same pairs, same order: only the split changes
+            pickles = fetch_replication2024(spec.cache_dir or default_cache_dir(), spec.replication_dir)
+            rows = [dict(r, split=s) for r, s in zip(rows, replication_splits(rows, pickles))]
     else:
         path = resolve_source(spec.source)
         if path.suffix.lower() == ".csv":
@@ -243,7 +268,7 @@ def load_prompts(spec: PromptSpec) -> list[PromptRecord]:
         order = {id(r): k for k, r in enumerate(rows)}
         rows = sorted(kept, key=lambda r: order[id(r)])
     return [PromptRecord(index=i, prompt=r["prompt"], seed=r["seed"], split=r["split"],
-                         source_id=str(r["source_id"])) for i, r in enumerate(rows)]
+                         source_id=str(r["source_id"]), label=r.get("label")) for i, r in enumerate(rows)]
 
 
 def split_indices(records: Iterable[PromptRecord]) -> dict[str, list[int]]:

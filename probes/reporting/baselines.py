@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from probes.metrics.position import POSITION
-from probes.reporting.tables import best_heads
+from probes.reporting.tables import reported_heads
 from probes.tasks import LOWER_IS_BETTER, get_task
 
 
@@ -22,12 +22,14 @@ def _position_value(rows: list[dict], task: str, metric: str) -> float | None:
 def compare_runs(runs: Mapping[str, list[dict]]) -> list[dict]:
     """Rows ``{task, metric, <run>: test value of its val-picked best head, ..., position, margins}``.
 
+    A run without validation split selects nothing (never on test): it is represented by the
+    pre-declared layer at the last step, and its head is labelled so.
     The first run is the model; margins are taken against every other run and the position
     baseline (signed so that positive means the model is better, also for lower-is-better metrics).
     """
     names = list(runs)
     model = names[0]
-    best = {n: {(b["task"], b["metric"]): b for b in best_heads(rows)} for n, rows in runs.items()}
+    best = {n: {(b["task"], b["metric"]): b for b in reported_heads(rows)} for n, rows in runs.items()}
     tasks = list(dict.fromkeys(b["task"] for b in best[model].values()))
     out = []
     for task in tasks:
@@ -37,7 +39,8 @@ def compare_runs(runs: Mapping[str, list[dict]]) -> list[dict]:
         for n in names:
             b = best[n].get((task, metric))
             row[n] = b.get("test") if b else None
-            row[f"{n} head"] = f"{b['layer']} @ step {b['step']}" if b else None
+            fixed = " (pre-declared: no val split)" if b and b.get("selected_on") != "val" else ""
+            row[f"{n} head"] = f"{b['layer']} @ step {b['step']}{fixed}" if b else None
         row["position"] = _position_value(runs[model], task, metric)
         for other in [*names[1:], "position"]:
             if row[model] is not None and row.get(other) is not None:

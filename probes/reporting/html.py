@@ -18,22 +18,33 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from probes.metrics.pseudo_layers import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
 from probes.reporting.plots import HIGHLIGHT  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
     LOWER_IS_BETTER,
+    NO_SELECTION,
     NOT_SCORES,
     RANDOM_WARNING,
+    REFERENCE_LAYER,
     _curve,
     best_heads,
+    can_select,
     emergence,
+    emergence_step,
     fmt_timestep,
     fmt_value,
     read_metrics_csv,
+    reported_heads,
     tick_timestep,
 )
+from probes.tasks import get_task  # noqa: E402
 
+#: the decoded latent as a caption names it
+LATENT_PHRASES = {"noisy": "the noisy latent x_{t-1} (as the 2024 replication)",
+                  "x0": "the sampler's predicted x0 (not the replication's noisy latent)"}
 METRIC_NAMES = {"dice": "Dice", "spearman": "Spearman correlation", "pearson": "Pearson correlation",
-                "rmse": "RMSE", "iou": "IoU", "accuracy": "accuracy"}
+                "rmse": "RMSE", "iou": "IoU", "accuracy": "accuracy", "top1": "top-1 accuracy",
+                "top5": "top-5 accuracy", "prob": "probability of the prompt's class"}
 
 
 def metric_name(metric: str) -> str:
@@ -53,16 +64,26 @@ def _fmt(v: float) -> str:
 
 
 def plot_comparison(runs: dict[str, list[dict]], task: str, metric: str, path: Path, split: str = "test") -> Path:
-    """One line per run: the per-step best layer's score vs step (dashed: each run's val-picked layer)."""
+    """One line per run: at each step the score of the layer best on val at that step (dashed: each run's
+    val-picked layer). A run without validation split selects nothing: its pre-declared layer
+    ``REFERENCE_LAYER`` is drawn instead (dotted)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colours = plt.get_cmap("tab10")
     steps_ts: dict[int, float] = {}
     for k, (name, rows) in enumerate(runs.items()):
         env = _curve(rows, split, task, metric, None)
+        if not can_select(rows):
+            fixed = _curve(rows, split, task, metric, REFERENCE_LAYER)
+            steps_ts.update({s: t for s, t, _ in fixed})
+            if fixed:
+                ax.plot([s for s, _, _ in fixed], [v for _, _, v in fixed], ":o", ms=3, color=colours(k),
+                        label=f"{name}: {REFERENCE_LAYER} (pre-declared; no validation split, nothing selected)")
+            continue
         if not env:
             continue
         steps_ts.update({s: t for s, t, _ in env})
-        ax.plot([s for s, _, _ in env], [v for _, _, v in env], "-o", ms=3, color=colours(k), label=f"{name}: best layer per step")
+        ax.plot([s for s, _, _ in env], [v for _, _, v in env], "-o", ms=3, color=colours(k),
+                label=f"{name}: layer best on val at each step")
         best = [b for b in best_heads(rows) if b["task"] == task and b["metric"] == metric]
         if best:
             c = _curve(rows, split, task, metric, best[0]["layer"])
@@ -95,20 +116,29 @@ def task_figures(plots_dir: Path, rows: list[dict], split: str = "test") -> dict
     Found by the names ``plot_all``, ``plot_comparison`` and the panels are written under; a plot
     that is absent is skipped.
     """
-    pairs = list(dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES))
-    has_decoded = {(r["task"], r["metric"]) for r in rows if r["layer"] == "decoded_x0"}
+    pairs = list(dict.fromkeys((r["task"], r["metric"]) for r in rows
+                               if r["metric"] not in NOT_SCORES and r["task"] != CLASSIFICATION))
+    decoded_latent = {(r["task"], r["metric"]): latent_of(r["layer"]) for r in rows if is_decoded(r["layer"])}
+    selects = can_select(rows)
     out: dict[str, list[tuple[Path, str]]] = {}
+    clf_layer = next((r["layer"] for r in rows if r["task"] == CLASSIFICATION), None)
     for task, metric in pairs:
         name = metric_name(metric)
-        figs = out.setdefault(task, [])
+        if task not in out:
+            out[task] = [(plots_dir / f"emergence_{task}.png", emergence_caption(task, rows, clf_layer))]
+        figs = out[task]
         figs.append((plots_dir / f"compare_{task}_{metric}.png",
-                     f"{task.capitalize()}, {name} ({split} split), runs compared: at every step the best probe of "
-                     f"each run (solid) and each run's probe picked on validation (dashed)."))
-        below = (" Below, on its own scale: the labeler run on the image decoded from the predicted x0 at each step "
-                 "(the baseline a probe should beat early on)." if (task, metric) in has_decoded else "")
+                     f"{task.capitalize()}, {name} ({split} split), runs compared: at every step the probe of each "
+                     f"run best on validation at that step (solid) and each run's probe picked on validation "
+                     f"(dashed); a run without validation split: its pre-declared layer {REFERENCE_LAYER} (dotted)."))
+        latent = decoded_latent.get((task, metric))
+        below = (f" Below, on its own scale: the labeler run on the image decoded from "
+                 f"{LATENT_PHRASES[latent]} at each step (the baseline a probe should beat early on)."
+                 if latent else "")
         figs.append((plots_dir / f"{split}_{task}_{metric}_vs_step.png",
                      f"{task.capitalize()}, {name} ({split} split) of every layer's probe against the denoising step: "
-                     f"the {HIGHLIGHT} layers with the best validation peak in colour, the others in grey.{below}"))
+                     + (f"the {HIGHLIGHT} layers with the best validation peak in colour, the others in grey.{below}"
+                        if selects else f"{NO_SELECTION}, each in its fixed colour.{below}")))
         figs.append((plots_dir / f"{split}_{task}_{metric}_heatmap.png",
                      f"{task.capitalize()}, {name} ({split} split) of every (layer, step) probe: layers in forward "
                      f"order (down blocks, mid, up blocks), steps from noise (left) to image (right)."))
@@ -117,6 +147,32 @@ def task_figures(plots_dir: Path, rows: list[dict], split: str = "test") -> dict
                           f"{task.capitalize()}: what the best probe (picked on validation) predicts at several "
                           f"denoising steps for a few validation images, next to the image and its label."))
     return {t: [(p, c) for p, c in figs if p.is_file()] for t, figs in out.items()}
+
+
+def emergence_caption(task: str, rows: list[dict], clf_layer: str | None) -> str:
+    """What the emergence figure of ``task`` shows, naming the decoded latent and the head's pick."""
+    decoded = next((r["layer"] for r in rows if r["task"] == task and is_decoded(r["layer"])), None)
+    parts = [f"the probe's {metric_name(get_task(task).primary)} per step (its layer "
+             + ("picked on validation)" if can_select(rows) else f"pre-declared, {REFERENCE_LAYER}: no validation split)")]
+    if decoded:
+        parts.append(f"the task's labeler on the image decoded from {LATENT_PHRASES[latent_of(decoded)]}")
+    if clf_layer:
+        parts.append(f"and, on the right axis, the classifier on the image decoded from "
+                     f"{LATENT_PHRASES[latent_of(clf_layer)]}: its probability of the prompt's class and its top-1 "
+                     f"accuracy")
+    return (f"{task.capitalize()}: when does each reader find it? On the test split, " + ", ".join(parts) + ". "
+            "The replication: probes from step ~3, labelers on decoded noisy images from ~10, VGG-16 from ~11 of 15.")
+
+
+def classifier_emergence(rows: list[dict], split: str = "test", fraction: float = 0.9) -> list[dict]:
+    """Emergence rows (as :func:`emergence`'s) of the classifier's top-1 and class probability curves."""
+    out = []
+    layer = next((r["layer"] for r in rows if r["task"] == CLASSIFICATION and r["split"] == split), None)
+    for metric in ("top1", "prob") if layer else ():
+        e = emergence_step(_curve(rows, split, CLASSIFICATION, metric, layer), fraction)
+        if e:
+            out.append({"task": CLASSIFICATION, "metric": metric, "curve": describe(layer), **e})
+    return out
 
 
 def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequence[Path] = (),
@@ -133,15 +189,21 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
 
     best = best_heads(rows)
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
+    if not can_select(rows):
+        note = (f"None: {NO_SELECTION}. The test split is never used to select; the emergence table follows the "
+                f"pre-declared layer {REFERENCE_LAYER} (the published comparison point).")
+        md += ["## Best (layer, step) per task and metric", "", note, ""]
+        hs += ["<h2>Best (layer, step) per task and metric</h2>", f"<p>{html.escape(note)}</p>"]
     m, h = _table(["task", "metric", "layer", "step", "timestep", *splits],
                   [[b["task"], b["metric"], b["layer"], b["step"], fmt_timestep(b["timestep"]),
                     *[_fmt(b.get(s, float("nan"))) for s in splits]] for b in best])
-    md += ["## Best (layer, step) per task and metric", "", "Picked on the validation split; the test column is "
-           "that head's test score.", "", m, ""]
-    hs += ["<h2>Best (layer, step) per task and metric</h2><p>Picked on the validation split; the test column is "
-           "that head's test score.</p>", h]
+    if best:
+        md += ["## Best (layer, step) per task and metric", "", "Picked on the validation split; the test column "
+               "is that head's test score.", "", m, ""]
+        hs += ["<h2>Best (layer, step) per task and metric</h2><p>Picked on the validation split; the test column "
+               "is that head's test score.</p>", h]
 
-    em = emergence(rows)
+    em = emergence(rows) + classifier_emergence(rows)
     m, h = _table(["task", "metric", "curve", "emergence step", "timestep", "score there", "final score"],
                   [[e["task"], e["metric"], e["curve"], *_emergence_cells(e)] for e in em])
     definition = ("The emergence step is the first step whose score reaches 90 % of the score at the last step. "
@@ -159,20 +221,23 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
             runs[labels[k + 1] if labels and len(labels) > k + 1 else other.name] = read_metrics_csv(csv_path)
         header = ["task", "metric"] + [f"{r} (layer, step)" for r in runs] + [f"{r} test" for r in runs]
         body = []
-        for b in best:
+        pairs = [(b["task"], b["metric"]) for b in reported_heads(rows)]
+        heads = {n: {(x["task"], x["metric"]): x for x in reported_heads(rrows)} for n, rrows in runs.items()}
+        for task, metric in pairs:
             cells_where, cells_val = [], []
-            for rrows in runs.values():
-                rb = [x for x in best_heads(rrows) if x["task"] == b["task"] and x["metric"] == b["metric"]]
-                cells_where.append(f"{rb[0]['layer']}, {rb[0]['step']}" if rb else "-")
-                cells_val.append(_fmt(rb[0].get("test", float("nan"))) if rb else "-")
-            body.append([b["task"], b["metric"], *cells_where, *cells_val])
+            for n in runs:
+                rb = heads[n].get((task, metric))
+                fixed = " (pre-declared, no val split)" if rb and rb.get("selected_on") != "val" else ""
+                cells_where.append(f"{rb['layer']}, {rb['step']}{fixed}" if rb else "-")
+                cells_val.append(_fmt(rb.get("test", float("nan"))) if rb else "-")
+            body.append([task, metric, *cells_where, *cells_val])
         m, h = _table(header, body)
         md += ["## Runs compared", "", m, ""]
         hs += ["<h2>Runs compared</h2>", h]
-        for b in best:
-            if b["metric"] in LOWER_IS_BETTER:
+        for task, metric in pairs:
+            if metric in LOWER_IS_BETTER:
                 continue
-            plot_comparison(runs, b["task"], b["metric"], run_dir / "plots" / f"compare_{b['task']}_{b['metric']}.png")
+            plot_comparison(runs, task, metric, run_dir / "plots" / f"compare_{task}_{metric}.png")
 
     shown: set[Path] = set()
     for task, figs in task_figures(run_dir / "plots", rows).items():

@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from probes.export.probeset import export_probes
+from probes.metrics.classifier import classifier_rows
 from probes.metrics.decoded import decoded_rows
 from probes.metrics.position import position_rows
 from probes.reporting.html import write_report
@@ -67,6 +68,7 @@ class RunOutputs(pl.Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is not None:
             rows += decoded_rows(module, dm)  # the labeler on decoded intermediate images, per step
+            rows += classifier_rows(dm)       # the classifier on the same images, per step (data.classifier)
             rows += position_rows(module, dm)  # what pixel coordinates alone predict
         spec = module.spec
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")

@@ -2,7 +2,9 @@
 
 Long form (one row per split, task, layer, step, metric) is what pandas, W&B tables and
 spreadsheets all read without reshaping. Best heads are picked on the validation split and
-their test value is reported, so the test set is never used for selection.
+their test value is reported, so the test set is never used for selection: without a validation
+split (the reference-exact runs train on all 246 images) nothing is picked, the report says so,
+and its curves show all layers or the pre-declared layer ``REFERENCE_LAYER``.
 """
 from __future__ import annotations
 
@@ -11,13 +13,21 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from probes.metrics.pseudo_layers import DECODED, describe
+from probes.metrics.pseudo_layers import NOT_PROBES as PSEUDO_LAYERS
 from probes.tasks import LOWER_IS_BETTER, better
 
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
 #: rows of metrics.csv that are not scores (no best head is picked on them)
 NOT_SCORES = {"loss", "ridge_lambda"}
-#: pseudo-layers that are not probes (the labeler on decoded intermediate images)
-NOT_PROBES = {"decoded_x0", "position"}
+#: pseudo-layers that are not probes (labeler / classifier on decoded intermediate images, position)
+NOT_PROBES = set(PSEUDO_LAYERS)
+#: the only split anything is selected on
+SELECT_SPLIT = "val"
+#: the published comparison point's layer (up_blocks.3.attentions.0): declared before any result,
+#: so a curve of it selects nothing
+REFERENCE_LAYER = "up3.0"
+NO_SELECTION = "no validation split: no layer is selected; all layers shown"
 REAL_COMMAND = "python train.py fit --config configs/sd14/all.yaml"
 RANDOM_WARNING = (
     "NOTE: this model has RANDOM WEIGHTS. Its images are noise and every number here is meaningless by "
@@ -41,12 +51,24 @@ def read_metrics_csv(path: Path) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
-def best_heads(rows: list[dict], select_split: str = "val") -> list[dict]:
-    """Per (task, metric): the (layer, step) best on ``select_split`` and its value on every split."""
+def can_select(rows: list[dict]) -> bool:
+    """Whether ``rows`` hold validation scores, the only ones anything may be selected on."""
+    return any(r["split"] == SELECT_SPLIT for r in rows)
+
+
+def best_heads(rows: list[dict], select_split: str = SELECT_SPLIT) -> list[dict]:
+    """Per (task, metric): the (layer, step) best on ``select_split`` and its value on every split.
+
+    Empty when ``rows`` have no ``select_split`` scores (a run without validation split): nothing
+    is picked rather than picking on test. Selecting on ``test`` is refused outright.
+    """
+    if select_split == "test":
+        raise ValueError("best_heads: selecting on the test split is refused (its scores would be biased upwards); "
+                         "select on 'val'")
     index = {(r["split"], r["task"], r["metric"], r["layer"], r["step"]): r for r in rows}
     splits = list(dict.fromkeys(r["split"] for r in rows))
     if select_split not in splits:
-        select_split = splits[0]
+        return []
     out = []
     # a NaN never wins a comparison, so dropping it would quietly crown another head; it means corrupt
     # data or diverged probes, and the run's numbers cannot be ranked
@@ -87,13 +109,24 @@ def reference_heads(rows: list[dict], layer: str = "up3.0") -> list[dict]:
     return out
 
 
+def reported_heads(rows: list[dict]) -> list[dict]:
+    """The head each (task, metric) is reported by: the best on val, or, without a validation split,
+    the pre-declared ``REFERENCE_LAYER`` at the last step (nothing selected; ``selected_on`` says so)."""
+    if can_select(rows):
+        return best_heads(rows)
+    return [dict(h, selected_on="none (pre-declared)") for h in reference_heads(rows, REFERENCE_LAYER)]
+
+
 def format_table(rows: list[dict], is_random: bool) -> str:
     """The table printed at the end of a run."""
     lines = []
     best = best_heads(rows)
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
     head = f"{'task':<11}{'metric':<10}{'best layer':<12}{'step':>5}{'t':>8}" + "".join(f"{s:>9}" for s in splits)
-    lines += ["", "Best (layer, step) per task and metric, selected on the validation split:", head, "-" * len(head)]
+    if can_select(rows):
+        lines += ["", "Best (layer, step) per task and metric, selected on the validation split:", head, "-" * len(head)]
+    else:
+        lines += ["", f"Best (layer, step): none picked ({NO_SELECTION}; the test split is never used to select)."]
     for b in best:
         lines.append(f"{b['task']:<11}{b['metric']:<10}{b['layer']:<12}{b['step']:>5}{fmt_timestep(b['timestep']):>8}"
                      + "".join(f"{fmt_value(b.get(s, float('nan'))):>9}" for s in splits))
@@ -108,17 +141,24 @@ def format_table(rows: list[dict], is_random: bool) -> str:
 
 
 def _curve(rows: list[dict], split: str, task: str, metric: str, layer: str | None) -> list[tuple[int, float, float]]:
-    """(step, timestep, value) of one layer, or of the best layer at each step (``layer=None``)."""
+    """(step, timestep, value) on ``split`` of one layer, or (``layer=None``) at each step of the layer
+    best on the *validation* split at that step; empty without validation scores (never picked on test)."""
     sel = [r for r in rows if r["split"] == split and r["task"] == task and r["metric"] == metric]
     if layer is not None:
         sel = [r for r in sel if r["layer"] == layer]
         return sorted((r["step"], r["timestep"], r["value"]) for r in sel)
-    sel = [r for r in sel if r["layer"] not in NOT_PROBES]
-    pick = min if metric in LOWER_IS_BETTER else max
+    value = {(r["layer"], r["step"]): r for r in sel if r["layer"] not in NOT_PROBES}
+    val = [r for r in rows if r["split"] == SELECT_SPLIT and r["task"] == task and r["metric"] == metric
+           and r["layer"] not in NOT_PROBES and (r["layer"], r["step"]) in value]
     out = []
-    for step in sorted({r["step"] for r in sel}):
-        at = [r for r in sel if r["step"] == step]
-        out.append((step, at[0]["timestep"], pick(r["value"] for r in at)))
+    for step in sorted({r["step"] for r in val}):
+        at = [r for r in val if r["step"] == step]
+        pick = at[0]
+        for r in at[1:]:
+            if better(metric, r["value"], pick["value"]):
+                pick = r
+        hit = value[(pick["layer"], step)]
+        out.append((step, hit["timestep"], hit["value"]))
     return out
 
 
@@ -180,16 +220,22 @@ def emergence_step(curve: list[tuple[int, float, float]], fraction: float = 0.9,
 
 
 def emergence(rows: list[dict], split: str = "test", fraction: float = 0.9) -> list[dict]:
-    """Per task and headline-like metric: emergence step of the best layer (picked on val) and of the
-    per-step best over layers."""
+    """Per task and headline-like metric: emergence step of the best layer (picked on val), of the
+    layer best on val at each step, and of the decoded-image baselines. Without a validation split
+    nothing is picked: the pre-declared ``REFERENCE_LAYER`` stands in for the best layer."""
     out = []
-    for b in best_heads(rows):
-        if b["metric"] in LOWER_IS_BETTER:  # "90 % of the final score" is defined for scores, not errors
+    if can_select(rows):
+        heads = [(b["task"], b["metric"], [("best layer " + b["layer"], b["layer"]),
+                                           ("best layer at each step (picked on val)", None)])
+                 for b in best_heads(rows)]
+    else:
+        heads = [(t, m, [(f"pre-declared layer {REFERENCE_LAYER} (no selection)", REFERENCE_LAYER)])
+                 for t, m in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES)]
+    for task, metric, curves in heads:
+        if metric in LOWER_IS_BETTER:  # "90 % of the final score" is defined for scores, not errors
             continue
-        curves = [("best layer " + b["layer"], b["layer"]), ("best layer at each step", None),
-                  ("labeler on decoded x0", "decoded_x0")]
-        for which, layer in curves:
-            e = emergence_step(_curve(rows, split, b["task"], b["metric"], layer), fraction)
+        for which, layer in [*curves, *[(describe(layer), layer) for layer in DECODED.values()]]:
+            e = emergence_step(_curve(rows, split, task, metric, layer), fraction)
             if e:
-                out.append({"task": b["task"], "metric": b["metric"], "curve": which, **e})
+                out.append({"task": task, "metric": metric, "curve": which, **e})
     return out

@@ -5,6 +5,8 @@ Layout of a store folder::
     manifest.json          what was generated and how (model, revision, sampler, layers, steps,
                            timesteps, prompts, seeds, shapes, dtype, code version); written last
     images.npy             [N, H, W, 3] uint8
+    noisy_images.npy       [N, S, H, W, 3] uint8, generation.decode=noisy: the noisy latent x_{t-1}
+                           decoded at every captured step (test rows only; x0_images.npy for decode=x0)
     acts/<layer>.npy       [N, S, halves, tokens, channels], fp16 by default
     commits/<index>.json   one marker per committed sample (its prompt, seed, timesteps)
     labels/                the label cache (probes.labels.cache)
@@ -34,6 +36,12 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = 1
+
+
+def decoded_latent(generation: Mapping[str, Any]) -> str:
+    """Which latent a store's intermediate images decode (``none``, ``noisy`` or ``x0``), from the
+    manifest's ``generation`` section; stores made before ``generation.decode`` say ``decode_x0``."""
+    return str(generation.get("decode") or ("x0" if generation.get("decode_x0") else "none"))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -284,8 +292,11 @@ class ActivationStore:
         self.manifest: dict[str, Any] = read_manifest(mpath)
         layout = self.layout(self.manifest)
         self.images = self._open_array("images", layout)
-        #: decoded predicted-x0 images per captured step (``generation.decode_x0``)
-        self.x0_images = self._open_array("x0_images", layout) if "x0_images" in layout else None
+        #: which latent the intermediate images decode: ``none``, ``noisy`` (x_{t-1}) or ``x0``
+        self.decoded = decoded_latent(self.manifest["generation"])
+        #: the intermediate images per captured step (``generation.decode``; test rows only)
+        name = f"{self.decoded}_images"
+        self.decoded_images = self._open_array(name, layout) if name in layout else None
         self.acts = {name[len("acts/"):]: self._open_array(name, layout) for name in layout if name.startswith("acts/")}
         self.commits = CommitLog(self.root / "commits", self.num_samples)
         self._check_commits()
@@ -323,8 +334,9 @@ class ActivationStore:
         h, w = manifest["generation"]["height"], manifest["generation"]["width"]
         cap = manifest["capture"]
         out = {"images": ((n, h, w, 3), "uint8")}
-        if manifest["generation"].get("decode_x0"):
-            out["x0_images"] = ((n, len(manifest["capture"]["steps"]), h, w, 3), "uint8")
+        decoded = decoded_latent(manifest["generation"])
+        if decoded != "none":   # the file is named after its latent: noisy_images.npy, x0_images.npy
+            out[f"{decoded}_images"] = ((n, len(manifest["capture"]["steps"]), h, w, 3), "uint8")
         for layer in cap["layers"] if cap.get("store_activations", True) else []:
             t = layer["grid"][0] * layer["grid"][1]
             out[f"acts/{layer['name']}"] = ((n, len(cap["steps"]), len(cap["halves"]), t, layer["channels"]),
@@ -379,31 +391,32 @@ class ActivationStore:
 
     # -- writing ---------------------------------------------------------------------------
     def write_batch(self, indices: list[int], images: np.ndarray, acts: Mapping[str, np.ndarray],
-                    records: list[dict[str, Any]], x0_images: np.ndarray | None = None,
-                    x0_indices: list[int] | None = None) -> None:
+                    records: list[dict[str, Any]], decoded_images: np.ndarray | None = None,
+                    decoded_indices: list[int] | None = None) -> None:
         """Write a batch of samples in place, sync, then commit each (markers last).
 
-        ``x0_images`` rows belong to ``x0_indices`` (default: all of ``indices``): only the test
-        split's decoded images are generated, the other rows of ``x0_images.npy`` stay unwritten.
+        ``decoded_images`` rows belong to ``decoded_indices`` (default: all of ``indices``): only the
+        test split's intermediate images are decoded, the other rows of the array stay unwritten.
         """
         unknown = set(acts) - set(self.acts)
         if unknown or len(acts) != len(self.acts):
             raise KeyError(f"activations for layers {sorted(acts)} do not match the store's {self.layer_names}")
-        if (x0_images is None) != (self.x0_images is None):
-            raise ValueError("decoded x0 images must be written exactly when the store has them (generation.decode_x0)")
-        if x0_images is not None:
-            x0_rows = list(indices) if x0_indices is None else list(x0_indices)
-            if len(x0_images) != len(x0_rows):
-                raise ValueError(f"{len(x0_images)} decoded x0 images for {len(x0_rows)} samples")
-            for k, i in enumerate(x0_rows):
-                self.x0_images.write_row(i, x0_images[k])
+        if (decoded_images is None) != (self.decoded_images is None):
+            raise ValueError(f"decoded intermediate images must be written exactly when the store has them "
+                             f"(this store: generation.decode={self.decoded})")
+        if decoded_images is not None:
+            rows = list(indices) if decoded_indices is None else list(decoded_indices)
+            if len(decoded_images) != len(rows):
+                raise ValueError(f"{len(decoded_images)} decoded {self.decoded} images for {len(rows)} samples")
+            for k, i in enumerate(rows):
+                self.decoded_images.write_row(i, decoded_images[k])
         for k, i in enumerate(indices):
             self.images.write_row(i, images[k])
             for name, arr in acts.items():
                 self.acts[name].write_row(i, arr[k])
         self.images.sync()
-        if self.x0_images is not None:
-            self.x0_images.sync()
+        if self.decoded_images is not None:
+            self.decoded_images.sync()
         for arr in self.acts.values():
             arr.sync()
         for i, rec in zip(indices, records):
@@ -411,8 +424,8 @@ class ActivationStore:
 
     def close(self) -> None:
         self.images.close()
-        if self.x0_images is not None:
-            self.x0_images.close()
+        if self.decoded_images is not None:
+            self.decoded_images.close()
         for a in self.acts.values():
             a.close()
 

@@ -29,8 +29,18 @@ def store_request(diffusion: DiffusionSpec, generation: GenerationSpec, capture:
     reusing a complete one would give numbers a clean run does not; with the batch size in the
     fingerprint another batch size gets its own store (an explicit ``data.store_dir`` made with
     another batch size is refused, naming both values).
+
+    ``generation.decode`` is part of it too (the decoded images are stored, and a store decoded
+    from x0 must never be read as the noisy-latent baseline). It is written as the key stores had
+    before ``decode`` existed (``decode_x0: false/true`` for ``none``/``x0``), plus ``decode:
+    noisy`` for the new value, so that existing stores (hours of SD v1.4 generation) keep their
+    fingerprints and folders.
     """
     gen = asdict(generation)
+    decode = gen.pop("decode")
+    gen["decode_x0"] = decode == "x0"
+    if decode == "noisy":
+        gen["decode"] = decode
     req = {"model": diffusion.identity(), "generation": gen, "capture": asdict(capture),
            "prompts": prompts_fingerprint(records), "num_samples": len(records)}
     if not store_activations:
@@ -49,7 +59,7 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
     if height % (8 * f) or width % (8 * f):
         raise ValueError(f"generation height/width must be multiples of {8 * f} (token grids must divide the "
                          f"labels evenly); got {height}x{width}")
-    registry = LayerRegistry.from_unet(pipe.unet, (height // f, width // f))
+    registry = LayerRegistry.from_pipeline(pipe, (height // f, width // f))   # U-Net layers, and vae.mid (opt-in)
     layers = registry.select(capture.layers)
     timesteps = sampler_timesteps(pipe, generation)
     steps = list(range(generation.steps)) if capture.steps is None else sorted(set(capture.steps))

@@ -3,8 +3,8 @@
 The store checks its own size when it is created, and each label cache checks its own when it is
 created, hours later. A disk with room for the store but not for the labels passed the first
 check, generated everything, and was refused while labelling. This module adds up everything a
-run will write (activations and images not yet generated, labels not yet computed, decoded x0
-images and their labels) so that the data module and the pre-flight check refuse up front.
+run will write (activations and images not yet generated, labels not yet computed, decoded
+intermediate images and their labels) so that the data module and the pre-flight check refuse up front.
 
 The activation layout comes from the U-Net's *config* (a model built on the meta device: no
 weights, no memory), so it is known before the model is loaded.
@@ -22,7 +22,7 @@ import numpy as np
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.models.loading import DiffusionSpec, load_architecture
 from probes.prompts.sets import PromptRecord
-from probes.store.activations import ActivationStore, InsufficientDisk, human_bytes
+from probes.store.activations import ActivationStore, InsufficientDisk, decoded_latent, human_bytes
 
 
 def unet_config(diffusion: DiffusionSpec) -> tuple[dict[str, Any], int] | None:
@@ -41,13 +41,26 @@ def unet_config(diffusion: DiffusionSpec) -> tuple[dict[str, Any], int] | None:
     return dict(unet), 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def vae_config(diffusion: DiffusionSpec) -> dict[str, Any] | None:
+    """The VAE's config without loading weights (for ``vae.mid``'s channels); None when not cached."""
+    if diffusion.is_random:
+        return dict(load_architecture(diffusion.architecture)["vae"])
+    try:
+        from diffusers import AutoencoderKL
+
+        return dict(AutoencoderKL.load_config(diffusion.model_id, subfolder="vae", revision=diffusion.revision,
+                                              cache_dir=diffusion.cache_dir, local_files_only=True))
+    except Exception:
+        return None
+
+
 def planned_layout(diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
                    num_samples: int, store_activations: bool = True) -> dict[str, Any] | None:
     """The part of a store manifest that fixes its size (what ``ActivationStore.layout`` reads), or None."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from probes.models.layers import LayerRegistry
+    from probes.models.layers import LayerRegistry, vae_mid_layer
 
     found = unet_config(diffusion)
     if found is None:
@@ -58,7 +71,11 @@ def planned_layout(diffusion: DiffusionSpec, generation: GenerationSpec, capture
     h, w = generation.height or native, generation.width or native
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(cfg)
-    layers = LayerRegistry.from_unet(unet, (h // f, w // f)).select(capture.layers)
+    registry = LayerRegistry.from_unet(unet, (h // f, w // f))
+    vae = vae_config(diffusion) if any(str(p).startswith("vae") for p in capture.layers) else None
+    if vae is not None and vae.get("mid_block_add_attention", True):   # vae.mid: the decoder's mid-block width
+        registry.register(vae_mid_layer(int(vae["block_out_channels"][-1]), (h // f, w // f)))
+    layers = registry.select(capture.layers)
     steps = list(range(generation.steps)) if capture.steps is None else sorted(set(capture.steps))
     return {"num_samples": num_samples, "generation": dict(asdict(generation), height=h, width=w),
             "capture": {"layers": [layer.to_dict() for layer in layers], "steps": steps, "dtype": capture.dtype,
@@ -71,11 +88,12 @@ def _row_bytes(shape: Sequence[int], dtype: str) -> int:
 
 
 def store_bytes(layout: dict[str, Any], todo: Sequence[int], test: Sequence[int]) -> int:
-    """Bytes the samples ``todo`` add to a store of ``layout`` (decoded x0 images: test samples only)."""
+    """Bytes the samples ``todo`` add to a store of ``layout`` (decoded intermediate images: test samples only)."""
     todo_set, total = set(todo), 0
-    x0_rows = len(todo_set & set(test))
+    test_rows = len(todo_set & set(test))
+    decoded = f"{decoded_latent(layout['generation'])}_images"
     for name, (shape, dtype) in ActivationStore.layout(layout).items():
-        total += _row_bytes(shape, dtype) * (x0_rows if name == "x0_images" else len(todo_set))
+        total += _row_bytes(shape, dtype) * (test_rows if name == decoded else len(todo_set))
     return total
 
 

@@ -26,12 +26,13 @@ from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.generation.stage import ensure_store, open_store, shard_of
 from probes.labels import build_labeler, check_labeler
 from probes.labels.cache import LabelCache
+from probes.metrics.classifier import check_classifier_data, classifier_config
 from probes.models.layers import LayerInfo
 from probes.models.loading import DiffusionSpec, load_pipeline
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_indices
-from probes.store.activations import ActivationStore
+from probes.store.activations import ActivationStore, decoded_latent
 from probes.store.manifest import request_fingerprint, store_request
-from probes.tasks import get_task
+from probes.tasks import check_target_norm, get_task, resolve_target_stats
 from probes.training.budget import check_budget, label_bytes, planned_layout, records_split, store_bytes
 from probes.training.datasets import ActivationDataset, StreamingDataset, StreamSource, UnpaddedShardSampler, collated
 from probes.training.finite import describe_sample
@@ -41,6 +42,20 @@ log = logging.getLogger(__name__)
 
 
 MODES = ("cached", "streaming")
+
+
+def selects_on_validation(model: Any) -> bool:
+    """Whether fitting ``model`` picks anything on the validation split (None: assume it does).
+
+    One-pass ridge probes pick λ per head there, ``selection: best_val`` each head's epoch; SGD
+    probes with ``selection: last`` (the reference's way) select nothing.
+    """
+    if model is None:
+        return True
+    if getattr(model, "one_pass", False):
+        return bool(getattr(model, "selects_lambda", True))
+    hparams = getattr(model, "hparams", None) or {}
+    return hparams.get("selection", "last") != "last"
 
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -66,6 +81,14 @@ class ActivationDataModule(pl.LightningDataModule):
     :param exact_train_shards: each training image seen exactly once per epoch, also under DDP
         (no padding duplicates). One-pass (closed-form) probes need it; the CLI links it from
         ``model.one_pass``.
+    :param target_norm: per regression task, how its targets are z-scored instead of with its own
+        train-split statistics: another task's (``{shading: depth}``) or fixed constants
+        (``{shading: {mean: 15.740597, std: 9.281932}}``, the replication's recipe); see
+        ``probes.tasks.check_target_norm``.
+    :param classifier: the replication's classifier experiment: a classifier run on every step's
+        decoded image of the test split (``generation.decode``), scored against the prompts' classes
+        (CSV column ``class_index``); ``{name: torchvision:vgg16}`` plus ``load_classifier``
+        arguments, or a group file (``configs/classifier/{vgg16,toy}.yaml``). None: no classifier.
     """
 
     def __init__(self, diffusion: DiffusionSpec = DiffusionSpec(), prompts: PromptSpec = PromptSpec(),
@@ -73,7 +96,8 @@ class ActivationDataModule(pl.LightningDataModule):
                  labels: dict[str, dict[str, Any]] | Path_fr | None = None, mode: str = "cached",
                  store_dir: str | None = None, store_root: str = "outputs/stores", batch_size: int = 4,
                  num_workers: int = 0, device: str = "auto", progress: bool = True,
-                 exact_train_shards: bool = False) -> None:
+                 exact_train_shards: bool = False, target_norm: dict[str, Any] | None = None,
+                 classifier: dict[str, Any] | Path_fr | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
@@ -91,6 +115,8 @@ class ActivationDataModule(pl.LightningDataModule):
             self.labels[task] = dict(cfg)  # an export's frozen config (MappingProxyType) becomes a plain dict
             get_task(task)                 # checked now, before any compute: unknown names list the valid ones
             check_labeler(cfg["name"])
+        self.target_norm = check_target_norm(target_norm, tuple(self.labels))  # before any compute
+        self.classifier = classifier_config(classifier)                        # its name checked now too
         self.mode, self.store_dir, self.store_root = mode, store_dir, store_root
         self.batch_size, self.num_workers, self.device, self.progress = batch_size, num_workers, device, progress
         self.store: ActivationStore | None = None
@@ -100,8 +126,8 @@ class ActivationDataModule(pl.LightningDataModule):
         #: per task, each sample's smallest and largest label value (cached mode): binary tasks whose
         #: train labels are all empty or all full are refused by the probe module
         self.label_ranges: dict[str, tuple[Any, Any]] = {}
-        #: labels of the decoded predicted-x0 images of the test split (generation.decode_x0)
-        self.x0_label_caches: dict[str, LabelCache] = {}
+        #: labels of the test split's decoded intermediate images (generation.decode: noisy or x0)
+        self.decoded_label_caches: dict[str, LabelCache] = {}
         self._pipe = None
         self.exact_train_shards = exact_train_shards
 
@@ -119,7 +145,8 @@ class ActivationDataModule(pl.LightningDataModule):
         return {"diffusion": asdict(self.diffusion), "prompts": asdict(self.prompts),
                 "generation": asdict(self.generation), "capture": asdict(self.capture),
                 "labels": self.labels, "mode": self.mode, "store_dir": str(self.resolved_store_dir()),
-                "batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device}
+                "batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device,
+                "target_norm": self.target_norm, "classifier": self.classifier}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> ActivationDataModule:
@@ -128,7 +155,8 @@ class ActivationDataModule(pl.LightningDataModule):
                    generation=GenerationSpec(**cfg["generation"]), capture=CaptureSpec(**cfg["capture"]),
                    labels=cfg["labels"], mode=cfg.get("mode", "cached"), store_dir=cfg.get("store_dir"),
                    batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
-                   device=cfg.get("device", "auto"), progress=cfg.get("progress", True))
+                   device=cfg.get("device", "auto"), progress=cfg.get("progress", True),
+                   target_norm=cfg.get("target_norm"), classifier=cfg.get("classifier"))
 
     def records(self) -> list[PromptRecord]:
         if not hasattr(self, "_records"):
@@ -143,13 +171,15 @@ class ActivationDataModule(pl.LightningDataModule):
         return Path(self.store_root) / f"{name}{request_fingerprint(request)}"
 
     # -- checks before any compute -------------------------------------------------------
-    def check_splits(self, stage: str | None = "fit") -> None:
-        """Refuse a prompt set without train or test prompts, and a fit without validation prompts.
+    def check_splits(self, stage: str | None = "fit", model: Any = None) -> None:
+        """Refuse a prompt set without train or test prompts, and a fit that selects without validation prompts.
 
-        Fitting selects on the validation split, never on test: the best (layer, step) per task in
-        ``summary.json`` and the report, ``model.selection: best_val`` and the ridge λ. Without val
-        prompts that selection would silently fall back to the test split, or fail after hours of
-        generation, so it is refused here, before any compute.
+        Selection happens on the validation split, never on test: ``model.selection: best_val`` and
+        the ridge λ need it, so such a fit without val prompts is refused here, before any compute
+        (it would otherwise fail, or select on test, after hours of generation). A fit that selects
+        nothing (SGD probes with ``selection: last``, the reference-exact configs that train on all
+        246 images) runs without val; its report then picks no best (layer, step) and says so.
+        ``model`` None (unknown) counts as selecting.
         """
         splits = split_indices(self.records())
         empty = [s for s in ("train", "test") if not splits[s]]
@@ -157,12 +187,27 @@ class ActivationDataModule(pl.LightningDataModule):
             raise ValueError(f"the prompt set has no {' and no '.join(empty)} prompts; check data.prompts "
                              f"(source={self.prompts.source!r}, limit={self.prompts.limit}, "
                              f"test_fraction={self.prompts.test_fraction})")
-        if stage in ("fit", None) and not splits["val"]:
+        if stage in ("fit", None) and not splits["val"] and selects_on_validation(model):
             raise ValueError(
                 f"the prompt set has no validation prompts (data.prompts.val_fraction={self.prompts.val_fraction}, "
-                f"{len(splits['train'])} train prompts): fitting picks the best (layer, step), best_val weights and "
-                f"ridge λ on the validation split, never on test. Set data.prompts.val_fraction > 0 (e.g. 0.1), "
-                f"or give the prompt file a split column with some 'val' rows.")
+                f"{len(splits['train'])} train prompts): this model picks best_val weights or the ridge λ on the "
+                f"validation split, never on test. Set data.prompts.val_fraction > 0 (e.g. 0.1), give the prompt "
+                f"file a split column with some 'val' rows, or use SGD probes with model.init_args.selection: last "
+                f"(nothing selected: configs/sd14/reference_exact.yaml).")
+
+    def check_classifier(self) -> None:
+        """Refuse a classifier without decoded images or without class-labelled test prompts (before any compute)."""
+        check_classifier_data(self.classifier, self.generation.decode, self.records())
+
+    def classifier_prerequisites(self) -> list[Any]:
+        """The classifier's missing weights, as ``probes.labels.base.Missing`` items (for the pre-flight check)."""
+        if not self.classifier:
+            return []
+        from probes.classify.models import classifier_prerequisites
+
+        c = self.classifier
+        return classifier_prerequisites(c["name"], c.get("weights", "DEFAULT"), c.get("cache_dir"),
+                                        where="data.classifier")
 
     def disk_needs(self) -> list[tuple[str, int]] | None:
         """``(what, bytes)`` this run still writes under the store (activations, images, labels); None if unknown.
@@ -184,16 +229,16 @@ class ActivationDataModule(pl.LightningDataModule):
         h, w = layout["generation"]["height"], layout["generation"]["width"]
         what = "images" if self.streaming else "activations and images"
         needs = [(f"{what} of {len(todo)} samples", store_bytes(layout, todo, test))]
-        x0 = bool(layout["generation"].get("decode_x0"))
+        decoded = decoded_latent(layout["generation"])
         for task, cfg in self.labels.items():
             cfg = dict(cfg)
             labeler = build_labeler(cfg.pop("name"), **cfg)
             rows = LabelCache(store, task, labeler).missing(range(len(records))) if store is not None else records
             needs.append((f"{task} labels", label_bytes(len(rows), h, w)))
-            if x0:
-                x0_rows = LabelCache(store, task, labeler, "x0").missing(test) if store is not None else test
-                needs.append((f"{task} labels of decoded x0 images",
-                              label_bytes(len(x0_rows), h, w, len(layout["capture"]["steps"]))))
+            if decoded != "none":
+                dec_rows = LabelCache(store, task, labeler, "decoded").missing(test) if store is not None else test
+                needs.append((f"{task} labels of decoded {decoded} images",
+                              label_bytes(len(dec_rows), h, w, len(layout["capture"]["steps"]))))
         return needs
 
     def check_disk_budget(self) -> None:
@@ -233,7 +278,9 @@ class ActivationDataModule(pl.LightningDataModule):
             return
         rank, world, barrier = self.dist()
         records = self.records()
-        self.check_splits(stage)           # before any compute: generation and labels take hours on SD v1.4
+        trainer = getattr(self, "trainer", None)
+        self.check_splits(stage, trainer.lightning_module if trainer is not None else None)  # before any compute
+        self.check_classifier()
         self.check_disk_budget()           # every rank (same answer): a rank that raised alone would hang a barrier
         store_dir = self.resolved_store_dir()
         progress = self.progress and (rank == 0 or world > 1)
@@ -249,11 +296,12 @@ class ActivationDataModule(pl.LightningDataModule):
             self.label_caches[task] = LabelCache(store, task, build_labeler(cfg.pop("name"), **cfg))
         splits = split_indices(records)
         if self.streaming:
-            if store.x0_images is not None:
-                self.x0_label_caches = {t: LabelCache(store, t, c.labeler, source="x0") for t, c in self.label_caches.items()}
+            if store.decoded_images is not None:
+                self.decoded_label_caches = {t: LabelCache(store, t, c.labeler, source="decoded")
+                                             for t, c in self.label_caches.items()}
             source = StreamSource(pipeline=self.pipeline, records=records, generation=self.generation,
                                   capture=self.capture, store=store, label_caches=self.label_caches,
-                                  x0_label_caches=self.x0_label_caches, device=self._device,
+                                  decoded_label_caches=self.decoded_label_caches, device=self._device,
                                   dist=lambda: self.dist()[:2], progress=self.progress)
             self.datasets = {s: StreamingDataset(source, s, idx) for s, idx in splits.items() if idx}
             stats: dict[str, dict[str, float]] = {}  # the one-pass probes measure them on the train stream
@@ -263,14 +311,15 @@ class ActivationDataModule(pl.LightningDataModule):
                              device=self._device(), progress=progress)
             barrier()
             self.label_caches = {t: LabelCache(store, t, c.labeler) for t, c in self.label_caches.items()}
-            if store.x0_images is not None:
+            if store.decoded_images is not None:
                 for task, cache in self.label_caches.items():
-                    x0 = LabelCache(store, task, cache.labeler, source="x0")
-                    x0.ensure(shard_of(splits["test"], self.generation.batch_size, rank, world), device=self._device(),
-                              progress=progress)
-                    self.x0_label_caches[task] = x0
+                    dec = LabelCache(store, task, cache.labeler, source="decoded")
+                    dec.ensure(shard_of(splits["test"], self.generation.batch_size, rank, world), device=self._device(),
+                               progress=progress)
+                    self.decoded_label_caches[task] = dec
                 barrier()
-                self.x0_label_caches = {t: LabelCache(store, t, c.labeler, "x0") for t, c in self.x0_label_caches.items()}
+                self.decoded_label_caches = {t: LabelCache(store, t, c.labeler, "decoded")
+                                             for t, c in self.decoded_label_caches.items()}
             self.datasets = {s: ActivationDataset(store, idx, self.label_caches) for s, idx in splits.items() if idx}
             stats = {}
             for t, c in self.label_caches.items():  # one read of each cache: finiteness, ranges, statistics
@@ -281,13 +330,15 @@ class ActivationDataModule(pl.LightningDataModule):
                                       if c.labeler.name == "files" else "") + ".")
                 stats[t] = scan.stats(splits["train"])
                 self.label_ranges[t] = (scan.min, scan.max)
+        stats = resolve_target_stats(stats, self.target_norm)
         cap = store.manifest["capture"]
         self.probe_spec = ProbeSpec(
             layers=[LayerInfo.from_dict(d) for d in cap["layers"]], steps=list(cap["steps"]),
             timesteps=list(cap["timesteps"]), tasks=list(self.labels),
             label_size=(store.manifest["generation"]["height"], store.manifest["generation"]["width"]),
             target_stats=stats, model=store.manifest["model"], is_random=bool(store.manifest["model"]["is_random"]),
-            store_dir=str(store_dir), data_config=self.config(), streaming=self.streaming)
+            store_dir=str(store_dir), data_config=self.config(), streaming=self.streaming,
+            target_norm=self.target_norm)
 
     def loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
@@ -305,7 +356,9 @@ class ActivationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", shuffle=not self.exact_train_shards)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.datasets and self.datasets:
+            return []   # no val split (allowed when nothing is selected, see check_splits): Lightning skips validation
         return self.loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

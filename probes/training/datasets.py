@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-from probes.generation.stage import commit_records, x0_missing
+from probes.generation.stage import commit_records, decoded_missing
 from probes.labels.cache import LabelCache
 from probes.models.layers import LayerInfo
 from probes.prompts.sets import PromptRecord
@@ -65,7 +65,7 @@ class StreamSource:
 
     :param pipeline: returns the loaded diffusion pipeline (loaded once, on first use).
     :param dist: returns ``(rank, world)`` at iteration time (the trainer's, once it exists).
-    :param x0_label_caches: per task, the labels of decoded intermediate images (test split only).
+    :param decoded_label_caches: per task, the labels of decoded intermediate images (test split only).
     """
 
     pipeline: Callable[[], Any]
@@ -74,7 +74,7 @@ class StreamSource:
     capture: CaptureSpec
     store: ActivationStore
     label_caches: dict[str, LabelCache]
-    x0_label_caches: dict[str, LabelCache]
+    decoded_label_caches: dict[str, LabelCache]
     device: Callable[[], str]
     dist: Callable[[], tuple[int, int]]
     progress: bool = True
@@ -103,17 +103,17 @@ class StreamingDataset(IterableDataset):
         layers = [LayerInfo.from_dict(d) for d in store.manifest["capture"]["layers"]]
         for batch in generate(src.pipeline(), src.records, mine, src.generation, layers, src.capture,
                               acts_device=None, progress=src.progress, desc=f"streaming {self.split}",
-                              universe=mine, decode=mine if self.split == "test" else ()):  # only test x0 is labelled
+                              universe=mine, decode=mine if self.split == "test" else ()):  # only test is decoded
             idx = batch.indices
-            if store.missing(idx) or (self.split == "test" and x0_missing(store, idx)):
+            if store.missing(idx) or (self.split == "test" and decoded_missing(store, idx)):
                 recs = commit_records(src.records, batch, rank)
-                store.write_batch(idx, batch.images, {}, recs, batch.x0_images, batch.x0_indices)
+                store.write_batch(idx, batch.images, {}, recs, batch.decoded_images, batch.decoded_indices)
             labels = {}
             for task, cache in src.label_caches.items():
                 cache.ensure(idx, device=src.device(), progress=False)
                 labels[task] = torch.from_numpy(np.array(cache.array()[idx]))
-                if self.split == "test" and task in src.x0_label_caches:
-                    src.x0_label_caches[task].ensure(idx, device=src.device(), progress=False)
+                if self.split == "test" and task in src.decoded_label_caches:
+                    src.decoded_label_caches[task].ensure(idx, device=src.device(), progress=False)
             self.guided_calls += batch.guided_calls
             yield {"index": torch.tensor(idx), "acts": {n: a[:, :, cond] for n, a in batch.acts.items()},
                    "labels": labels}

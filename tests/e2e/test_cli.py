@@ -75,6 +75,8 @@ def test_demo_writes_every_output(demo_run):
     assert list((run / "wandb").glob("offline-run-*")), "W&B should log offline when no API key is set"
     assert (run / "report.html").is_file() and "Emergence" in (run / "report.md").read_text()
     assert {"panel_depth.png", "panel_foreground.png", "panel_shading.png"} <= set(pngs)
+    # probe vs labeler on decoded noisy images (no classifier configured), one per task
+    assert {"emergence_depth.png", "emergence_foreground.png", "emergence_shading.png"} <= set(pngs)
     assert "RANDOM WEIGHTS" in stdout and "meaningless" in stdout
     assert "python train.py fit --config configs/sd14/all.yaml" in stdout
     assert "Best (layer, step) per task and metric" in stdout
@@ -86,9 +88,9 @@ def test_metrics_csv_is_long_form_and_complete(demo_run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["split", "task", "layer", "step", "timestep", "metric", "value"]
     per_split = {"foreground": 2, "depth": 4, "shading": 4}  # metrics + loss
-    probe_rows = [r for r in rows if r["layer"] not in ("decoded_x0", "position")]
+    probe_rows = [r for r in rows if r["layer"] not in ("decoded_noisy", "position")]
     assert len(probe_rows) == 2 * N_HEADS * sum(per_split.values())
-    decoded = [r for r in rows if r["layer"] == "decoded_x0"]  # labelers on decoded x0 images (demo has it on)
+    decoded = [r for r in rows if r["layer"] == "decoded_noisy"]  # labelers on decoded noisy latents (demo has it on)
     assert len(decoded) == 15 * (1 + 3 + 3) and {r["split"] for r in decoded} == {"test"}
     position = [r for r in rows if r["layer"] == "position"]   # the position-only baseline, one value per step
     assert len(position) == 15 * (1 + 3 + 3) and {r["split"] for r in position} == {"test"}
@@ -108,6 +110,7 @@ def test_offline_wandb_run_holds_tables_charts_panels_and_the_artifact(demo_run)
         assert len(table["data"]) == sum(1 for _ in f) - 1  # the same rows as metrics.csv
     charts = {p.name.split("_")[0] for p in (media / "table" / "charts" / "test" / "depth" / "spearman").glob("*.json")}
     assert charts == {"vs", "heatmap"}
+    assert list((media / "images" / "plots").glob("emergence_depth_*.png"))   # the emergence figure, logged
     panel = json.loads(next((media / "table" / "panels").glob("depth_*.table.json")).read_text())
     assert panel["columns"][-3:] == ["image", "label", "prediction"] and len(panel["data"]) == 4 * 15
     log = next(wb.glob("run-*.wandb")).read_bytes()

@@ -50,11 +50,12 @@ def test_run_dir_is_not_created_when_the_config_is_refused(tmp_path):
     assert not run.exists()
 
 
-def test_no_validation_split_is_reported_before_compute(tmp_path):
+def test_no_validation_split_is_reported_before_compute_when_the_model_selects(tmp_path):
+    """Selecting each head's best epoch needs a val split (without selection, see test_no_validation)."""
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as done:
         run_inprocess("fit", "--config", "configs/tiny.yaml", "--run_dir", str(run), "--data.prompts.val_fraction",
-                      "0", "--data.store_root", str(tmp_path / "stores"))
+                      "0", "--data.store_root", str(tmp_path / "stores"), "--model.init_args.selection", "best_val")
     assert "data.prompts.val_fraction" in str(done.value.code)
     assert not run.exists() and not (tmp_path / "stores").exists()
 

@@ -4,6 +4,7 @@ every plot."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import matplotlib.figure
 import pytest
@@ -26,8 +27,14 @@ LAYERS = {f"up{i}.0": [0.1 * i, 0.1 * i + 0.1, 0.1 * i + 0.2, 0.1 * i + 0.2] for
 
 def demo_rows() -> list[dict]:
     rows = rows_for("depth", "spearman", LAYERS) + rows_for("foreground", "dice", LAYERS)
-    rows += rows_for("depth", "spearman", {"decoded_x0": [0.0, 0.2, 0.9, 1.0]}, splits=("test",))
+    rows += rows_for("depth", "spearman", {"decoded_noisy": [0.0, 0.2, 0.9, 1.0]}, splits=("test",))
     return rows
+
+
+def classifier_rows(latent: str = "noisy") -> list[dict]:
+    return (rows_for("classification", "top1", {f"classifier_{latent}": [0.25, 0.25, 0.5, 0.75]}, splits=("test",))
+            + rows_for("classification", "prob", {f"classifier_{latent}": [0.3, 0.35, 0.5, 0.7]}, splits=("test",))
+            + rows_for("classification", "top5", {f"classifier_{latent}": [1.0, 1.0, 1.0, 1.0]}, splits=("test",)))
 
 
 # -- emergence ---------------------------------------------------------------------------------
@@ -116,7 +123,9 @@ def test_html_is_grouped_by_task_with_real_captions(tmp_path):
     assert heads.index("Depth") < heads.index("Foreground")
     depth = page[page.index("<h2>Depth</h2>"):page.index("<h2>Foreground</h2>")]
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", depth)
-    assert len(captions) == 2 and all(c.startswith("Depth, Spearman correlation") for c in captions)
+    assert len(captions) == 3 and captions[0].startswith("Depth: when does each reader find it?")
+    assert "decoded from the noisy latent x_{t-1}" in captions[0]
+    assert all(c.startswith("Depth, Spearman correlation") for c in captions[1:])
     assert not any(".png" in c or "_vs_step" in c or "_heatmap" in c for c in re.findall(r"<figcaption>(.*?)</figcaption>", page))
     assert "Other plots" not in page
 
@@ -138,3 +147,44 @@ def test_comparison_report_holds_the_comparison_and_the_first_runs_plots(tmp_pat
     page = (tmp_path / "cmp" / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(plots)
     assert not (tmp_path / "a" / "report.md").exists()
+
+
+# -- the emergence figure: probe vs labeler on decoded images vs classifier ----------------------
+def test_emergence_figure_draws_probe_labeler_and_classifier(tmp_path, saved):
+    from probes.reporting.plots import emergence_curves
+
+    rows = demo_rows() + classifier_rows()
+    for r in rows:   # on test, up0.0 looks best; the probe curve must be the layer picked on val
+        if r["split"] == "test" and r["layer"] == "up0.0":
+            r["value"] += 5
+    paths = plot_all(rows, tmp_path / "plots", "test")
+    names = {p.name for p in paths}
+    assert {"emergence_depth.png", "emergence_foreground.png"} <= names
+    assert not any("classification" in n for n in names)      # no probe plots for the classifier's rows
+    saved_by_title = {f.axes[0].get_title(loc="left").split(":")[0]: f for f in saved}
+    left, right = saved_by_title["depth"].axes
+    assert [ln.get_label() for ln in left.lines] == ["probe, layer up5.0 (picked on val)",
+                                                     "labeler on decoded noisy latent x_{t-1}"]
+    assert [ln.get_label() for ln in right.lines] == [
+        "classifier on decoded noisy latent x_{t-1}: probability of the prompt's class",
+        "classifier on decoded noisy latent x_{t-1}: top-1 accuracy"]
+    assert list(right.lines[1].get_ydata()) == [0.25, 0.25, 0.5, 0.75]
+    assert len(saved_by_title["foreground"].axes[0].lines) == 1       # no labeler rows: probe + classifier
+    assert emergence_curves(rows, "foreground").keys() >= {"probe", "classifier prob", "classifier top-1"}
+
+
+def test_no_emergence_figure_without_anything_to_compare():
+    from probes.reporting.plots import plot_emergence
+
+    rows = rows_for("depth", "spearman", LAYERS)
+    assert plot_emergence(rows, "depth", Path("unused.png")) is None
+
+
+def test_report_shows_the_emergence_figure_and_the_classifiers_emergence(tmp_path):
+    rows = demo_rows() + classifier_rows("x0")
+    plot_all(rows, tmp_path / "plots", "test")
+    md, html = write_report(tmp_path, rows, is_random=False)
+    text = md.read_text()
+    assert "(plots/emergence_depth.png)" in text and "the classifier on the image decoded from the sampler's predicted x0" in text
+    # top-1 0.25, 0.25, 0.5, 0.75: the first step reaching 90 % of the final 0.75 is the last one
+    assert "| classification | top1 | classifier on decoded predicted x0 | 3 |" in text

@@ -1,16 +1,20 @@
 """Offline tokenizer, model loading (random and hub-error paths), layer registry."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from probes.models.layers import LayerRegistry
 from probes.models.loading import (
     DiffusionSpec,
+    Precision,
     build_random_pipeline,
     load_architecture,
     load_pipeline,
     permute_weights_,
+    precision_of,
 )
 from probes.models.tokenizer import offline_clip_tokenizer
 
@@ -87,18 +91,106 @@ def test_bad_spec_values_are_named():
     with pytest.raises(ValueError, match="'hf'"):
         DiffusionSpec(source="hf")
     with pytest.raises(ValueError, match="'fp8'"):
+        DiffusionSpec(precision="fp8")
+    with pytest.raises(ValueError, match="dtype.*'fp8'.*Use diffusion.precision"):
         DiffusionSpec(dtype="fp8")
     with pytest.raises(FileNotFoundError, match="shipped ones: sd14, tiny"):
         load_architecture("sd99")
 
 
+def _randomised_biases(unet):
+    """Random init leaves biases and norm shifts at 0 (a permutation would not show): give them values."""
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return unet
+
+
 def test_permuted_weights_control_keeps_values_loses_structure():
-    unet = build_random_pipeline("tiny").unet
+    unet = _randomised_biases(build_random_pipeline("tiny").unet)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
-    permute_weights_(unet, seed=1)
-    w = dict(unet.named_parameters())["conv_in.weight"].detach()
+    done = permute_weights_(unet, seed=1)
+    after = dict(unet.named_parameters())
+    w = after["conv_in.weight"].detach()
     assert not torch.equal(w, before["conv_in.weight"])
     assert torch.equal(w.flatten().sort().values, before["conv_in.weight"].flatten().sort().values)
-    unet2 = build_random_pipeline("tiny").unet
+    # weights only, as the reference: every *.weight (norm layers' scales too), no bias
+    assert set(done) == {n for n in before if n.endswith(".weight")} and "conv_norm_out.weight" in done
+    assert all(torch.equal(after[n], before[n]) for n in before if n.endswith(".bias"))
+    norm = "down_blocks.0.resnets.0.norm1.weight"
+    before[norm].copy_(torch.arange(before[norm].numel(), dtype=torch.float32))   # an unpermuted copy, visible order
+    unet2 = _randomised_biases(build_random_pipeline("tiny").unet)
+    with torch.no_grad():
+        unet2.get_parameter(norm).copy_(before[norm])
     permute_weights_(unet2, seed=1)
     assert torch.equal(dict(unet2.named_parameters())["conv_in.weight"], w)  # seeded
+    assert not torch.equal(unet2.get_parameter(norm), before[norm])         # a norm's scale is permuted too
+
+
+def test_permuted_control_can_permute_biases_too():
+    unet = _randomised_biases(build_random_pipeline("tiny").unet)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    done = permute_weights_(unet, seed=1, biases=True)
+    assert set(done) == set(before)
+    b = unet.get_parameter("conv_in.bias")
+    assert not torch.equal(b, before["conv_in.bias"])
+    assert torch.equal(b.sort().values, before["conv_in.bias"].sort().values)
+    weights_only = _randomised_biases(build_random_pipeline("tiny").unet)
+    permute_weights_(weights_only, seed=1)
+    assert torch.equal(weights_only.get_parameter("conv_in.weight"), unet.get_parameter("conv_in.weight"))
+    # loaded from config: weights only by default, biases on request; each its own store
+    plain = load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cpu").unet
+    ctl = load_pipeline(DiffusionSpec(source="random", architecture="tiny", permute_seed=0), "cpu").unet
+    ctl_b = load_pipeline(DiffusionSpec(source="random", architecture="tiny", permute_seed=0, permute_biases=True),
+                          "cpu").unet
+    with torch.no_grad():
+        plain_b = {n: p for n, p in plain.named_parameters() if n.endswith(".bias")}
+    assert all(torch.equal(p, plain_b[n]) for n, p in ctl.named_parameters() if n.endswith(".bias"))
+    assert not torch.equal(ctl.conv_in.weight, plain.conv_in.weight)
+    assert torch.equal(ctl.conv_in.weight, ctl_b.conv_in.weight)
+    ids = [DiffusionSpec(source="random", architecture="tiny", permute_seed=0, permute_biases=b).identity()
+           for b in (False, True)]
+    assert ids[0] != ids[1] and ids[0]["permute"] == "weights"
+
+
+def test_precision_reference_is_fp32_weights_and_latents_with_fp16_autocast_on_cuda():
+    ref_cuda = Precision.resolve("reference", "cuda")
+    assert (ref_cuda.weights, ref_cuda.latents, ref_cuda.autocast) == (torch.float32, torch.float32, torch.float16)
+    fp16 = Precision.resolve("fp16", "cuda")
+    assert (fp16.weights, fp16.latents, fp16.autocast) == (torch.float16, torch.float16, torch.float16)
+    fp32 = Precision.resolve("fp32", "cuda")
+    assert (fp32.weights, fp32.latents, fp32.autocast) == (torch.float32, torch.float32, None)
+    for name in ("reference", "fp16", "fp32"):            # on a CPU: plain float32, no autocast
+        cpu = Precision.resolve(name, "cpu")
+        assert (cpu.weights, cpu.latents, cpu.autocast) == (torch.float32, torch.float32, None)
+    assert Precision.resolve("bf16", "cpu").weights == torch.bfloat16
+    assert DiffusionSpec().precision == "reference" and DiffusionSpec().tokenizer == "reference"
+    pipe = load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cpu")
+    assert precision_of(pipe) == Precision.resolve("reference", "cpu") and pipe.unet.dtype == torch.float32
+    assert precision_of(pipe).autocast_context("cpu").__class__.__name__ == "nullcontext"
+    bf = load_pipeline(DiffusionSpec(source="random", architecture="tiny", precision="bf16"), "cpu")
+    assert bf.unet.dtype == bf.vae.dtype == torch.bfloat16 and precision_of(bf).latents == torch.bfloat16
+    # precision and tokenizer are part of the store's identity (other activations, other store)
+    assert DiffusionSpec(precision="fp16").identity() != DiffusionSpec().identity()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reference_precision_runs_fp32_weights_under_fp16_autocast_on_cuda():
+    pipe = load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cuda")
+    assert pipe.unet.dtype == torch.float32
+    with precision_of(pipe).autocast_context("cuda"):
+        assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
+
+
+def test_old_dtype_key_reads_as_the_behaviour_it_had():
+    """Configs and probe exports written before ``precision`` keep loading, with what they ran."""
+    with pytest.warns(FutureWarning, match="dtype: float32 reads as precision: fp32"):
+        old = DiffusionSpec(source="random", architecture="tiny", dtype="float32", permute_seed=0)
+    assert (old.precision, old.tokenizer, old.permute_biases) == ("fp32", "default", True)
+    assert "dtype" not in dataclasses.asdict(old)
+    assert set(old.identity()) == {"model_id", "revision", "architecture_sha256", "permute_seed"}  # the old fingerprint
+    with pytest.warns(FutureWarning):
+        assert DiffusionSpec(dtype="auto").precision == "fp16"
+    with pytest.raises(ValueError, match="disagree"):
+        DiffusionSpec(dtype="float32", precision="fp16")

@@ -1,0 +1,85 @@
+"""Nothing is ever selected on the test split: best heads, the per-step curve, highlighted layers,
+run comparisons and the report, with and without a validation split; and which fits may run without one."""
+from __future__ import annotations
+
+import pytest
+
+from probes.reporting.baselines import compare_runs
+from probes.reporting.html import write_report
+from probes.reporting.plots import plot_all, rank_layers
+from probes.reporting.tables import NO_SELECTION, _curve, best_heads, emergence, format_table, write_metrics_csv
+from probes.training.datamodule import selects_on_validation
+from tests.unit.test_reporting import fake_rows
+
+
+def only_test_rows() -> list[dict]:
+    """``fake_rows`` without its validation rows: what a run without val split writes."""
+    return [r for r in fake_rows() if r["split"] == "test"]
+
+
+def test_best_heads_picks_nothing_without_val_and_never_on_test():
+    assert best_heads(only_test_rows()) == []
+    with pytest.raises(ValueError, match="test split is refused"):
+        best_heads(fake_rows(), select_split="test")
+
+
+def test_per_step_curve_follows_the_layer_best_on_val_not_the_test_maximum():
+    rows = fake_rows()
+    for r in rows:   # on test, mid.0 is now far better at every step; val still prefers up3.0 from step 1
+        if r["split"] == "test" and r["layer"] == "mid.0" and r["metric"] == "spearman":
+            r["value"] = 0.99
+    curve = _curve(rows, "test", "depth", "spearman", None)
+    # step 0: val prefers mid.0 (0.21 > 0.11) -> its test value; steps 1-4: up3.0's test values
+    assert [v for _, _, v in curve] == pytest.approx([0.99, 0.5, 0.75, 0.8, 0.8])
+    assert _curve(only_test_rows(), "test", "depth", "spearman", None) == []
+
+
+def test_emergence_without_val_follows_the_pre_declared_layer_only():
+    em = emergence(only_test_rows())
+    assert {e["curve"] for e in em} == {"pre-declared layer up3.0 (no selection)"}
+    assert em[0]["step"] == 2
+    assert all("best" not in e["curve"] for e in em)
+
+
+def test_plots_rank_nothing_without_val(tmp_path):
+    assert rank_layers(only_test_rows(), "depth", "spearman", "test") == []
+    assert rank_layers(fake_rows(), "depth", "spearman", "test")[0] == "up3.0"
+    assert all(p.is_file() for p in plot_all(only_test_rows(), tmp_path / "plots"))
+
+
+def test_report_and_table_say_that_nothing_is_selected(tmp_path):
+    rows = only_test_rows()
+    plot_all(rows, tmp_path / "plots")
+    md, html = write_report(tmp_path, rows, is_random=False)
+    text = md.read_text()
+    assert NO_SELECTION in text and "Picked on the validation split" not in text
+    assert "pre-declared layer up3.0" in text and NO_SELECTION in html.read_text()
+    assert NO_SELECTION in format_table(rows, False)
+    (tmp_path / "v").mkdir()
+    with_val = write_report(tmp_path / "v", fake_rows(), is_random=False)[0].read_text()
+    assert NO_SELECTION not in with_val and "Picked on the validation split" in with_val
+
+
+def test_compare_runs_without_val_uses_the_pre_declared_head(tmp_path):
+    rows = only_test_rows()
+    (r,) = compare_runs({"model": rows, "control": fake_rows(shift=0.3)})
+    assert r["model head"] == "up3.0 @ step 4 (pre-declared: no val split)" and r["model"] == pytest.approx(0.8)
+    assert r["control head"] == "up3.0 @ step 3"           # the control has val: its head is picked there
+    ctrl = tmp_path / "c"
+    write_metrics_csv(fake_rows(shift=0.3), ctrl / "metrics.csv")
+    (tmp_path / "r").mkdir()
+    md, _ = write_report(tmp_path / "r", rows, False, compare=[ctrl], labels=["model", "control"])
+    assert "up3.0, 4 (pre-declared, no val split)" in md.read_text()
+
+
+class _Model:
+    def __init__(self, selection="last", one_pass=False):
+        self.hparams = {"selection": selection}
+        self.one_pass = one_pass
+
+
+def test_only_fits_that_select_need_a_validation_split():
+    assert not selects_on_validation(_Model("last"))
+    assert selects_on_validation(_Model("best_val"))
+    assert selects_on_validation(_Model("last", one_pass=True))   # ridge picks λ on val
+    assert selects_on_validation(None)                          # unknown model: assume it selects
