@@ -29,9 +29,15 @@ toy-model: install  ## retrain the toy world's labelers and diffusion model from
 	$(PY) -m probes.toy.train_labelers train --out data/toy/labelers --force
 	$(PY) -m probes.toy.recipe --out data/toy/model --work outputs/toy
 
-intervene: install  ## causal test on the demo's probes: move the object (after make demo)
+intervene: install  ## causal test: move the object, on the demo's ridge probes and on mean-difference probes (after make demo)
 	WANDB_SILENT=true $(PY) -m probes.cli.main intervene --config configs/intervention/foreground.yaml \
-		--probes outputs/demo/model/probes --out outputs/demo/intervention
+		--probes outputs/demo/model/probes --images 32 --batch_size 8 --out outputs/demo/intervention/ridge
+	test -f outputs/demo/mean_difference/probes/probes.json || WANDB_SILENT=true $(PY) train.py fit \
+		--config configs/toy/mean_difference.yaml --run_dir outputs/demo/mean_difference
+	WANDB_SILENT=true $(PY) -m probes.cli.main intervene --config configs/intervention/foreground_mean_difference.yaml \
+		--probes outputs/demo/mean_difference/probes --images 32 --batch_size 8 --out outputs/demo/intervention/mean_difference
+	WANDB_SILENT=true $(PY) -m probes.cli.main intervene --config configs/intervention/foreground_projection.yaml \
+		--probes outputs/demo/mean_difference/probes --images 32 --batch_size 8 --out outputs/demo/intervention/projection
 
 lens: install  ## semantic lens on the toy world: which layer keeps object semantics (toy model vs control)
 	WANDB_SILENT=true $(PY) -m probes.cli.main lens --config configs/lens/toy.yaml

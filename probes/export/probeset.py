@@ -69,7 +69,8 @@ def export_probes(module, out_dir: str | Path, extra: dict[str, Any] | None = No
                 })
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "code_version": code_version(), "model": spec.model,
-            "hparams": dict(module.hparams), "spec": spec.to_dict(), "probes": entries, **(extra or {})}
+            "hparams": dict(module.hparams), "spec": spec.to_dict(), "probes": entries,
+            "binary_fit_loss": getattr(module, "binary_fit_loss", "cross_entropy"), **(extra or {})}
     # the spec's mappings are frozen (MappingProxyType): written as JSON objects, not as their str()
     (out / META).write_text(json.dumps(meta, indent=1, default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
     return out
@@ -159,6 +160,16 @@ class ProbeSet:
     @property
     def spec(self) -> ProbeSpec:
         return ProbeSpec.from_dict(self.meta["spec"])
+
+    @property
+    def binary_fit_loss(self) -> str:
+        """How the binary probes were fitted: ``cross_entropy`` (SGD, the reference) or ``squared``
+        (least squares on ±1: ridge, mean difference). Exports older than this field are told
+        apart by their module class."""
+        if "binary_fit_loss" in self.meta:
+            return str(self.meta["binary_fit_loss"])
+        path = str(self.meta.get("hparams", {}).get("_class_path", ""))
+        return "squared" if path.endswith(("RidgeProbeModule", "MeanDifferenceProbeModule")) else "cross_entropy"
 
     def get(self, task: str, layer: str, step: int) -> LinearProbe:
         key = (task, layer, int(step))

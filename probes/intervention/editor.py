@@ -32,9 +32,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from probes.export.probeset import LinearProbe, ProbeSet
-from probes.intervention.objective import ProbeObjective
+from probes.intervention.objective import BINARY_LOSSES, ProbeObjective
 from probes.models.hooks import ModuleHooks
 from probes.models.layers import LayerInfo, LayerRegistry
+
+OPTIMIZERS = ("adam", "sgd", "projection")
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,30 @@ class EditSettings:
     :param iterations: Adam steps per edited (step, layer) (the reference's 128; 0 edits nothing).
     :param lr: Adam's learning rate (the reference's 5e-3).
     :param huber_delta: regression tasks' Huber threshold, in probe z-units (the protocol's 1).
+    :param binary_loss: binary probes' edit loss, ``cross_entropy`` (the reference's) or ``squared``
+        (see :mod:`.objective`); the run picks the loss the export's probes were fitted with.
+    :param optimizer: ``adam`` (the reference's), ``sgd``, or ``projection``: the closed-form
+        smallest edit after which the probe reads the squared-error optimum
+        (:meth:`.objective.ProbeObjective.project`; ``iterations`` and ``lr`` are then unused,
+        except that 0 iterations still edits nothing).
     """
 
     iterations: int = 128
     lr: float = 5e-3
     huber_delta: float = 1.0
+    binary_loss: str = "cross_entropy"
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.lr <= 0:
             raise ValueError(f"edit iterations must be >= 0 and lr > 0, got iterations={self.iterations}, lr={self.lr}")
+        if self.binary_loss not in BINARY_LOSSES:
+            raise ValueError(f"edit binary_loss must be one of {BINARY_LOSSES}, got {self.binary_loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"edit optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer == "projection" and self.binary_loss != "squared":
+            raise ValueError("the projection edit reaches the squared-error optimum, so its loss is the squared one: "
+                             f"set binary_loss: squared (or auto), not {self.binary_loss!r}")
 
 
 @dataclass
@@ -78,7 +95,7 @@ def plan_edits(probes: ProbeSet, task: str, layers: str | Iterable[str], steps: 
 
 def optimise_activation(acts: Tensor, objective: Callable[[Tensor], Tensor],
                         settings: EditSettings) -> tuple[Tensor, Tensor, Tensor]:
-    """Adam on a float32 copy of ``acts`` [B, T, C]; returns (optimised, loss before, loss after), per image.
+    """Optimise a float32 copy of ``acts`` [B, T, C]; returns (optimised, loss before, loss after), per image.
 
     The per-image losses are summed, so each image's activation gets the gradient of its own loss
     (Adam is elementwise): a batch edits exactly as its images would one by one.
@@ -86,13 +103,19 @@ def optimise_activation(acts: Tensor, objective: Callable[[Tensor], Tensor],
     device_type = acts.device.type
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
         z = acts.detach().to(torch.float32, copy=True).requires_grad_(True)   # a normal tensor, even from inference mode
-        opt = torch.optim.Adam([z], lr=settings.lr)
         with torch.no_grad():
             before = objective(z)
-        for _ in range(settings.iterations):
-            opt.zero_grad(set_to_none=True)
-            objective(z).sum().backward()
-            opt.step()
+        if settings.optimizer == "projection":
+            if settings.iterations > 0:
+                with torch.no_grad():
+                    z = objective.project(z.detach())
+        else:
+            optim = torch.optim.Adam if settings.optimizer == "adam" else torch.optim.SGD
+            opt = optim([z], lr=settings.lr)
+            for _ in range(settings.iterations):
+                opt.zero_grad(set_to_none=True)
+                objective(z).sum().backward()
+                opt.step()
         with torch.no_grad():
             after = objective(z)
     return z.detach(), before, after
@@ -153,7 +176,8 @@ class ActivationEditor(ModuleHooks):
         obj = self._objectives.get(key)
         if obj is None or obj.target.device != device:
             probe = self.plan[key].to(device)
-            obj = self._objectives[key] = ProbeObjective(probe, self.target.to(device), self.settings.huber_delta)
+            obj = self._objectives[key] = ProbeObjective(probe, self.target.to(device), self.settings.huber_delta,
+                                                           self.settings.binary_loss)
         return obj
 
     def _make_hook(self, layer: LayerInfo):

@@ -110,7 +110,8 @@ def _log_wandb(run, summary: Sequence[dict], per_image: Sequence[dict], grids: d
 
 
 def intervene(probes: str, task: str = "foreground", layers: list[str] | None = None, steps: list[int] | None = None,
-              iterations: int = 128, lr: float = 5e-3, huber_delta: float = 1.0,
+              iterations: int = 128, lr: float = 5e-3, huber_delta: float = 1.0, binary_loss: str = "auto",
+              optimizer: str = "adam",
               conditions: list[str] | None = None, random_target: str = "other_image",
               value_range: tuple[float, float] | None = (-9.0, 9.0), images: int = 16, batch_size: int = 1,
               seed: int = 0, video: bool = True, video_path: str = "circle", video_frames: int = 16,
@@ -128,6 +129,11 @@ def intervene(probes: str, task: str = "foreground", layers: list[str] | None = 
     :param iterations: Adam iterations per edited (step, layer) (128; 0 reproduces the original).
     :param lr: Adam's learning rate on the activation (5e-3).
     :param huber_delta: regression tasks' Huber threshold in probe z-units (1).
+    :param binary_loss: foreground's edit loss: ``auto`` (the loss the exported probes were fitted
+        with: cross-entropy for SGD probes, as the reference; squared error on ±1 for ridge and
+        mean-difference probes), ``cross_entropy`` or ``squared``.
+    :param optimizer: ``adam`` (the reference's), ``sgd``, or ``projection`` (the smallest edit after
+        which the probe reads the target: closed form, no iterations; see ``EditSettings``).
     :param conditions: any of ``edit``, ``noop``, ``random`` (default: all three).
     :param random_target: the random control's target: ``other_image`` (another test image's label)
         or ``random_shift`` (this image's label moved by an independent shift).
@@ -162,8 +168,11 @@ def intervene(probes: str, task: str = "foreground", layers: list[str] | None = 
         raise ValueError(f"video_path must be one of {list(PATH_KINDS)}, got {video_path!r}")
     if images < 1 or batch_size < 1:
         raise ValueError(f"images and batch_size must be >= 1, got {images}, {batch_size}")
-    settings = EditSettings(iterations=iterations, lr=lr, huber_delta=huber_delta)
     probeset = load_probes(resolve_probes(probes))
+    if binary_loss == "auto":
+        binary_loss = "squared" if optimizer == "projection" else probeset.binary_fit_loss
+    settings = EditSettings(iterations=iterations, lr=lr, huber_delta=huber_delta, binary_loss=binary_loss,
+                            optimizer=optimizer)
     defaults = TASK_DEFAULTS.get(task, TASK_DEFAULTS["depth"])
     plan = plan_edits(probeset, task, layers or defaults["layers"], steps if steps is not None else defaults["steps"])
     session = InterventionSession(probeset, task, device, prompts_dir)
@@ -171,7 +180,10 @@ def intervene(probes: str, task: str = "foreground", layers: list[str] | None = 
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"probes": str(probes), "task": task, "layers": list(dict.fromkeys(p.info.layer for p in plan)),
               "steps": sorted({p.info.step for p in plan}),
-              "iterations": iterations, "lr": lr, "huber_delta": huber_delta, "conditions": conditions,
+              "iterations": iterations, "lr": lr, "huber_delta": huber_delta, "binary_loss": binary_loss,
+              "optimizer": optimizer,
+              "probe_fit": str(probeset.meta.get("hparams", {}).get("_class_path", "")).rsplit(".", 1)[-1],
+              "conditions": conditions,
               "random_target": random_target, "images": images, "seed": seed, "image_size": list(session.size),
               "model": dict(probeset.spec.model).get("model_id"), "edits_per_image": len(plan)}
     if plan[0].info.kind == "regression":
@@ -209,7 +221,7 @@ def run_conditions(session: InterventionSession, plan: Sequence[LinearProbe], se
     records = session.records[:images]
     maker = TargetMaker.for_probe(plan[0].info, value_range)
     chunks = [records[k:k + batch_size] for k in range(0, len(records), batch_size)]
-    bar = _EditBar(len(plan) * len(records) * len(conditions), progress)
+    bar = _EditBar(len(plan) * len(chunks) * len(conditions), progress)   # one edit per batch
     # 2. originals, labelled
     results: list[ImageResult] = []
     raw_labels: list[np.ndarray] = []

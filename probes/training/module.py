@@ -65,6 +65,8 @@ class ProbeModule(pl.LightningModule):
 
     #: trains in a single pass (closed form), so it can consume streamed, uncached data
     one_pass = False
+    #: the loss binary probes are fitted with (exports record it: an edit uses the same loss)
+    binary_fit_loss = "cross_entropy"
 
     def __init__(self, tasks: list[str] | None = None, lr: dict[str, float] | float | None = None,
                  bias: bool = False, huber_delta: float = 1.0, threshold: float = 0.0,

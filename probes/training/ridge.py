@@ -46,11 +46,17 @@ class RidgeProbeModule(ProbeModule):
     :param threshold: a binary task's label is positive where ``label > threshold``.
     """
 
+    binary_fit_loss = "squared"      # least squares on 2f - 1
+    #: whether the probes get a bias (subclasses fitting an offset set it)
+    probe_bias = False
+    #: whether fitting picks something (λ) on the validation split, so that it needs one
+    selects_lambda = True
+
     def __init__(self, tasks: list[str] | None = None, lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
                  threshold: float = 0.0) -> None:
-        super().__init__(tasks=tasks, lr=None, bias=False, threshold=threshold, selection="last")
+        super().__init__(tasks=tasks, lr=None, bias=self.probe_bias, threshold=threshold, selection="last")
         self.save_hyperparameters()
-        self.hparams.update(lr=None, bias=False, huber_delta=1.0, selection="last")  # the base class reads these
+        self.hparams.update(lr=None, bias=self.probe_bias, huber_delta=1.0, selection="last")  # the base class reads these
         self.automatic_optimization = False
         self._sums: dict[str, Tensor] = {}
         self._candidates: dict[str, dict[str, Tensor]] = {}
@@ -150,10 +156,8 @@ class RidgeProbeModule(ProbeModule):
                         bank.weight[layer_key(layer.name)].copy_(as_bank_weight(w, kind))
                     self.chosen_lambda[t] = torch.full((len(self.spec.layers), steps), self.hparams.lambdas[mid])
 
-    def solve(self) -> None:
-        """All-reduce the sums, set target statistics, form W(λ) for every head and λ."""
-        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sorted(self._sums.items())}
-        lambdas = torch.tensor(self.hparams.lambdas, dtype=torch.float64, device=self.device)
+    def target_stats_from(self, sums: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+        """Regression tasks' train-split pixel mean and std, from the pass's (all-reduced) sums."""
         stats = {}
         for t in self.banks:
             if get_task(t).kind == "regression":
@@ -161,13 +165,24 @@ class RidgeProbeModule(ProbeModule):
                 mean = sums[f"ysum/{t}"] / n
                 std = (sums[f"ysq/{t}"] / n - mean * mean).clamp_min(0).sqrt()
                 stats[t] = {"mean": float(mean), "std": float(std) if std > 0 else 1.0}
-        self.spec = self.spec.with_target_stats(stats)  # the module's own spec; the data's stays as it was
+        return stats
+
+    def check_masks(self, sums: dict[str, Tensor]) -> None:
+        """Refuse binary tasks whose train masks are (almost) all empty or all full (streamed
+        labels are never scanned beforehand, so the pass counted them)."""
         for t in self.banks:
             if f"images/{t}" in sums:
                 dm = getattr(self._trainer, "datamodule", None)
                 cache = getattr(dm, "label_caches", {}).get(t)
                 check_binary_fraction(t, self.hparams.threshold, int(sums[f"anypos/{t}"]), int(sums[f"allpos/{t}"]),
                                       int(sums[f"images/{t}"]), None, str(getattr(cache, "path", "the train stream")))
+
+    def solve(self) -> None:
+        """All-reduce the sums, set target statistics, form W(λ) for every head and λ."""
+        sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sorted(self._sums.items())}
+        lambdas = torch.tensor(self.hparams.lambdas, dtype=torch.float64, device=self.device)
+        self.spec = self.spec.with_target_stats(self.target_stats_from(sums))  # the module's own spec; the data's stays
+        self.check_masks(sums)
         for layer in self.spec.layers:
             evals, evecs = torch.linalg.eigh(sums[f"gram/{layer.name}"])                # [S, C], [S, C, C]
             evals = evals.clamp_min(0)

@@ -47,3 +47,18 @@ def test_fits_that_select_are_still_refused_without_val(tmp_path):
                           str(tmp_path / "stores"))
         assert "validation" in str(err.value) and "val_fraction" in str(err.value)
     assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").iterdir())   # refused before compute
+
+
+def test_mean_difference_probes_fit_without_val_and_record_their_loss(tmp_path):
+    """Mean-difference probes select nothing, so they fit without val; the export says how they were
+    fitted (the intervention edits with that loss) and carries their bias."""
+    from probes.export.probeset import load_probes
+
+    run = tmp_path / "run"
+    run_inprocess("fit", *COMMON, "--model", "configs/model/mean_difference.yaml", "--run_dir", str(run),
+                  "--data.store_root", str(tmp_path / "stores"))
+    probes = load_probes(run / "probes")
+    assert probes.binary_fit_loss == "squared"
+    assert all(p.bias is not None for p in probes)
+    rows = read_metrics_csv(run / "metrics.csv")
+    assert rows and {r["split"] for r in rows} == {"test"} and best_heads(rows) == []

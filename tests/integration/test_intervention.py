@@ -28,7 +28,7 @@ def export(tiny_pipe, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("intervention")
     prompts = tmp / "prompts.txt"
     prompts.write_text("\n".join(f"a photo of object {i}" for i in range(6)) + "\n")
-    diffusion = DiffusionSpec(source="random", architecture="tiny", dtype="float32")
+    diffusion = DiffusionSpec(source="random", architecture="tiny", precision="fp32")
     generation = GenerationSpec(steps=STEPS, batch_size=2)
     layers = list(LayerRegistry.from_unet(tiny_pipe.unet, (16, 16)))
     data_config = {"diffusion": asdict(diffusion), "prompts": asdict(PromptSpec(source=str(prompts), test_fraction=0.5)),
@@ -100,16 +100,19 @@ def test_bad_options_fail_before_any_compute(export, tmp_path):
 
 @pytest.mark.slow
 def test_toy_model_moves_the_object_more_often_than_the_random_control(tmp_path):
-    """The bar's direction on a real (toy) model: set DPROBE_TOY_PROBES to a foreground probe export
-    of the toy diffusion model (skipped otherwise: random weights cannot move objects)."""
-    import os
-
+    """The bar's direction on a real (toy) model, end to end: fit mean-difference foreground probes
+    of the decoder layers at steps 0-4 on ~100 fresh toy scenes, then edit 8 test scenes toward a
+    moved mask and toward another scene's mask (the random control)."""
     from probes.intervention.run import intervene
+    from tests.e2e.test_cli import run_inprocess
 
-    export_dir = os.environ.get("DPROBE_TOY_PROBES")
-    if not export_dir or not Path(export_dir).exists():
-        pytest.skip("set DPROBE_TOY_PROBES to a toy-model probe export to run the causal test")
-    out = intervene(export_dir, task="foreground", images=8, conditions=["edit", "random"], video=False,
-                    out=str(tmp_path / "toy"), progress=False)
+    run_dir = tmp_path / "probes_run"
+    run_inprocess("fit", "--config", "configs/toy/mean_difference.yaml", "--run_dir", str(run_dir),
+                  "--data.store_root", str(tmp_path / "stores"), "--data.prompts.limit", "40",
+                  "--data.capture.layers", "[up*]", "--data.capture.steps", "[0, 1, 2, 3, 4]",
+                  "--data.labels", "{foreground: {name: toy_foreground}}", "--data.generation.decode", "none",
+                  "--trainer.logger", "false", "--outputs.plots", "false")
+    out = intervene(str(run_dir / "probes"), task="foreground", images=8, conditions=["edit", "random"],
+                    binary_loss="cross_entropy", video=False, out=str(tmp_path / "toy"), progress=False)
     rate = {r["condition"]: float(r["value"]) for r in read(out / "metrics.csv") if r["metric"] == "success_rate"}
     assert rate["edit"] > rate["random"], rate

@@ -55,6 +55,53 @@ def test_block_exact_loss_equals_the_pixel_loss_and_its_gradient():
         torch.testing.assert_close(g_exact, g_pixel, rtol=1e-4, atol=1e-7)
 
 
+def test_squared_binary_loss_is_exact_and_zero_where_the_probe_reads_plus_minus_one():
+    layer = LayerInfo("up2.0", "m", 64, (8, 8))
+    probe = make_probe(layer, 0)
+    target = (torch.rand(2, *SIZE) > 0.6).float()
+    acts = torch.randn(2, 64, 64, requires_grad=True)
+    exact = ProbeObjective(probe, target, binary_loss="squared")(acts)
+    pixel = pixel_loss(probe, acts, target, binary_loss="squared")
+    torch.testing.assert_close(exact, pixel, rtol=1e-5, atol=1e-6)
+    g_exact, = torch.autograd.grad(exact.sum(), acts)
+    g_pixel, = torch.autograd.grad(pixel.sum(), acts)
+    torch.testing.assert_close(g_exact, g_pixel, rtol=1e-4, atol=1e-7)
+    # a token-constant mask read as exactly +-1 has loss 0 (cross-entropy would still push)
+    block = (torch.rand(1, 8, 8) > 0.5).float()
+    mask = block.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    w = probe.weight[:, 1] - probe.weight[:, 0]
+    acts1 = ((2 * block.reshape(1, 64, 1) - 1) * w / (w @ w))        # z = x.w = +-1 per token
+    assert float(ProbeObjective(probe, mask, binary_loss="squared")(acts1)) < 1e-10
+    assert float(ProbeObjective(probe, mask)(acts1)) > 0.1
+    with pytest.raises(ValueError, match="binary_loss"):
+        ProbeObjective(probe, mask, binary_loss="hinge")
+
+
+@pytest.mark.parametrize("kind", ["binary", "regression"])
+def test_projection_is_the_smallest_edit_to_the_squared_optimum(kind):
+    layer = LayerInfo("up2.0", "m", 16, (8, 8))
+    probe = make_probe(layer, 0, kind)
+    target = (torch.rand(2, *SIZE) > 0.6).float() if kind == "binary" else torch.randn(2, *SIZE)
+    # regression: a Huber threshold above every residual makes the loss squared (the projection's optimum)
+    objective = ProbeObjective(probe, target, huber_delta=1e3, binary_loss="squared")
+    acts = torch.randn(2, 64, 16)
+    z, before, after = optimise_activation(acts, objective, EditSettings(optimizer="projection", binary_loss="squared"))
+    # gradient descent on the same loss from the same start converges to the same point
+    z_gd, _, after_gd = optimise_activation(acts, objective, EditSettings(optimizer="sgd", lr=2.0, iterations=3000,
+                                                                          binary_loss="squared"))
+    torch.testing.assert_close(z, z_gd, rtol=1e-3, atol=1e-4)
+    assert torch.all(after <= before) and torch.all(after <= after_gd + 1e-6)
+    # only the probe's direction changed
+    w = probe.weight[:, 1] - probe.weight[:, 0] if kind == "binary" else probe.weight[:, 0]
+    delta = z - acts
+    torch.testing.assert_close(delta - (delta @ w)[..., None] * w / (w @ w), torch.zeros_like(delta), atol=1e-5, rtol=0)
+    zero, _, _ = optimise_activation(acts, objective, EditSettings(optimizer="projection", binary_loss="squared",
+                                                                   iterations=0))
+    assert torch.equal(zero, acts)
+    with pytest.raises(ValueError, match="squared"):
+        EditSettings(optimizer="projection")
+
+
 def test_a_label_size_off_the_token_grid_falls_back_to_the_pixel_loss():
     layer = LayerInfo("up2.0", "m", 16, (8, 8))
     probe = make_probe(layer, 0)
