@@ -38,3 +38,18 @@ def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(f"a photo of thing number {i}" for i in range(12)) + "\n")
     return path
+
+
+def serve_downloads(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[str]:
+    """Answer ``urllib.request.urlopen`` from the files in ``folder`` (by the URL's last part), so
+    that download code runs for real offline; returns the list of URLs asked for."""
+    import urllib.request
+
+    urls: list[str] = []
+
+    def fake_urlopen(url, timeout=0):
+        urls.append(url)
+        return open(folder / url.rsplit("/", 1)[1], "rb")
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    return urls

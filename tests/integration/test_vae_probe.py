@@ -96,3 +96,10 @@ def test_a_probe_trains_on_vae_mid_and_reports_it_as_its_own_layer(tmp_path):
     assert d.store.activation("vae.mid", 0).shape == (3, 1, 256, 32)
     keys = [k for r in results for k in r if "vae.mid" in k]
     assert keys and all(np.isfinite(r[k]) for r in results for k in keys)
+    # the report's rows: vae.mid is a layer of its own, after the U-Net's, in the heatmap and line plots
+    from probes.reporting.plots import plot_heatmap, plot_metric_vs_step
+
+    rows = module.results["test"]
+    assert list(dict.fromkeys(r["layer"] for r in rows if r["task"] == "foreground")) == ["up3.0", "vae.mid"]
+    assert plot_heatmap(rows, "test", "foreground", "dice", tmp_path / "h.png").stat().st_size > 0
+    assert plot_metric_vs_step(rows, "test", "foreground", "dice", tmp_path / "l.png").stat().st_size > 0

@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 
 from probes.prompts.sets import PromptSpec, fetch_chen2023, load_prompts, split_indices
-from tests.conftest import reference_dir
+from tests.conftest import reference_dir, serve_downloads
 
 
 def test_reference_split_from_local_copy():
@@ -25,13 +25,7 @@ def test_reference_split_from_local_copy():
 
 def test_reference_split_is_downloaded_pinned_and_checksummed(tmp_path, monkeypatch):
     local = reference_dir("chen2023")
-    urls = []
-
-    def fake_urlopen(url, timeout=0):
-        urls.append(url)
-        return open(local / url.rsplit("/", 1)[1], "rb")
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    urls = serve_downloads(monkeypatch, local)
     monkeypatch.delenv("DPROBE_CHEN2023_DIR", raising=False)
     files = fetch_chen2023(cache_dir=tmp_path)
     assert all("788101cc2f81918b9ea87c76b11be0910e4d96bf" in u for u in urls) and len(urls) == 2

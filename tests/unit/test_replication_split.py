@@ -21,7 +21,7 @@ from probes.prompts.replication2024 import (
     split_of_rows,
 )
 from probes.prompts.sets import PromptSpec, load_prompts, split_indices
-from tests.conftest import reference_dir
+from tests.conftest import reference_dir, serve_downloads
 
 TRAIN_PKL, TEST_PKL = (REPLICATION2024_FILES[s][0] for s in ("train", "test"))
 
@@ -153,13 +153,7 @@ def test_wrong_pickles_are_refused_by_checksum(published_pickles, tmp_path, monk
 
 def test_download_is_pinned_cached_and_checksummed(published_pickles, tmp_path, monkeypatch):
     _, _, pickles = published_pickles
-    urls = []
-
-    def fake_urlopen(url, timeout=0):
-        urls.append(url)
-        return open(pickles / url.rsplit("/", 1)[1], "rb")
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    urls = serve_downloads(monkeypatch, pickles)
     monkeypatch.delenv("DPROBE_REPLICATION2024_DIR", raising=False)
     files = fetch_replication2024(tmp_path)
     assert len(urls) == 2 and all(REPLICATION2024_COMMIT in u for u in urls)
