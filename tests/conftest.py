@@ -40,15 +40,18 @@ def prompts_file(tmp_path: Path) -> Path:
     return path
 
 
-def serve_downloads(monkeypatch: pytest.MonkeyPatch, folder: Path) -> list[str]:
+def serve_downloads(monkeypatch: pytest.MonkeyPatch, folder: Path | None) -> list[str]:
     """Answer ``urllib.request.urlopen`` from the files in ``folder`` (by the URL's last part), so
-    that download code runs for real offline; returns the list of URLs asked for."""
+    that download code runs for real offline; ``folder=None``: the network is unreachable. Returns
+    the list of URLs asked for."""
     import urllib.request
 
     urls: list[str] = []
 
     def fake_urlopen(url, timeout=0):
         urls.append(url)
+        if folder is None:
+            raise OSError("network unreachable")
         return open(folder / url.rsplit("/", 1)[1], "rb")
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)

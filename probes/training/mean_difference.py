@@ -14,18 +14,15 @@ Each head is ``y ≈ a (x - x̄)·d + ȳ`` with ``d = Cov(x, y)`` over the train
 scale ``a`` fitted by least squares along ``d`` (``a = |d|² / dᵀ Cov(x) d``); binary tasks use
 ``y = 2f - 1`` (``f``: a token's share of positive pixels) and are exported as two logits
 ``[-(w x + b)/2, (w x + b)/2]`` like the ridge probes, so their Dice is comparable. The sums are
-the ridge module's own (``XᵀX``, ``Σx``, ``Σ f x``) plus a token count and the target sums, so the
+the ridge module's own (``XᵀX``, ``Σx``, ``Σ f x``, the token count and the target sums), so the
 same single pass (streamed or cached, one process or DDP) fits both; nothing is selected on
 validation, so no validation split is needed.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from probes.metrics.exact import block_mean
 from probes.tasks import get_task
 from probes.training.heads import layer_key
 from probes.training.module import ProbeModule
@@ -74,18 +71,6 @@ class MeanDifferenceProbeModule(RidgeProbeModule):
     # validation and test score the fitted bank like any probe: nothing is chosen there
     validation_step = ProbeModule.validation_step
     on_validation_epoch_end = ProbeModule.on_validation_epoch_end
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        super().training_step(batch, batch_idx)
-        with torch.no_grad():
-            labels = batch["labels"]
-            for layer in self.spec.layers:
-                b, _, t, _ = batch["acts"][layer.name].shape
-                self._add(f"count/{layer.name}", torch.tensor(float(b * t), device=self.device))
-                for name in self.banks:
-                    raw = labels[name].to(torch.float64)
-                    y = (raw > self.hparams.threshold).to(torch.float64) if get_task(name).kind == "binary" else raw
-                    self._add(f"ytok/{name}/{layer.name}", block_mean(y, tuple(layer.grid)).sum())
 
     def on_train_epoch_end(self) -> None:
         self.trainer.should_stop = True

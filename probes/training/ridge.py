@@ -95,6 +95,7 @@ class RidgeProbeModule(ProbeModule):
             for layer in self.spec.layers:
                 x = xs[layer.name]
                 self._add(f"gram/{layer.name}", torch.einsum("bstc,bstd->scd", x, x))
+                self._add(f"count/{layer.name}", torch.tensor(float(x.shape[0] * x.shape[2]), device=x.device))
                 sx = x.sum(dim=(0, 2))                                                   # [S, C]
                 self._add(f"sumx/{layer.name}", sx)
                 finite[("*", layer.name)] = torch.isfinite(sx).all(-1)   # a sum is finite iff its terms are
@@ -117,6 +118,7 @@ class RidgeProbeModule(ProbeModule):
                 for layer in self.spec.layers:
                     yb = block_mean(y.to(torch.float64), tuple(layer.grid))      # [B, T]
                     self._add(f"xy/{t}/{layer.name}", torch.einsum("bstc,bt->sc", xs[layer.name], yb))
+                    self._add(f"ytok/{t}/{layer.name}", yb.sum())      # Σy and the count: centred solutions
             self._check_finite(finite, "train", batch)
 
     def _check_finite(self, finite: dict[tuple[str, str], Tensor], split: str, batch: dict[str, Any]) -> None:

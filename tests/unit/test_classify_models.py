@@ -77,24 +77,19 @@ def test_weights_from_a_state_dict_file(tmp_path):
     torch.testing.assert_close(clf(images), want)
 
 
-def test_missing_torchvision_weights_fail_offline_naming_file_and_url(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, cache_env, parts", [
+    ("torchvision:vgg16", "TORCH_HOME", lambda tmp: (str(tmp / "hub" / "checkpoints" / "vgg16-397923af.pth"),
+                                                     "https://download.pytorch.org/models/vgg16-397923af.pth",
+                                                     "TORCH_HOME")),
+    ("timm:resnet18", "HF_HUB_CACHE", lambda tmp: ("timm/resnet18.a1_in1k", str(tmp), "hf download")),
+])
+def test_missing_weights_fail_offline_naming_where_and_how(name, cache_env, parts, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(cache_env, str(tmp_path))
     with pytest.raises(FileNotFoundError) as err:
-        load_classifier("torchvision:vgg16")
+        load_classifier(name)
     msg = str(err.value)
-    for part in ("torchvision:vgg16", str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"),
-                 "https://download.pytorch.org/models/vgg16-397923af.pth", "TORCH_HOME", "weights=None"):
-        assert part in msg, (part, msg)
-
-
-def test_missing_timm_weights_fail_offline_naming_the_hub_repo(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError) as err:
-        load_classifier("timm:resnet18")
-    msg = str(err.value)
-    for part in ("timm:resnet18", "timm/resnet18.a1_in1k", str(tmp_path), "hf download", "weights=None"):
+    for part in (name, *parts(tmp_path), "weights=None"):
         assert part in msg, (part, msg)
 
 

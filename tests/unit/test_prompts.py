@@ -1,8 +1,6 @@
 """Prompt sets: the pinned reference split, CSV and text sources, splits, errors."""
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
 from probes.prompts.sets import PromptSpec, fetch_chen2023, load_prompts, split_indices
@@ -37,10 +35,7 @@ def test_reference_split_is_downloaded_pinned_and_checksummed(tmp_path, monkeypa
 
 
 def test_offline_download_error_names_url_path_and_fix(tmp_path, monkeypatch):
-    def refuse(url, timeout=0):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    serve_downloads(monkeypatch, None)
     monkeypatch.delenv("DPROBE_CHEN2023_DIR", raising=False)
     with pytest.raises(RuntimeError) as err:
         fetch_chen2023(cache_dir=tmp_path)

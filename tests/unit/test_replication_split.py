@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import pickle
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -72,10 +71,7 @@ def test_mapping_rule_sorts_file_names_as_strings():
 
 
 def test_offline_error_names_the_url_and_where_to_put_the_files(tmp_path, monkeypatch):
-    def refuse(url, timeout=0):
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    serve_downloads(monkeypatch, None)
     monkeypatch.delenv("DPROBE_REPLICATION2024_DIR", raising=False)
     with pytest.raises(RuntimeError) as err:
         fetch_replication2024(tmp_path)
