@@ -2,7 +2,7 @@
 
 One package, one folder per stage, data flowing one way::
 
-    prompts/ -> models/ + generation/ (capture) -> store/ -> labels/ -> training/ (probes)
+    prompts/ -> diffusion/ + generation/ (capture) -> store/ -> labels/ -> training/ (probes)
              -> metrics/ -> reporting/ (csv, plots, reports, W&B) and export/
 
 ``contract.py`` is what the data side hands the probe side; ``cli/`` wires the stages together.

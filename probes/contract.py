@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, TypedDict
 
-from probes.models.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo
 
 
 def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:

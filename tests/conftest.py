@@ -28,7 +28,7 @@ def reference_dir(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from probes.models.loading import DiffusionSpec, load_pipeline
+    from probes.diffusion.loading import DiffusionSpec, load_pipeline
 
     return load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cpu")
 

@@ -28,6 +28,8 @@ import torch
 
 from probes.common.quiet import quiet_known_noise
 from probes.common.threads import apply_thread_policy
+from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.loading import DiffusionSpec, load_architecture, load_pipeline
 from probes.generation.sampling import (
     CaptureSpec,
     GenerationSpec,
@@ -36,8 +38,6 @@ from probes.generation.sampling import (
     make_scheduler,
     native_size,
 )
-from probes.models.layers import LayerRegistry
-from probes.models.loading import DiffusionSpec, load_architecture, load_pipeline
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts
 from probes.reporting.run_outputs import RunOutputs
 from probes.training.datamodule import ActivationDataModule

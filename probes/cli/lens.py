@@ -19,10 +19,10 @@ from pathlib import Path
 import yaml
 from jsonargparse import auto_cli
 
+from probes.diffusion.loading import DiffusionSpec
 from probes.lens.embeddings import PoolingSpec
 from probes.lens.features import FeatureSpec
 from probes.lens.runner import DataSpec, ExperimentSpec, run_lens
-from probes.models.loading import DiffusionSpec
 from probes.reporting.tables import RANDOM_WARNING
 
 

@@ -24,9 +24,9 @@ from urllib.parse import urlparse
 
 from probes.common.env import OFFLINE_ENV, env_flag, offline
 from probes.common.hub import cached_snapshot, download_command, has_any, hub_cache_dir
+from probes.diffusion.loading import DiffusionSpec
 from probes.labels import build_labeler
 from probes.labels.base import Missing
-from probes.models.loading import DiffusionSpec
 from probes.prompts.replication2024 import LOCAL_DIR_ENV as REPLICATION2024_ENV
 from probes.prompts.replication2024 import REPLICATION2024_COMMIT, REPLICATION2024_FILES, REPLICATION2024_URL
 from probes.prompts.sets import (

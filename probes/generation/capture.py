@@ -9,7 +9,7 @@ Activations are copied, as they are produced, into one preallocated buffer per l
 model's device, in the capture dtype (fp16 by default), and moved off the accelerator once per
 batch: one device-to-host copy per layer instead of one per step and layer.
 
-The VAE decoder's probe (``vae.mid``, see :mod:`probes.models.layers`) is read in
+The VAE decoder's probe (``vae.mid``, see :mod:`probes.diffusion.layers`) is read in
 :meth:`ActivationCapture.on_step_end` from the latent the pipeline hands the callback (x_{t-1}
 after the scheduler step: the latent the decoded-image baseline decodes): the decoder's
 ``post_quant_conv``, ``conv_in`` and ``mid_block`` run on ``latents / scaling_factor`` with a hook
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from probes.models.hooks import ModuleHooks
-from probes.models.layers import VAE_PREFIX, LayerInfo
+from probes.diffusion.hooks import ModuleHooks
+from probes.diffusion.layers import VAE_PREFIX, LayerInfo
 
 HALVES = {"cond": ("cond",), "both": ("uncond", "cond")}
 
@@ -39,7 +39,7 @@ class ActivationCapture(ModuleHooks):
     """Capture ``[batch, step, half, tokens, channels]`` per layer during one pipeline call.
 
     :param unet: the U-Net the hooks go on.
-    :param layers: layers to capture (from :class:`probes.models.layers.LayerRegistry`).
+    :param layers: layers to capture (from :class:`probes.diffusion.layers.LayerRegistry`).
     :param num_steps: denoising steps of the run (buffers hold the selected subset).
     :param steps: step indices (0..num_steps-1) to keep; ``None`` keeps all.
     :param halves: ``cond`` (the conditional half of the CFG batch, as the protocol) or ``both``.

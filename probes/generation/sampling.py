@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from probes.diffusion.layers import LayerInfo, check_layer_patterns
+from probes.diffusion.loading import precision_of
 from probes.generation.capture import ActivationCapture
-from probes.models.layers import LayerInfo, check_layer_patterns
-from probes.models.loading import precision_of
 from probes.prompts.sets import PromptRecord
 
 SCHEDULERS = {"lms": "LMSDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",

@@ -11,9 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from probes.diffusion.layers import LayerInfo
+from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.generation.sampling import CaptureSpec, GenerationSpec, batches, generate
-from probes.models.layers import LayerInfo
-from probes.models.loading import DiffusionSpec, load_pipeline
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, check_disk, human_bytes, refuse_orphaned_data
 from probes.store.locks import store_lock, sweep_temporaries

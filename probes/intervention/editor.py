@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from probes.diffusion.hooks import ModuleHooks
+from probes.diffusion.layers import LayerInfo, LayerRegistry
 from probes.export.probeset import LinearProbe, ProbeSet
 from probes.intervention.objective import BINARY_LOSSES, ProbeObjective
-from probes.models.hooks import ModuleHooks
-from probes.models.layers import LayerInfo, LayerRegistry
 
 OPTIMIZERS = ("adam", "sgd", "projection")
 

@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.export.probeset import LinearProbe, ProbeSet
 from probes.generation.sampling import GenerationSpec
 from probes.intervention.editor import ActivationEditor, EditRecord, EditSettings
 from probes.intervention.pipeline import image_size, sample_images
 from probes.labels import build_labeler
 from probes.labels.base import Labeler
-from probes.models.loading import DiffusionSpec, load_pipeline
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts
 
 #: labelers that read stored label files instead of looking at the image: they cannot re-label an edit

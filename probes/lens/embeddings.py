@@ -36,9 +36,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from probes.common.version import code_version
+from probes.diffusion.layers import LayerInfo
 from probes.lens.datasets.common import LensItem
 from probes.lens.pooling import instance_ids, pool_instances
-from probes.models.layers import LayerInfo
 from probes.store.activations import CommitLog, PreallocatedArray, atomic_write_text, check_disk
 
 FORMAT_VERSION = 1

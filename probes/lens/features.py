@@ -6,7 +6,7 @@ factor, the latent the U-Net was trained on), forward-noised to the feature time
 the training noise schedule (``add_noise`` of a DDPM scheduler built from the pipeline's scheduler
 config, so any sampler the pipeline ships with gives the same ``alphas_cumprod``), and passed once
 through the U-Net with a fixed prompt (empty by default). Forward hooks on the registered layers
-(:mod:`probes.models.layers`) collect every layer's output as a feature map ``[B, C, h, w]``.
+(:mod:`probes.diffusion.layers`) collect every layer's output as a feature map ``[B, C, h, w]``.
 
 ``denoise_steps = k > 0`` instead starts from the noise level ``denoise_from`` (img2img style:
 the image noised to ``denoise_from``) and takes ``k`` deterministic DDIM steps down to ``t``
@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 
 from probes.common.hashing import sha256_text
+from probes.diffusion.hooks import ModuleHooks
+from probes.diffusion.layers import ALL_KINDS, LayerInfo, LayerRegistry
 from probes.generation.capture import HookNeverFired
-from probes.models.hooks import ModuleHooks
-from probes.models.layers import ALL_KINDS, LayerInfo, LayerRegistry
 
 
 @dataclass
@@ -40,7 +40,7 @@ class FeatureSpec:
     """How features are read from the U-Net.
 
     :param layers: layer names or fnmatch patterns over every kind of layer (``down0.res0``,
-        ``down*.attn*``, ``mid.out``; see :mod:`probes.models.layers`); ``all`` takes every layer.
+        ``down*.attn*``, ``mid.out``; see :mod:`probes.diffusion.layers`); ``all`` takes every layer.
     :param timestep: the feature pass's timestep ``t`` (0 = clean latent, up to the scheduler's
         ``num_train_timesteps - 1``).
     :param prompt: text the U-Net is conditioned on (empty by default: no caption bias).

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from probes.diffusion.layers import ALL_KINDS, check_layer_patterns
+from probes.diffusion.loading import DiffusionSpec, load_pipeline, local_model_dir
 from probes.lens import transforms as T
 from probes.lens.datasets.common import LensItem
 from probes.lens.datasets.toy import LENS_SEED, ToyVideos, ToyWorld
@@ -47,8 +49,6 @@ from probes.lens.experiments import (
     video_rows,
 )
 from probes.lens.features import FeatureExtractor, FeatureSpec
-from probes.models.layers import ALL_KINDS, check_layer_patterns
-from probes.models.loading import DiffusionSpec, load_pipeline, local_model_dir
 
 DATA_KINDS = ("toy", "coco", "voc", "davis", "toy_video")
 EXPERIMENTS = ("semantic", "robustness", "timestep", "steps", "video")
@@ -416,7 +416,7 @@ def run_lens(diffusion: DiffusionSpec, data: DataSpec, video: DataSpec | None, f
              control_permute_seed: int | None = 0, labels: tuple[str, str] = ("model", "control"),
              progress: bool = True) -> LensResult:
     """The model's experiments, then its permuted-weights control's (see the module docstring)."""
-    from probes.models.layers import LayerRegistry, first_at_grid
+    from probes.diffusion.layers import LayerRegistry, first_at_grid
 
     check_layer_patterns(features.layers, kinds=ALL_KINDS, option="features.layers")
     if data.is_video:

@@ -13,9 +13,9 @@ from dataclasses import asdict
 from typing import Any
 
 from probes.common.version import code_version
+from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.loading import DiffusionSpec, resolved_revision
 from probes.generation.sampling import CaptureSpec, GenerationSpec, native_size, sampler_timesteps
-from probes.models.layers import LayerRegistry
-from probes.models.loading import DiffusionSpec, resolved_revision
 from probes.prompts.sets import PromptRecord, prompts_fingerprint
 
 

@@ -39,9 +39,9 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def clip_tokenizer():
-    """The project's offline CLIP tokenizer (moved to ``probes.models`` from ``data``)."""
+    """The project's offline CLIP tokenizer (moved to ``probes.diffusion`` from ``data``)."""
     try:
-        from probes.models.tokenizer import offline_clip_tokenizer
+        from probes.diffusion.tokenizer import offline_clip_tokenizer
     except ImportError:  # older layout
         from data.tokenizer import offline_clip_tokenizer
     return offline_clip_tokenizer()

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from probes.diffusion.loading import DiffusionSpec, load_architecture
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.models.loading import DiffusionSpec, load_architecture
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, InsufficientDisk, decoded_latent, human_bytes
 
@@ -60,7 +60,7 @@ def planned_layout(diffusion: DiffusionSpec, generation: GenerationSpec, capture
     import torch
     from diffusers import UNet2DConditionModel
 
-    from probes.models.layers import LayerRegistry, vae_mid_layer
+    from probes.diffusion.layers import LayerRegistry, vae_mid_layer
 
     found = unet_config(diffusion)
     if found is None:

@@ -22,13 +22,13 @@ from jsonargparse.typing import Path_fr
 from torch.utils.data import DataLoader, Dataset
 
 from probes.contract import ProbeSpec
+from probes.diffusion.layers import LayerInfo
+from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.generation.stage import ensure_store, open_store, shard_of
 from probes.labels import build_labeler, check_labeler
 from probes.labels.cache import LabelCache
 from probes.metrics.classifier import check_classifier_data, classifier_config
-from probes.models.layers import LayerInfo
-from probes.models.loading import DiffusionSpec, load_pipeline
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_indices
 from probes.store.activations import ActivationStore, decoded_latent
 from probes.store.manifest import request_fingerprint, store_request

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
+from probes.diffusion.layers import LayerInfo
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
 from probes.generation.stage import commit_records, decoded_missing
 from probes.labels.cache import LabelCache
-from probes.models.layers import LayerInfo
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore
 

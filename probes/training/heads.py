@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from probes.models.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo
 
 
 def layer_key(name: str) -> str:

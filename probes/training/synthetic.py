@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.diffusion.layers import LayerInfo
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.models.layers import LayerInfo
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptSpec, load_prompts
 from probes.store.activations import ActivationStore
 from probes.training.datamodule import ActivationDataModule, request_fingerprint, store_request

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from probes.diffusion.layers import LayerRegistry
 from probes.generation.capture import ActivationCapture, HookNeverFired
 from probes.generation.sampling import (
     CaptureSpec,
@@ -14,7 +15,6 @@ from probes.generation.sampling import (
     make_scheduler,
     sampler_timesteps,
 )
-from probes.models.layers import LayerRegistry
 from probes.prompts.sets import PromptRecord
 
 RECORDS = [PromptRecord(index=i, prompt=f"a photo of a cat number {i}", seed=100 + i, split="train")
@@ -132,7 +132,7 @@ def test_initial_latents_follow_the_reference_recipe():
 
 def test_sd14_random_architecture_generates_one_step():
     """The full SD v1.4 architecture with random weights runs through the same code (1 step, 64 px)."""
-    from probes.models.loading import DiffusionSpec, load_pipeline
+    from probes.diffusion.loading import DiffusionSpec, load_pipeline
 
     pipe = load_pipeline(DiffusionSpec(source="random", architecture="sd14"), "cpu")
     lay = LayerRegistry.from_unet(pipe.unet, (8, 8)).select(["down0.0", "mid.0"])

@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptSpec
 from probes.training.datamodule import ActivationDataModule
 

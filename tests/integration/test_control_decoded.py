@@ -6,9 +6,9 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
+from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-from probes.models.layers import LayerRegistry
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptRecord, PromptSpec
 from probes.training.datamodule import ActivationDataModule
 from tests.conftest import REPO

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import probes.generation.sampling as sampling
+from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
 from probes.generation.stage import ensure_store
-from probes.models.layers import LayerRegistry
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptRecord
 from probes.store.manifest import request_fingerprint, store_request
 

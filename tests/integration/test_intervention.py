@@ -10,10 +10,10 @@ from PIL import Image
 
 from probes.cli.main import main
 from probes.contract import ProbeSpec
+from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.loading import DiffusionSpec
 from probes.export.probeset import export_probes
 from probes.generation.sampling import CaptureSpec, GenerationSpec, sampler_timesteps
-from probes.models.layers import LayerRegistry
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptSpec
 from probes.training.module import ProbeModule
 

@@ -116,10 +116,10 @@ def test_trained_toy_model_separates_classes_better_than_its_control(tmp_path: P
     if not (model / "model_index.json").exists():
         pytest.skip(f"no trained toy model at {model}")
     from probes.cli.lens import lens
+    from probes.diffusion.loading import DiffusionSpec
     from probes.lens.embeddings import PoolingSpec
     from probes.lens.features import FeatureSpec
     from probes.lens.runner import DataSpec, ExperimentSpec
-    from probes.models.loading import DiffusionSpec
 
     out = lens(data=DataSpec(kind="toy", n=120), diffusion=DiffusionSpec(source="hub", model_id=str(model),
                                                                         local_files_only=True),

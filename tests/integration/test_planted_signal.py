@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 
-from probes.models.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo
 from probes.training.module import ProbeModule
 from probes.training.synthetic import synthetic_datamodule, upsample_tokens
 

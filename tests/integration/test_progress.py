@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import probes.generation.sampling as sampling
+from probes.diffusion.layers import LayerRegistry
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-from probes.models.layers import LayerRegistry
 from probes.prompts.sets import PromptRecord
 
 RECS = [PromptRecord(index=i, prompt=f"a photo of a boat {i}", seed=i, split="train") for i in range(5)]

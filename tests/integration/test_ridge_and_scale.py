@@ -13,9 +13,9 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
+from probes.diffusion.layers import LayerInfo
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.models.layers import LayerInfo
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptSpec, load_prompts
 from probes.store.activations import ActivationStore
 from probes.training.datamodule import ActivationDataModule

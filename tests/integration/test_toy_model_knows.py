@@ -8,15 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.models.loading import DiffusionSpec, local_model_dir
+from probes.diffusion.loading import DiffusionSpec, local_model_dir
 
 pytestmark = pytest.mark.skipif(local_model_dir("data/toy/model") is None,
                                 reason="data/toy/model absent (make toy-model)")
 
 
 def test_generated_scenes_contain_objects_the_toy_labeler_finds():
+    from probes.diffusion.loading import load_pipeline
     from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-    from probes.models.loading import load_pipeline
     from probes.prompts.sets import PromptSpec, load_prompts
     from probes.toy.sample_quality import sample_quality
 
@@ -32,8 +32,8 @@ def test_generated_scenes_contain_objects_the_toy_labeler_finds():
 def test_noisy_latent_decodes_start_as_noise_and_end_as_the_image_unlike_x0():
     """The replication's baseline decodes x_{t-1}: noise early on, the final image at the last step; the
     predicted x0 looks like the scene from step 0, so labelers on it "succeed" far earlier."""
+    from probes.diffusion.loading import load_pipeline
     from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-    from probes.models.loading import load_pipeline
     from probes.prompts.sets import PromptSpec, load_prompts
 
     pipe = load_pipeline(DiffusionSpec(source="hub", model_id="data/toy/model", local_files_only=True), "cpu")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from probes.diffusion.layers import SD14_LAYERS, LayerRegistry, check_layer_patterns
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.capture import ActivationCapture
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate, make_scheduler
-from probes.models.layers import SD14_LAYERS, LayerRegistry, check_layer_patterns
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptRecord, PromptSpec
 from probes.training.datamodule import ActivationDataModule
 from tests.conftest import REPO

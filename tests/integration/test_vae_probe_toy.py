@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from probes.diffusion.loading import DiffusionSpec, local_model_dir
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.models.loading import DiffusionSpec, local_model_dir
 from probes.prompts.sets import PromptSpec
 from probes.training.datamodule import ActivationDataModule
 

@@ -8,8 +8,8 @@ from collections import namedtuple
 
 import pytest
 
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptSpec
 from probes.store.activations import ActivationStore, InsufficientDisk
 from probes.training.datamodule import ActivationDataModule

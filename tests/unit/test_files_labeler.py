@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
+from probes.diffusion.layers import LayerInfo
 from probes.labels import build_labeler
-from probes.models.layers import LayerInfo
 from probes.training.module import ProbeModule
 from probes.training.ridge import RidgeProbeModule
 from probes.training.synthetic import planted_datamodule, synthetic_datamodule

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from probes.diffusion.layers import LayerInfo, LayerRegistry
 from probes.export.probeset import LinearProbe, ProbeInfo
 from probes.generation.capture import ActivationCapture
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
 from probes.intervention.editor import ActivationEditor, EditSettings, optimise_activation
 from probes.intervention.objective import ProbeObjective, pixel_loss
 from probes.intervention.pipeline import sample_images
-from probes.models.layers import LayerInfo, LayerRegistry
 from probes.prompts.sets import PromptRecord
 
 RECORDS = [PromptRecord(index=0, prompt="a red ball on a table", seed=7, split="test")]

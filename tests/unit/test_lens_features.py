@@ -8,6 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from probes.diffusion.layers import (
+    ALL_KINDS,
+    SD14_LAYERS,
+    LayerInfo,
+    LayerRegistry,
+    check_layer_patterns,
+    first_at_grid,
+    kind_of,
+)
 from probes.lens.datasets.toy import ToyVideos, ToyWorld, class_table, video_frame
 from probes.lens.embeddings import EmbeddingCache, ObjectEmbeddings, PoolingSpec, cache_request, request_fingerprint
 from probes.lens.experiments import (
@@ -21,15 +30,6 @@ from probes.lens.experiments import (
 )
 from probes.lens.features import FeatureExtractor, FeatureSpec, denoise_schedule, noise_for
 from probes.lens.pooling import IGNORE_ID, pool_instances
-from probes.models.layers import (
-    ALL_KINDS,
-    SD14_LAYERS,
-    LayerInfo,
-    LayerRegistry,
-    check_layer_patterns,
-    first_at_grid,
-    kind_of,
-)
 from probes.toy.world import scene_for
 
 # -- the registry -------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_first_encoder_layer_at_16x16_for_sd14_and_toy(tiny_pipe):
     model (latent 16) is already 16x16 in down_blocks.0."""
     from diffusers import UNet2DConditionModel
 
-    from probes.models.loading import load_architecture
+    from probes.diffusion.loading import load_architecture
 
     with torch.device("meta"):
         sd = UNet2DConditionModel(**load_architecture("sd14")["unet"])

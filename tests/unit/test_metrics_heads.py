@@ -8,8 +8,8 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
+from probes.diffusion.layers import LayerInfo
 from probes.metrics.exact import BlockTargets, HeadMetrics, average_ranks, dice, pearson, rmse, spearman
-from probes.models.layers import LayerInfo
 from probes.training.heads import ProbeBank, binary_loss, regression_loss
 
 

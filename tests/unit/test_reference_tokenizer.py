@@ -13,8 +13,8 @@ import functools
 import pytest
 import regex
 
-from probes.models.loading import DiffusionSpec, load_pipeline
-from probes.models.tokenizer import (
+from probes.diffusion.loading import DiffusionSpec, load_pipeline
+from probes.diffusion.tokenizer import (
     CLIP_PATTERN,
     _vocab_and_merges,
     bpe_vocab_path,

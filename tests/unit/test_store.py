@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
+from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.labels import build_labeler
 from probes.labels.base import Labeler, register_labeler
 from probes.labels.cache import LabelCache
-from probes.models.loading import DiffusionSpec
 from probes.prompts.sets import PromptSpec, load_prompts
 from probes.store.activations import ActivationStore, CommitLog, InsufficientDisk
 from probes.training.datamodule import ensure_store

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from probes.models.layers import LayerRegistry
-from probes.models.loading import (
+from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.loading import (
     DiffusionSpec,
     Precision,
     build_random_pipeline,
@@ -16,7 +16,7 @@ from probes.models.loading import (
     permute_weights_,
     precision_of,
 )
-from probes.models.tokenizer import offline_clip_tokenizer
+from probes.diffusion.tokenizer import offline_clip_tokenizer
 
 SD14_LAYERS = ["down0.0", "down0.1", "down1.0", "down1.1", "down2.0", "down2.1", "mid.0",
                "up1.0", "up1.1", "up1.2", "up2.0", "up2.1", "up2.2", "up3.0", "up3.1", "up3.2"]

@@ -116,7 +116,7 @@ def test_shipped_weights_match_manifest() -> None:
 
 @pytest.fixture(scope="module")
 def shipped_pipe():
-    from probes.models.loading import DiffusionSpec, load_pipeline
+    from probes.diffusion.loading import DiffusionSpec, load_pipeline
 
     return load_pipeline(DiffusionSpec(source="hub", model_id=str(shipped()), local_files_only=True), "cpu")
 

@@ -7,12 +7,12 @@ Three ways to get a pipeline, chosen in config (``data.diffusion``):
   benchmarks (same cost as the real model);
 - ``source: random, architecture: tiny``: SD v1.4's topology with small widths, for the demo and
   the tests.
-Random-weight models get a real CLIP tokenizer built offline (``probes.models.tokenizer``).
+Random-weight models get a real CLIP tokenizer built offline (``probes.diffusion.tokenizer``).
 
 Two settings make a loaded pipeline behave as the reference's did (both default to the protocol):
 ``precision`` (:class:`Precision`: the reference kept fp32 weights and latents and ran under fp16
 autocast on CUDA) and ``tokenizer`` (``reference``: transformers 4.22's slow CLIP tokenizer without
-ftfy, see :mod:`probes.models.tokenizer`). The resolved precision travels with the pipeline
+ftfy, see :mod:`probes.diffusion.tokenizer`). The resolved precision travels with the pipeline
 (:func:`precision_of`), so the code that runs it reads it from there instead of guessing.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ ARCH_DIR = data_path("architectures")
 
 #: ``diffusion.precision`` values (see :class:`Precision`)
 PRECISIONS = ("reference", "fp16", "bf16", "fp32")
-#: ``diffusion.tokenizer`` values (see :mod:`probes.models.tokenizer`)
+#: ``diffusion.tokenizer`` values (see :mod:`probes.diffusion.tokenizer`)
 TOKENIZERS = ("reference", "default")
 
 
@@ -112,7 +112,7 @@ class DiffusionSpec:
         reference's), ``fp16``, ``bf16`` or ``fp32`` (no autocast); see :class:`Precision`.
     :param tokenizer: ``reference`` (the slow CLIP tokenizer of transformers 4.22 without ftfy, as
         the reference ran: BERT basic cleaning, accents stripped, punctuation split) or
-        ``default`` (the installed transformers' CLIP tokenizer); see :mod:`probes.models.tokenizer`.
+        ``default`` (the installed transformers' CLIP tokenizer); see :mod:`probes.diffusion.tokenizer`.
     :param local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
     :param cache_dir: Hugging Face cache folder; default ``$HF_HOME/hub``.
     :param init_seed: seed of the random weights (``source: random``).
@@ -227,7 +227,7 @@ def build_random_pipeline(architecture: str = "tiny", init_seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from probes.models.tokenizer import offline_clip_tokenizer
+    from probes.diffusion.tokenizer import offline_clip_tokenizer
 
     arch = load_architecture(architecture)
     with torch.random.fork_rng(devices=[]):
@@ -256,7 +256,7 @@ def load_hub_pipeline(spec: DiffusionSpec, dtype: torch.dtype):
         local = local_model_dir(spec.model_id)
         pipe = StableDiffusionPipeline.from_pretrained(str(local or spec.model_id), **kwargs)
         if getattr(pipe, "tokenizer", None) is None:    # small local models may ship without one
-            from probes.models.tokenizer import offline_clip_tokenizer
+            from probes.diffusion.tokenizer import offline_clip_tokenizer
 
             pipe.tokenizer = offline_clip_tokenizer()
         return pipe
@@ -335,7 +335,7 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
     else:
         pipe = load_hub_pipeline(spec, dtype)
     if spec.tokenizer == "reference":
-        from probes.models.tokenizer import use_reference_tokenisation_
+        from probes.diffusion.tokenizer import use_reference_tokenisation_
 
         use_reference_tokenisation_(pipe.tokenizer)
     if spec.permute_seed is not None:
