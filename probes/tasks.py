@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_TASKS: dict[str, Task] = {}
+from probes.common.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -37,22 +37,18 @@ class Task:
         return self.metrics[0]
 
 
+#: the tasks by name (``register_task`` adds one; a misspelt name lists the valid ones)
+TASKS: Registry[Task] = Registry("task", how_to_add="Add one with probes.tasks.register_task")
+
+
 def register_task(task: Task) -> Task:
     if task.kind not in {"binary", "regression"}:
         raise ValueError(f"task kind must be 'binary' or 'regression', got {task.kind!r}")
-    _TASKS[task.name] = task
-    return task
+    return TASKS.register(task.name, task)
 
 
 def get_task(name: str) -> Task:
-    if name not in _TASKS:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(_TASKS))} "
-                       f"(add one with probes.tasks.register_task)")
-    return _TASKS[name]
-
-
-def list_tasks() -> list[str]:
-    return sorted(_TASKS)
+    return TASKS.get(name)
 
 
 register_task(Task("foreground", "binary", ("dice",), lr=1e-3))

@@ -1,17 +1,25 @@
-"""Checksums: one implementation for files (downloads, shipped weights) and for text (fingerprints)."""
+"""Checksums: one implementation for files (downloads, shipped weights), text and data (fingerprints)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Iterable
+from typing import Any
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def _hex(h: Any, length: int | None) -> str:
+    digest = h.hexdigest()
+    return digest[:length] if length else digest
+
+
+def sha256_file(path: str | os.PathLike, length: int | None = None) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (weights can be GBs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return _hex(h, length)
 
 
 def verify_sha256(path: str | os.PathLike, expected: str, fix: str) -> None:
@@ -23,5 +31,18 @@ def verify_sha256(path: str | os.PathLike, expected: str, fix: str) -> None:
 
 def sha256_text(text: str, length: int | None = None) -> str:
     """Hex sha256 of a string (optionally truncated: fingerprints that name folders)."""
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return digest[:length] if length else digest
+    return _hex(hashlib.sha256(text.encode()), length)
+
+
+def sha256_json(data: Any, length: int | None = None) -> str:
+    """Hex sha256 of ``data`` as canonical JSON (sorted keys; anything else by its ``str``): the
+    fingerprint of a settings mapping (a store request, a labeler's arguments)."""
+    return sha256_text(json.dumps(data, sort_keys=True, default=str), length)
+
+
+def sha256_chunks(chunks: Iterable[bytes], length: int | None = None) -> str:
+    """Hex sha256 of the concatenation of ``chunks``, streamed (e.g. a network's tensors)."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return _hex(h, length)

@@ -64,6 +64,8 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
+from probes.common.registry import Registry
+
 _ATTN1 = re.compile(r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 
 
@@ -190,7 +192,8 @@ class LayerRegistry:
     """Ordered (forward order) set of layers; unknown names fail loudly with the valid ones."""
 
     def __init__(self, layers: Iterable[LayerInfo] = ()) -> None:
-        self._layers: dict[str, LayerInfo] = {}
+        #: forward order; a name registered twice is refused (two layers would share a probe's key)
+        self._layers: Registry[LayerInfo] = Registry("layer", on_overwrite="refuse", ordered=True)
         for layer in layers:
             self.register(layer)
 
@@ -242,7 +245,7 @@ class LayerRegistry:
                 name = f"{prefix}.{attn}" if depth == 1 else f"{prefix}.{attn}.{tb}"
                 reg.register(LayerInfo(name=name, module=f"{path}.to_out.0",
                                        channels=int(module.to_out[0].out_features), grid=grids[prefix]))
-        if not reg._layers:
+        if not len(reg):
             raise ValueError("no self-attention (attn1) layers found: is this an SD-family UNet2DConditionModel?")
         return reg
 
@@ -301,18 +304,16 @@ class LayerRegistry:
                     reg.register(LayerInfo(f"{prefix}.{name}", f"{path}.{attr}.0", channels, sampler_grid))
             if "out" in kinds and channels is not None:
                 reg.register(LayerInfo(f"{prefix}.out", path, channels, sampler_grid))
-        if not reg._layers:
+        if not len(reg):
             raise ValueError(f"no layers of kinds {list(kinds)} found: is this an SD-family UNet2DConditionModel?")
         return reg
 
     def register(self, layer: LayerInfo) -> None:
         """Add a layer (e.g. a cross-attention or a VAE attention someone wants to probe)."""
-        if layer.name in self._layers:
-            raise ValueError(f"layer {layer.name!r} is already registered")
-        self._layers[layer.name] = layer
+        self._layers.register(layer.name, layer)
 
     def names(self) -> list[str]:
-        return list(self._layers)
+        return self._layers.list()
 
     def list(self, pattern: str = "*") -> list[str]:
         """Names (forward order) whose short name or module path matches the fnmatch pattern.
@@ -320,15 +321,12 @@ class LayerRegistry:
         The VAE's layers only answer patterns that start with ``vae`` (opt-in), so ``*`` and
         ``up*`` keep meaning the U-Net's layers.
         """
-        return [n for n, info in self._layers.items()
+        return [n for n, info in self._items()
                 if (not info.in_vae or pattern.startswith("vae"))
                 and (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(info.module, pattern))]
 
     def get(self, name: str) -> LayerInfo:
-        try:
-            return self._layers[name]
-        except KeyError:
-            raise KeyError(f"unknown layer {name!r}; valid layers: {', '.join(self._layers)}") from None
+        return self._layers.get(name)
 
     def select(self, patterns: str | Iterable[str] = "*") -> list[LayerInfo]:
         """Layers matching any pattern, in forward order. A pattern that matches nothing is an error."""
@@ -338,18 +336,21 @@ class LayerRegistry:
         for pat in patterns:
             hits = self.list(pat)
             if not hits:
-                raise KeyError(f"layer {pat!r} matches no layer; valid layers: {', '.join(self._layers)} "
+                raise KeyError(f"layer {pat!r} matches no layer; valid layers: {', '.join(self.names())} "
                                f"(patterns like 'up*' or 'up_blocks.3.*' also work)")
             chosen.update(hits)
-        return [info for n, info in self._layers.items() if n in chosen]
+        return [info for n, info in self._items() if n in chosen]
 
     def at_grid(self, grid: tuple[int, int], kinds: Iterable[str] = ALL_KINDS) -> list[str]:
         """Names (forward order) of the registered layers of ``kinds`` whose output grid is ``grid``."""
         kinds = set(kinds)
-        return [n for n, info in self._layers.items() if tuple(info.grid) == tuple(grid) and info.kind in kinds]
+        return [n for n, info in self._items() if tuple(info.grid) == tuple(grid) and info.kind in kinds]
 
     def __iter__(self):
         return iter(self._layers.values())
+
+    def _items(self) -> list[tuple[str, LayerInfo]]:
+        return list(zip(self._layers.list(), self._layers.values()))
 
     def __len__(self) -> int:
         return len(self._layers)

@@ -6,9 +6,6 @@ pass it keyword arguments, and so that the label cache can key its files on (nam
 """
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-_REGISTRY: dict[str, type[Labeler]] = {}
+from probes.common.hashing import sha256_json
+from probes.common.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -77,9 +75,8 @@ class Labeler(ABC):
 
     def fingerprint(self) -> str:
         """Stable id of this labeler's outputs: cached labels are stored under it."""
-        payload = json.dumps({"name": self.name, "version": self.version, "kwargs": self.cache_kwargs()},
-                             sort_keys=True, default=str)
-        return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+        payload = {"name": self.name, "version": self.version, "kwargs": self.cache_kwargs()}
+        return f"{self.name}-{sha256_json(payload, 10)}"
 
     def cache_kwargs(self) -> dict[str, Any]:
         """Arguments that change the labels (device, batch size and the like do not)."""
@@ -89,34 +86,31 @@ class Labeler(ABC):
         return {"name": self.name, "version": self.version, "kwargs": self.cache_kwargs()}
 
 
+#: the labelers by name (``@register_labeler("name")`` adds one)
+LABELERS: Registry[type[Labeler]] = Registry(
+    "labeler", how_to_add="A labeler of your own: decorate it with @register_labeler(\"<name>\") and pass its "
+                          "module or file with --import")
+
+
 def register_labeler(name: str) -> Callable[[type[Labeler]], type[Labeler]]:
     """Class decorator: make a labeler available to configs under ``name``."""
 
     def wrap(cls: type[Labeler]) -> type[Labeler]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            import warnings
-
-            warnings.warn(f"labeler {name!r} is registered twice; the later definition wins", stacklevel=2)
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return LABELERS.register(name, cls)
 
     return wrap
 
 
 def list_labelers(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return LABELERS.list(pattern)
 
 
 def check_labeler(name: str) -> None:
     """Fail on an unknown labeler name, listing the registered ones and how to add one."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown labeler {name!r}; registered labelers: {', '.join(list_labelers())}. "
-                       f"A labeler of your own: decorate it with @register_labeler({name!r}) and pass its module "
-                       f"or file with --import")
+    LABELERS.check(name)
 
 
 def build_labeler(name: str, **kwargs: Any) -> Labeler:
     """Instantiate the labeler registered as ``name``; unknown names list the valid ones."""
-    check_labeler(name)
-    return _REGISTRY[name](**kwargs)
+    return LABELERS.get(name)(**kwargs)

@@ -7,7 +7,6 @@ masks do. Labels are returned as float values in 0..255, so the foreground rule 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from probes.common.env import offline as offline_env
-from probes.common.hashing import sha256_file
+from probes.common.hashing import sha256_chunks, sha256_file
 from probes.labels.base import Labeler, Missing, register_labeler
 from probes.labels.tracer_net import TracerTE5
 
@@ -107,11 +106,9 @@ class TracerLabeler(Labeler):
         labeler = cls(**kwargs)
         net = load_tracer_state_dict(TracerTE5(), state_dict)
         # these weights are not the released checkpoint: give their labels their own cache key
-        h = hashlib.sha256()
-        for k, v in sorted(net.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        labeler.kwargs["state_dict_sha256"] = h.hexdigest()
+        labeler.kwargs["state_dict_sha256"] = sha256_chunks(
+            part for k, v in sorted(net.state_dict().items())
+            for part in (k.encode(), v.detach().cpu().contiguous().numpy().tobytes()))
         labeler._setup(net, device)
         return labeler
 

@@ -24,7 +24,6 @@ dozens of tiny instances, and a fixed slot count keeps the arrays preallocatable
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,11 +34,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from probes.common.hashing import sha256_text
 from probes.common.version import code_version
 from probes.diffusion.layers import LayerInfo
 from probes.lens.datasets.common import LensItem
 from probes.lens.pooling import instance_ids, pool_instances
 from probes.store.activations import CommitLog, PreallocatedArray, atomic_write_text, check_disk
+from probes.store.manifest import request_fingerprint
 
 FORMAT_VERSION = 1
 KEY_STRIDE = 1 << 20      # object key = item index * KEY_STRIDE + instance id (ids < 2**20)
@@ -86,7 +87,7 @@ def dataset_fingerprint(dataset: Any) -> dict[str, Any]:
     for attr in ("image_ids", "names", "sequences"):
         if hasattr(dataset, attr):
             ids = [str(v) for v in getattr(dataset, attr)]
-            fp[attr] = {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+            fp[attr] = {"count": len(ids), "sha256": sha256_text("\n".join(ids), 16)}
     return fp
 
 
@@ -96,10 +97,6 @@ def cache_request(model: dict[str, Any], layers: Sequence[LayerInfo], features: 
     """Everything the cached vectors depend on; its hash names the cache folder."""
     return {"model": model, "layers": [l.to_dict() for l in layers], "features": features,
             "pooling": asdict(pooling), "dataset": dataset, "variant": variant or {}, "num_items": num_items}
-
-
-def request_fingerprint(request: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass

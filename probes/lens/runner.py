@@ -16,7 +16,6 @@ cheap part (scores) can be redone freely:
 from __future__ import annotations
 
 import gc
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probes.common.hashing import sha256_text
 from probes.diffusion.layers import ALL_KINDS, check_layer_patterns
 from probes.diffusion.loading import DiffusionSpec, load_pipeline, local_model_dir
 from probes.lens import transforms as T
@@ -370,7 +370,7 @@ def model_identity(spec: DiffusionSpec) -> dict[str, Any]:
     if folder is not None:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
         stamp = "\n".join(f"{p.relative_to(folder)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-        ident["local_weights"] = hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        ident["local_weights"] = sha256_text(stamp, 16)
     return ident
 
 

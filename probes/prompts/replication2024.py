@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from probes.common.download import download
 from probes.common.hashing import verify_sha256
 
 REPLICATION2024_REPO = "karinaechen/diffusion-model-internal-representation"
@@ -121,8 +122,6 @@ def fetch_replication2024(cache_dir: str | Path, local_dir: str | Path | None = 
     :param local_dir: a folder holding both pickles (no download); ``$DPROBE_REPLICATION2024_DIR``
         does the same.
     """
-    from probes.prompts.sets import _download  # one download routine for every pinned file
-
     local_dir = local_dir or os.environ.get(LOCAL_DIR_ENV)
     if local_dir:   # every absent file named at once, before any checksum
         absent = [n for n, _ in REPLICATION2024_FILES.values() if not (Path(local_dir).expanduser() / n).is_file()]
@@ -140,7 +139,7 @@ def fetch_replication2024(cache_dir: str | Path, local_dir: str | Path | None = 
             path = Path(cache_dir) / "replication2024" / REPLICATION2024_COMMIT / name
             if not path.exists():
                 try:
-                    _download(url, path)
+                    download(url, path, "")
                 except RuntimeError as err:
                     raise RuntimeError(
                         f"could not download the replication's shading split file {url}: {err.__cause__}\n"

@@ -9,17 +9,15 @@ top of it (``probes.prompts.replication2024``).
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import random
-import tempfile
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probes.common.hashing import verify_sha256
+from probes.common.download import download
+from probes.common.hashing import sha256_text, verify_sha256
 from probes.paths import data_path
 from probes.prompts.replication2024 import fetch_replication2024, replication_splits
 
@@ -93,6 +91,11 @@ class PromptSpec:
             raise ValueError(f"data.prompts.seed_base must be a seed from 0 to {MAX_SEED}, got {self.seed_base}")
 
 
+#: what to do when the reference CSVs cannot be downloaded
+CHEN2023_OFFLINE_FIX = ("On an offline machine, copy the file there by hand, or set data.prompts.local_dir "
+                        "(or $DPROBE_CHEN2023_DIR) to a folder holding the reference CSVs.")
+
+
 def fetch_chen2023(cache_dir: str | Path | None = None, local_dir: str | Path | None = None) -> dict[str, Path]:
     """Paths of the reference train/test CSVs, downloading and checksumming them if needed."""
     local_dir = local_dir or os.environ.get("DPROBE_CHEN2023_DIR")
@@ -105,27 +108,11 @@ def fetch_chen2023(cache_dir: str | Path | None = None, local_dir: str | Path | 
         else:
             path = Path(cache_dir or default_cache_dir()) / "chen2023" / CHEN2023_COMMIT / name
             if not path.exists():
-                _download(CHEN2023_URL.format(name=name), path)
+                download(CHEN2023_URL.format(name=name), path, CHEN2023_OFFLINE_FIX)
         verify_sha256(path, sha, "the pinned reference file: delete it to re-download, or point "
                                  "data.prompts.local_dir at a correct copy")
         out[split] = path
     return out
-
-
-def _download(url: str, path: Path) -> None:
-    """Download to a temporary name, then rename: an interrupted download never looks complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
-            f.write(r.read())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download {url} to {path}: {err}\n"
-            f"On an offline machine, copy the file there by hand, or set data.prompts.local_dir "
-            f"(or $DPROBE_CHEN2023_DIR) to a folder holding the reference CSVs.") from err
 
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range; a negative seed wraps around onto another one
@@ -279,10 +266,4 @@ def split_indices(records: Iterable[PromptRecord]) -> dict[str, list[int]]:
 
 
 def prompts_fingerprint(records: Iterable[PromptRecord]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(f"{r.index}\t{r.prompt}\t{r.seed}\n".encode())
-    return h.hexdigest()[:16]
-
-
-
+    return sha256_text("".join(f"{r.index}\t{r.prompt}\t{r.seed}\n" for r in records), 16)

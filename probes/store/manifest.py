@@ -6,12 +6,11 @@ never silently reused for other settings.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from probes.common.hashing import sha256_json
 from probes.common.version import code_version
 from probes.diffusion.layers import LayerRegistry
 from probes.diffusion.loading import DiffusionSpec, resolved_revision
@@ -49,7 +48,8 @@ def store_request(diffusion: DiffusionSpec, generation: GenerationSpec, capture:
 
 
 def request_fingerprint(request: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """The store request's fingerprint: 12 hex digits of its canonical JSON (names the store folder)."""
+    return sha256_json(request, 12)
 
 
 def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
