@@ -1,8 +1,7 @@
 """What the data side hands the probe side: light, frozen, importable without Lightning or labelers.
 
 ``ProbeSpec`` describes the captured activations (layers, steps, timesteps, label size, target
-statistics); a metric row is one line of ``metrics.csv``. Both cross stage boundaries, so they are
-immutable: a stage that needs other values builds a new spec (``dataclasses.replace``) instead of
+statistics). It crosses stage boundaries, so it is immutable: a stage that needs other values builds a new spec (``dataclasses.replace``) instead of
 writing into one another stage holds.
 """
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, TypedDict
+from typing import Any
 
 from probes.diffusion.layers import LayerInfo
 
@@ -74,15 +73,3 @@ class ProbeSpec:
         d = dict(d)
         d["layers"] = [LayerInfo.from_dict(x) for x in d["layers"]]
         return cls(**d)
-
-
-class MetricRow(TypedDict):
-    """One line of ``metrics.csv`` (long form: what pandas, W&B tables and spreadsheets read)."""
-
-    split: str
-    task: str
-    layer: str
-    step: int
-    timestep: float
-    metric: str
-    value: float

@@ -78,11 +78,6 @@ class ProbeBank(nn.Module):
         return apply_probe(x, w, b)
 
 
-def huber(pred: Tensor, target: Tensor, delta: float = 1.0) -> Tensor:
-    d = (pred - target).abs()
-    return torch.where(d < delta, 0.5 * d * d, delta * (d - 0.5 * delta))
-
-
 class SortedBlocks:
     """Each token's block of target pixels, sorted, with prefix sums of values and squares.
 
