@@ -1,8 +1,8 @@
 """What the data side hands the probe side: light, frozen, importable without Lightning or labelers.
 
 ``ProbeSpec`` describes the captured activations (layers, steps, timesteps, label size, target
-statistics). It crosses stage boundaries, so it is immutable: a stage that needs other values builds a new spec (``dataclasses.replace``) instead of
-writing into one another stage holds.
+statistics). It crosses stage boundaries, so it is immutable: a stage that needs other values
+builds a new spec (``dataclasses.replace``) instead of writing into one another stage holds.
 """
 from __future__ import annotations
 
