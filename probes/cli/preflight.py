@@ -38,7 +38,7 @@ from probes.prompts.sets import (
     resolve_source,
 )
 from probes.store.activations import human_bytes
-from probes.training.budget import free_bytes
+from probes.store.disk import free_bytes
 
 __all__ = ["Missing", "PreflightFailed", "check_prerequisites", "format_missing", "prompt_prerequisites",
            "diffusion_prerequisites"]

@@ -12,6 +12,10 @@ from typing import Any
 import torch.nn as nn
 
 
+class HookNeverFired(RuntimeError):
+    """A hooked layer produced nothing: its module was bypassed (e.g. a fused attention kernel)."""
+
+
 class ModuleHooks:
     """Base of hook objects: ``with obj:`` registers :meth:`hooks`, leaving removes them all."""
 

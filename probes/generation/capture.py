@@ -25,14 +25,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from probes.diffusion.hooks import ModuleHooks
+from probes.diffusion.hooks import HookNeverFired, ModuleHooks
 from probes.diffusion.layers import VAE_PREFIX, LayerInfo
 
 HALVES = {"cond": ("cond",), "both": ("uncond", "cond")}
-
-
-class HookNeverFired(RuntimeError):
-    """A selected layer produced nothing: its module was bypassed (e.g. a fused attention kernel)."""
 
 
 class ActivationCapture(ModuleHooks):

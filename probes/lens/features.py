@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 
 from probes.common.hashing import sha256_text
-from probes.diffusion.hooks import ModuleHooks
+from probes.diffusion.hooks import HookNeverFired, ModuleHooks
 from probes.diffusion.layers import ALL_KINDS, LayerInfo, LayerRegistry
-from probes.generation.capture import HookNeverFired
 
 
 @dataclass

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from probes.diffusion.layers import LayerInfo
+
 FORMAT_VERSION = 1
 
 
@@ -372,6 +374,12 @@ class ActivationStore:
     @property
     def num_samples(self) -> int:
         return int(self.manifest["num_samples"])
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """The captured layers as the manifest resolved them (``probes.store.manifest.resolve_capture``):
+        the one list generation, datasets and probes read, also for a streaming store (no arrays)."""
+        return [LayerInfo.from_dict(d) for d in self.manifest["capture"]["layers"]]
 
     @property
     def layer_names(self) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from probes.common.hashing import sha256_json
 from probes.common.version import code_version
-from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.layers import LayerInfo, LayerRegistry
 from probes.diffusion.loading import DiffusionSpec, resolved_revision
 from probes.generation.sampling import CaptureSpec, GenerationSpec, native_size, sampler_timesteps
 from probes.prompts.sets import PromptRecord, prompts_fingerprint
@@ -52,6 +52,30 @@ def request_fingerprint(request: dict[str, Any]) -> str:
     return sha256_json(request, 12)
 
 
+def resolve_capture(registry: LayerRegistry, capture: CaptureSpec,
+                    generation: GenerationSpec) -> tuple[list[LayerInfo], list[int]]:
+    """The one place ``capture.layers`` patterns and ``capture.steps`` are resolved: the layers they
+    select (forward order) and the steps kept. The result is written into the manifest, and every
+    later stage reads it from there (``ActivationStore.layers``), never from the patterns again."""
+    layers = registry.select(capture.layers)
+    steps = list(range(generation.steps)) if capture.steps is None else sorted(set(capture.steps))
+    bad = [s for s in steps if not 0 <= s < generation.steps]
+    if bad:
+        raise ValueError(f"capture.steps {bad} out of range: generation.steps={generation.steps} gives steps 0..{generation.steps - 1}")
+    return layers, steps
+
+
+def capture_section(layers: Sequence[LayerInfo], steps: Sequence[int], capture: CaptureSpec, store_activations: bool,
+                    timesteps: Sequence[float] | None = None) -> dict[str, Any]:
+    """The manifest's ``capture`` section (without timesteps: the part a disk estimate needs)."""
+    section: dict[str, Any] = {"layers": [layer.to_dict() for layer in layers], "steps": list(steps)}
+    if timesteps is not None:
+        section.update(timesteps=[timesteps[s] for s in steps], all_timesteps=list(timesteps))
+    section.update(halves=["cond"] if capture.halves == "cond" else ["uncond", "cond"], dtype=capture.dtype,
+                   hook="attn1.to_out.0 output (before dropout and residual)", store_activations=store_activations)
+    return section
+
+
 def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
                    records: Sequence[PromptRecord], store_activations: bool = True) -> dict[str, Any]:
     height, width = generation.height or native_size(pipe)[0], generation.width or native_size(pipe)[1]
@@ -60,12 +84,8 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
         raise ValueError(f"generation height/width must be multiples of {8 * f} (token grids must divide the "
                          f"labels evenly); got {height}x{width}")
     registry = LayerRegistry.from_pipeline(pipe, (height // f, width // f))   # U-Net layers, and vae.mid (opt-in)
-    layers = registry.select(capture.layers)
+    layers, steps = resolve_capture(registry, capture, generation)
     timesteps = sampler_timesteps(pipe, generation)
-    steps = list(range(generation.steps)) if capture.steps is None else sorted(set(capture.steps))
-    bad = [s for s in steps if not 0 <= s < generation.steps]
-    if bad:
-        raise ValueError(f"capture.steps {bad} out of range: generation.steps={generation.steps} gives steps 0..{generation.steps - 1}")
     request = store_request(diffusion, generation, capture, records, store_activations)
     model = dict(diffusion.identity(), resolved_revision=resolved_revision(pipe), is_random=diffusion.is_random,
                  dtype=str(pipe.unet.dtype).replace("torch.", ""))
@@ -76,11 +96,7 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
         "model": model,
         "generation": dict(asdict(generation), height=height, width=width,
                            latent_init="torch.manual_seed(seed); torch.randn(1, C, H/8, W/8) on CPU, unscaled"),
-        "capture": {"layers": [layer.to_dict() for layer in layers], "steps": steps,
-                    "timesteps": [timesteps[s] for s in steps], "all_timesteps": timesteps,
-                    "halves": ["cond"] if capture.halves == "cond" else ["uncond", "cond"],
-                    "dtype": capture.dtype, "hook": "attn1.to_out.0 output (before dropout and residual)",
-                    "store_activations": store_activations},
+        "capture": capture_section(layers, steps, capture, store_activations, timesteps),
         "num_samples": len(records),
         "prompts": [asdict(r) for r in records],
     }

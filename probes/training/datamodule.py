@@ -1,10 +1,12 @@
-"""The LightningDataModule: makes sure the store and labels exist, then serves train/val/test.
+"""The LightningDataModule: wires the data stages, then serves train/val/test.
 
-``prepare_data`` only fetches files (the prompt CSVs). ``setup`` opens the store, generating the
-samples it lacks first (each rank its own disjoint shard of batches, all writing into one store),
-then the labels (sharded the same way), then builds the splits and the target statistics
-(train split only). Generation is a stage of its own (:func:`ensure_store`), callable without
-Lightning, e.g. from a SLURM array job.
+``prepare_data`` only fetches files (the prompt CSVs). ``setup`` calls the stages in order, each
+a function of its own that runs without Lightning (e.g. from a SLURM array job), every rank on a
+disjoint shard of whole batches: filling the store (:func:`probes.store.fill.ensure_store`:
+generation, capture and the decoded intermediate images), labelling
+(:func:`probes.labels.stage.label_store`), then the target statistics of the train split
+(:func:`probes.training.target_stats.scan_caches`); it keeps what they return and builds the
+splits and the :class:`~probes.contract.ProbeSpec` the probes are shaped by.
 """
 from __future__ import annotations
 
@@ -22,21 +24,22 @@ from jsonargparse.typing import Path_fr
 from torch.utils.data import DataLoader, Dataset
 
 from probes.contract import ProbeSpec
-from probes.diffusion.layers import LayerInfo
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.generation.stage import ensure_store, open_store, shard_of
-from probes.labels import build_labeler, check_labeler
+from probes.labels import check_labeler
+from probes.labels import stage as labels_stage
 from probes.labels.cache import LabelCache
+from probes.labels.stage import build_labelers
 from probes.metrics.classifier import check_classifier_data, classifier_config
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_indices
 from probes.store.activations import ActivationStore, decoded_latent
+from probes.store.disk import check_budget, label_bytes, planned_layout, records_split, store_bytes
+from probes.store.fill import ensure_store, open_store, shard_of
 from probes.store.manifest import request_fingerprint, store_request
 from probes.tasks import check_target_norm, get_task, resolve_target_stats
-from probes.training.budget import check_budget, label_bytes, planned_layout, records_split, store_bytes
 from probes.training.datasets import ActivationDataset, StreamingDataset, StreamSource, UnpaddedShardSampler, collated
 from probes.training.finite import describe_sample
-from probes.training.target_stats import scan_labels
+from probes.training.target_stats import scan_caches
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +233,7 @@ class ActivationDataModule(pl.LightningDataModule):
         what = "images" if self.streaming else "activations and images"
         needs = [(f"{what} of {len(todo)} samples", store_bytes(layout, todo, test))]
         decoded = decoded_latent(layout["generation"])
-        for task, cfg in self.labels.items():
-            cfg = dict(cfg)
-            labeler = build_labeler(cfg.pop("name"), **cfg)
+        for task, labeler in build_labelers(self.labels).items():
             rows = LabelCache(store, task, labeler).missing(range(len(records))) if store is not None else records
             needs.append((f"{task} labels", label_bytes(len(rows), h, w)))
             if decoded != "none":
@@ -291,14 +292,11 @@ class ActivationDataModule(pl.LightningDataModule):
             store = ensure_store(store_dir, records, self.diffusion, self.generation, self.capture, self._device(),
                                  rank, world, barrier, progress)
         self.store = store
-        for task, cfg in self.labels.items():
-            cfg = dict(cfg)
-            self.label_caches[task] = LabelCache(store, task, build_labeler(cfg.pop("name"), **cfg))
+        labelers = build_labelers(self.labels)
         splits = split_indices(records)
-        if self.streaming:
-            if store.decoded_images is not None:
-                self.decoded_label_caches = {t: LabelCache(store, t, c.labeler, source="decoded")
-                                             for t, c in self.label_caches.items()}
+        if self.streaming:   # labelled while streamed (the datasets fill the caches)
+            self.label_caches = labels_stage.label_caches(store, labelers)
+            self.decoded_label_caches = labels_stage.label_caches(store, labelers, "decoded")
             source = StreamSource(pipeline=self.pipeline, records=records, generation=self.generation,
                                   capture=self.capture, store=store, label_caches=self.label_caches,
                                   decoded_label_caches=self.decoded_label_caches, device=self._device,
@@ -306,34 +304,17 @@ class ActivationDataModule(pl.LightningDataModule):
             self.datasets = {s: StreamingDataset(source, s, idx) for s, idx in splits.items() if idx}
             stats: dict[str, dict[str, float]] = {}  # the one-pass probes measure them on the train stream
         else:
-            for cache in self.label_caches.values():
-                cache.ensure(shard_of(range(store.num_samples), self.generation.batch_size, rank, world),
-                             device=self._device(), progress=progress)
-            barrier()
-            self.label_caches = {t: LabelCache(store, t, c.labeler) for t, c in self.label_caches.items()}
-            if store.decoded_images is not None:
-                for task, cache in self.label_caches.items():
-                    dec = LabelCache(store, task, cache.labeler, source="decoded")
-                    dec.ensure(shard_of(splits["test"], self.generation.batch_size, rank, world), device=self._device(),
-                               progress=progress)
-                    self.decoded_label_caches[task] = dec
-                barrier()
-                self.decoded_label_caches = {t: LabelCache(store, t, c.labeler, "decoded")
-                                             for t, c in self.decoded_label_caches.items()}
+            batch = self.generation.batch_size
+            self.label_caches, self.decoded_label_caches = labels_stage.label_store(
+                store, labelers, shard_of(range(store.num_samples), batch, rank, world),
+                shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier)
             self.datasets = {s: ActivationDataset(store, idx, self.label_caches) for s, idx in splits.items() if idx}
-            stats = {}
-            for t, c in self.label_caches.items():  # one read of each cache: finiteness, ranges, statistics
-                scan = scan_labels(c.array(), range(store.num_samples), c.path, lambda i: describe_sample(self, i),
-                                   f"labels of task {t!r} (labeler {c.labeler.name!r})",
-                                   f"The label cache is corrupt: delete {c.root} to recompute it"
-                                   + (" (the 'files' labeler re-reads its files: check them)"
-                                      if c.labeler.name == "files" else "") + ".")
-                stats[t] = scan.stats(splits["train"])
-                self.label_ranges[t] = (scan.min, scan.max)
+            stats, self.label_ranges = scan_caches(self.label_caches, store.num_samples, splits["train"],
+                                                   lambda i: describe_sample(self, i))
         stats = resolve_target_stats(stats, self.target_norm)
         cap = store.manifest["capture"]
         self.probe_spec = ProbeSpec(
-            layers=[LayerInfo.from_dict(d) for d in cap["layers"]], steps=list(cap["steps"]),
+            layers=store.layers, steps=list(cap["steps"]),
             timesteps=list(cap["timesteps"]), tasks=list(self.labels),
             label_size=(store.manifest["generation"]["height"], store.manifest["generation"]["width"]),
             target_stats=stats, model=store.manifest["model"], is_random=bool(store.manifest["model"]["is_random"]),

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
-from probes.diffusion.layers import LayerInfo
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-from probes.generation.stage import commit_records, decoded_missing
 from probes.labels.cache import LabelCache
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore
+from probes.store.fill import commit_records, decoded_missing
 
 
 class ActivationDataset(Dataset):
@@ -100,7 +99,7 @@ class StreamingDataset(IterableDataset):
         # split: a rank with an empty stream would skip validation and hang the others' all-reduce
         mine = self.indices[rank::world]
         store, cond = src.store, src.store.manifest["capture"]["halves"].index("cond")
-        layers = [LayerInfo.from_dict(d) for d in store.manifest["capture"]["layers"]]
+        layers = store.layers
         for batch in generate(src.pipeline(), src.records, mine, src.generation, layers, src.capture,
                               acts_device=None, progress=src.progress, desc=f"streaming {self.split}",
                               universe=mine, decode=mine if self.split == "test" else ()):  # only test is decoded

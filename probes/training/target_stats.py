@@ -7,9 +7,10 @@ NaN pixel would otherwise make every Spearman of its task look excellent (NaN ra
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,3 +82,23 @@ def target_stats(labels: np.ndarray, indices: Sequence[int], chunk: int = 16) ->
     Refuses non-finite labels: a NaN mean would make every target NaN.
     """
     return scan_labels(labels, indices, chunk=chunk).stats(indices)
+
+
+def scan_caches(caches: Mapping[str, Any], num_samples: int, train: Sequence[int],
+                describe: Callable[[int], str] = _describe) -> tuple[dict[str, dict[str, float]], dict[str, tuple]]:
+    """The target-statistics stage: one read of each task's label cache (``LabelCache``).
+
+    :return: ``(stats, ranges)``: per task the train split's mean and std, and each sample's
+        smallest and largest label value (binary tasks whose train labels are all empty or all
+        full are refused by the probe module).
+    """
+    stats, ranges = {}, {}
+    for t, c in caches.items():
+        scan = scan_labels(c.array(), range(num_samples), c.path, describe,
+                           f"labels of task {t!r} (labeler {c.labeler.name!r})",
+                           f"The label cache is corrupt: delete {c.root} to recompute it"
+                           + (" (the 'files' labeler re-reads its files: check them)" if c.labeler.name == "files"
+                              else "") + ".")
+        stats[t] = scan.stats(train)
+        ranges[t] = (scan.min, scan.max)
+    return stats, ranges

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from probes.diffusion.layers import LayerInfo
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.generation.sampling import CaptureSpec, GenerationSpec, batches, generate
 from probes.prompts.sets import PromptRecord
@@ -141,7 +140,7 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
         check_disk(store_dir, ActivationStore.required_bytes(store.manifest, len(todo)), f"generating {len(todo)} samples")
         if pipe is None:
             pipe = load_pipeline(diffusion, device)
-        layers = [LayerInfo.from_dict(d) for d in store.manifest["capture"]["layers"]]
+        layers = store.layers
         calls = 0
         for batch in generate(pipe, records, todo, generation, layers, capture, progress=progress,
                               desc=f"generating (rank {rank})" if world > 1 else "generating", decode=test):

@@ -23,6 +23,7 @@ from probes.diffusion.loading import DiffusionSpec, load_architecture
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, InsufficientDisk, decoded_latent, human_bytes
+from probes.store.manifest import capture_section, resolve_capture
 
 
 def unet_config(diffusion: DiffusionSpec) -> tuple[dict[str, Any], int] | None:
@@ -75,12 +76,9 @@ def planned_layout(diffusion: DiffusionSpec, generation: GenerationSpec, capture
     vae = vae_config(diffusion) if any(str(p).startswith("vae") for p in capture.layers) else None
     if vae is not None and vae.get("mid_block_add_attention", True):   # vae.mid: the decoder's mid-block width
         registry.register(vae_mid_layer(int(vae["block_out_channels"][-1]), (h // f, w // f)))
-    layers = registry.select(capture.layers)
-    steps = list(range(generation.steps)) if capture.steps is None else sorted(set(capture.steps))
+    layers, steps = resolve_capture(registry, capture, generation)
     return {"num_samples": num_samples, "generation": dict(asdict(generation), height=h, width=w),
-            "capture": {"layers": [layer.to_dict() for layer in layers], "steps": steps, "dtype": capture.dtype,
-                        "halves": ["cond"] if capture.halves == "cond" else ["uncond", "cond"],
-                        "store_activations": store_activations}}
+            "capture": capture_section(layers, steps, capture, store_activations)}
 
 
 def _row_bytes(shape: Sequence[int], dtype: str) -> int:
