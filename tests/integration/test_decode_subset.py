@@ -9,8 +9,8 @@ import probes.generation.sampling as sampling
 from probes.diffusion.layers import LayerRegistry
 from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-from probes.generation.stage import ensure_store
 from probes.prompts.sets import PromptRecord
+from probes.store.fill import ensure_store
 from probes.store.manifest import request_fingerprint, store_request
 
 SPLITS = ["train", "train", "val", "test"]

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import probes.generation.stage as stage
+import probes.store.fill as stage
 from probes.diffusion.loading import DiffusionSpec, load_hub_pipeline
 from probes.export.probeset import FORMAT, META, WEIGHTS, ProbeSet
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.generation.stage import ensure_store
 from probes.labels import build_labeler
 from probes.labels.cache import LabelCache
 from probes.prompts.sets import PromptSpec, load_prompts
 from probes.store.activations import ActivationStore, check_disk
+from probes.store.fill import ensure_store
 from probes.store.manifest import request_fingerprint, store_request
 
 TINY = DiffusionSpec(source="random", architecture="tiny")
