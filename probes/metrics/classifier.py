@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from probes.metrics.pseudo_layers import CLASSIFICATION, CLASSIFIER
+from probes.metrics.baseline_rows import CLASSIFICATION, CLASSIFIER
 
 
 def classifier_config(cfg: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, Any] | None:

@@ -3,7 +3,7 @@ scored against the final image's labels with the probes' metrics.
 
 The decoded latent is the store's (``generation.decode``): the noisy latent x_{t-1} as the 2024
 replication (default), or the predicted x0. Rows use the pseudo-layer ``decoded_noisy`` or
-``decoded_x0`` (``probes.metrics.pseudo_layers``) so that metric-vs-step plots draw "probe vs
+``decoded_x0`` (``probes.metrics.baseline_rows``) so that metric-vs-step plots draw "probe vs
 labeler on decoded images" in one figure and say which latent (the replication's claim: probes
 from step ~3, labelers on the noisy latent only from step ~10).
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from probes.metrics.baseline_rows import DECODED
 from probes.metrics.exact import BlockTargets, HeadMetrics, task_scores
-from probes.metrics.pseudo_layers import DECODED
 from probes.tasks import get_task
 
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from probes.metrics.baseline_rows import POSITION
 from probes.metrics.exact import BlockTargets, HeadMetrics, task_scores
 from probes.tasks import get_task
 
-POSITION = "position"
+__all__ = ["POSITION", "coordinate_features", "fit_position_map", "position_rows"]
 
 
 def coordinate_features(height: int, width: int) -> torch.Tensor:

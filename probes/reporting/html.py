@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from probes.metrics.pseudo_layers import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
+from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
 from probes.reporting.plots import HIGHLIGHT  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
     LOWER_IS_BETTER,

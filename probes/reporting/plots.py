@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from probes.metrics.pseudo_layers import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
+from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
     NO_SELECTION,
     NOT_PROBES,

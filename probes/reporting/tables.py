@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from probes.metrics.pseudo_layers import DECODED, describe
-from probes.metrics.pseudo_layers import NOT_PROBES as PSEUDO_LAYERS
+from probes.metrics.baseline_rows import DECODED, describe
+from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
 from probes.tasks import LOWER_IS_BETTER, better
 
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]

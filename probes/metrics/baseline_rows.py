@@ -13,7 +13,8 @@ DECODED = {"noisy": "decoded_noisy", "x0": "decoded_x0"}
 CLASSIFIER = {"noisy": "classifier_noisy", "x0": "classifier_x0"}
 #: the ``task`` column of classifier rows (metrics ``top1``, ``top5``, ``prob``)
 CLASSIFICATION = "classification"
-POSITION = "position"   # = probes.metrics.position.POSITION (that module loads torch)
+#: the position-only baseline (``probes.metrics.position``)
+POSITION = "position"
 
 LATENT_WORDS = {"noisy": "decoded noisy latent x_{t-1}", "x0": "decoded predicted x0"}
 #: how each pseudo-layer is named in plots, tables, the report and the bench
