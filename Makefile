@@ -26,8 +26,8 @@ demo-tiny: install  ## the pipeline alone on a tiny RANDOM-weight SD (CPU, ~1 mi
 	WANDB_SILENT=true $(PY) train.py fit --config configs/tiny.yaml
 
 toy-model: install  ## retrain the toy world's labelers and diffusion model from scratch (CPU; resumable: rerun to continue)
-	$(PY) -m probes.toy.train_labelers train --out data/toy/labelers --force
-	$(PY) -m probes.toy.recipe --out data/toy/model --work outputs/toy
+	$(PY) -m probes.recipes.toy_labelers.train train --out data/toy/labelers --force
+	$(PY) -m probes.recipes.toy_model.recipe --out data/toy/model --work outputs/toy
 
 intervene: install  ## causal test: move the object, on the demo's ridge probes and on mean-difference probes (after make demo)
 	WANDB_SILENT=true $(PY) -m probes.cli.main intervene --config configs/intervention/foreground.yaml \

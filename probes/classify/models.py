@@ -11,7 +11,7 @@ Names (see :func:`load_classifier`):
 * ``torchvision:<model>``: any model of ``torchvision.models.list_models(module=torchvision.models)``
   (the classification models), e.g. ``torchvision:vgg16`` (the default, ImageNet weights).
 * ``timm:<model>``: any ``timm`` model, e.g. ``timm:resnet18`` or ``timm:resnet18.a1_in1k``.
-* ``toy``: the toy world's shape classifier (:mod:`probes.toy.labelers`), 4 multi-label classes.
+* ``toy``: the toy world's shape classifier (:mod:`probes.labels.toy_nets`), 4 multi-label classes.
 
 Weights are read from the libraries' own caches (torchvision: ``$TORCH_HOME/hub/checkpoints``;
 timm: the Hugging Face cache). Missing weights are reported before anything is built, with the
@@ -195,7 +195,7 @@ def classifier_prerequisites(name: str = DEFAULT_CLASSIFIER, weights: str | None
     if weights != "DEFAULT" and Path(weights).expanduser().exists() and backend != "toy":
         return []
     if backend == "toy":
-        from probes.toy.labelers import FILES, FIX, WEIGHTS_DIR
+        from probes.labels.toy_nets import FILES, FIX, WEIGHTS_DIR
 
         folder = WEIGHTS_DIR if weights == "DEFAULT" else Path(weights).expanduser()
         path = folder / FILES["classifier"]
@@ -389,7 +389,7 @@ def _timm_categories(net: torch.nn.Module) -> list[str] | None:
 
 def _load_toy(weights: str | None, batch_size: int) -> ImageClassifier:
     """The toy world's shape classifier: [N, 4] independent sigmoids over :data:`SHAPES`."""
-    from probes.toy.labelers import load_toy_net, predict
+    from probes.labels.toy_nets import load_toy_net, predict
     from probes.toy.world import SHAPES
 
     if weights is None:

@@ -37,10 +37,10 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     """
     from probes.cli.evaluate import report
     from probes.cli.main import train_main
+    from probes.experiments.toy.sample_quality import store_sample_quality
     from probes.reporting.baselines import compare_runs, comparison_markdown
     from probes.reporting.tables import emergence, read_metrics_csv
     from probes.store.activations import ActivationStore
-    from probes.toy.sample_quality import store_sample_quality
 
     out_dir = Path(out)
     seconds = {}

@@ -1,4 +1,4 @@
-"""Pseudo-labelers of the toy world: small CNNs trained on exact renders (``probes/toy``).
+"""Pseudo-labelers of the toy world: small CNNs trained on exact renders (``probes.labels.toy_nets``).
 
 They play the parts TRACER, MiDaS and Intrinsic play for SD v1.4: generated images have no
 ground truth, so a network trained on rendered images with exact labels labels them. Weights
@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from probes.labels.base import Labeler, register_labeler
+from probes.labels.toy_nets import WEIGHTS_DIR, predict, read_manifest
 
 
 class _ToyLabeler(Labeler):
@@ -24,14 +25,10 @@ class _ToyLabeler(Labeler):
 
     def cache_kwargs(self) -> dict[str, Any]:
         """The weights' sha256 names the labels: retrained weights never reuse stale labels."""
-        from probes.toy.labelers import WEIGHTS_DIR, read_manifest
-
         root = self.weights_dir or WEIGHTS_DIR
         return {"weights_sha256": read_manifest(Path(root))}
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        from probes.toy.labelers import predict
-
         return predict(self.kind, images, self.weights_dir)
 
 

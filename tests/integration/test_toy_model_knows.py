@@ -18,7 +18,7 @@ def test_generated_scenes_contain_objects_the_toy_labeler_finds():
     from probes.diffusion.loading import load_pipeline
     from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
     from probes.prompts.sets import PromptSpec, load_prompts
-    from probes.toy.sample_quality import sample_quality
+    from probes.experiments.toy.sample_quality import sample_quality
 
     pipe = load_pipeline(DiffusionSpec(source="hub", model_id="data/toy/model", local_files_only=True), "cpu")
     records = load_prompts(PromptSpec(source="toy"))[:8]

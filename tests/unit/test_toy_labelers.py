@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from probes.toy import labelers
-from probes.toy import train_labelers as cli
+from probes.common.hashing import sha256_file
+from probes.labels import toy_nets as labelers
+from probes.metrics.maps import dice_per_image, spearman_per_image
+from probes.recipes.toy_labelers import train as cli
 from probes.toy.world import render_many
 
 SHIPPED = labelers.WEIGHTS_DIR
@@ -32,7 +34,7 @@ def test_shipped_weights_match_manifest_and_load():
     manifest = labelers.read_manifest(root)
     assert set(manifest) == set(labelers.FILES.values())
     for name, digest in manifest.items():
-        assert labelers.sha256(root / name) == digest
+        assert sha256_file(root / name) == digest
     x = torch.rand(2, 3, 64, 64)
     for kind in labelers.DENSE_KINDS:
         assert load_toy_net(kind).training is False
@@ -59,9 +61,9 @@ def test_shipped_foreground_net_segments_held_out_renders():
     d = render_many(16, seed=987_654, fields=("rgb", "foreground", "inv_depth"))
     prob = labelers.predict("foreground", d["rgb"], root)
     assert prob.shape == (16, 64, 64) and prob.dtype == np.float32
-    assert labelers.dice(prob >= 0.5, d["foreground"]).mean() > 0.8
+    assert dice_per_image(prob >= 0.5, d["foreground"]).mean() > 0.8
     depth = labelers.predict("depth", d["rgb"], root)
-    assert np.nanmean(labelers.spearman_per_image(depth, d["inv_depth"])) > 0.5
+    assert np.nanmean(spearman_per_image(depth, d["inv_depth"])) > 0.5
     assert labelers.predict("classifier", d["rgb"], root).shape == (16, 4)
     # Another image size: maps come back at that size.
     big = np.repeat(np.repeat(d["rgb"][:2], 2, axis=1), 2, axis=2)

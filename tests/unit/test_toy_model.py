@@ -19,8 +19,7 @@ SHIPPED = REPO / "data" / "toy" / "model"
 
 def shipped() -> Path:
     if not (SHIPPED / "model_index.json").exists():
-        pytest.skip(f"{SHIPPED} absent: make it with `python -m probes.toy.recipe --out data/toy/model "
-                    f"--work outputs/toy`")
+        pytest.skip(f"{SHIPPED} absent: make it with `make toy-model`")
     return SHIPPED
 
 
@@ -52,7 +51,7 @@ def tiny_config(path: Path, unet_steps: int) -> Path:
 
 
 def test_config_unet_has_sd14_self_attention_layout() -> None:
-    from probes.toy.diffusion import build_unet
+    from probes.recipes.toy_model.denoiser import build_unet
 
     cfg = yaml.safe_load(CONFIG.read_text())
     assert cfg["unet"]["arch"]["cross_attention_dim"] == cfg["text_encoder"]["hidden_size"]
@@ -63,7 +62,7 @@ def test_config_unet_has_sd14_self_attention_layout() -> None:
 
 
 def test_recipe_trains_writes_checkpoint_and_resumes(tmp_path: Path) -> None:
-    from probes.toy import recipe
+    from probes.recipes.toy_model import recipe
 
     work, out = tmp_path / "work", tmp_path / "model"
     recipe.run(tiny_config(tmp_path / "a.yaml", 2), out, work, "test")
@@ -92,7 +91,7 @@ def test_recipe_trains_writes_checkpoint_and_resumes(tmp_path: Path) -> None:
 def test_saved_tokenizer_matches_offline_tokenizer(tmp_path: Path) -> None:
     from transformers import CLIPTokenizer
 
-    from probes.toy.recipe import clip_tokenizer, save_tokenizer
+    from probes.recipes.toy_model.recipe import clip_tokenizer, save_tokenizer
 
     tok = clip_tokenizer()
     save_tokenizer(tok, tmp_path)
@@ -143,7 +142,7 @@ def test_shipped_model_loads_like_sd(shipped_pipe) -> None:
 
 
 def test_shipped_vae_scaling_gives_unit_latents(shipped_pipe) -> None:
-    from probes.toy.autoencoder import to_pixels
+    from probes.recipes.toy_model.autoencoder import to_pixels
     from probes.toy.world import render_many
 
     rgb = render_many(48, seed=12345, size=64, fields=("rgb",))["rgb"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from probes.toy.sample_quality import caption_classes, sample_quality
+from probes.experiments.toy.sample_quality import caption_classes, sample_quality
 from probes.toy.world import SHAPES, render_many
 
 
@@ -14,7 +14,7 @@ def test_caption_classes():
 
 def test_renders_pass_and_blank_images_fail():
     pytest.importorskip("safetensors")
-    from probes.toy.labelers import WEIGHTS_DIR
+    from probes.labels.toy_nets import WEIGHTS_DIR
 
     if not (WEIGHTS_DIR / "MANIFEST.sha256").exists():
         pytest.skip("toy labelers not shipped")

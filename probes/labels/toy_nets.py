@@ -1,8 +1,8 @@
-"""The toy world's pseudo-labelers and shape classifier: networks, loading, prediction, scoring.
+"""The toy world's pseudo-labeler networks and shape classifier: architectures, loading, prediction.
 
 Why: images a diffusion model generates have no ground truth, so the real protocol labels them
 with TRACER (foreground), MiDaS (depth) and Intrinsic (shading). In the toy world their stand-ins
-are small CNNs trained on renders with exact labels (see :mod:`probes.toy.train_labelers` for training), so
+are small CNNs trained on renders with exact labels (how: :mod:`probes.recipes.toy_labelers`), so
 the probing pipeline runs exactly as it would on Stable Diffusion, and the labelers' own error
 is measured on held-out renders instead of assumed.
 
@@ -19,23 +19,22 @@ is measured on held-out renders instead of assumed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from scipy.stats import spearmanr
 from torch import nn
 
-from probes.toy.world import SHAPES, render_many, scene_for
+from probes.common.hashing import sha256_file
+from probes.paths import data_path
+from probes.toy.world import SHAPES
 
 DENSE_KINDS: tuple[str, ...] = ("foreground", "depth", "shading")
 KINDS: tuple[str, ...] = DENSE_KINDS + ("classifier",)
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "data" / "toy" / "labelers"
+WEIGHTS_DIR = data_path("toy", "labelers")
 FILES = {"dense": "dense.safetensors", "classifier": "classifier.safetensors"}
 SIZE = 64
 MIN_VISIBLE_PIXELS = 8      # a shape counts as present when at least this many pixels show it
@@ -119,10 +118,6 @@ def build(name: str, config: dict | None = None) -> nn.Module:
     raise ValueError(f"unknown network {name!r}; expected 'dense' or 'classifier'")
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def read_manifest(weights_dir: Path) -> dict[str, str]:
     manifest = weights_dir / "MANIFEST.sha256"
     if not manifest.exists():
@@ -143,7 +138,7 @@ def _load_net(name: str, weights_dir: Path) -> nn.Module:
     want = read_manifest(weights_dir).get(path.name)
     if want is None:
         raise ValueError(f"{path.name} is not listed in {weights_dir / 'MANIFEST.sha256'}; {FIX}")
-    got = sha256(path)
+    got = sha256_file(path)
     if got != want:
         raise ValueError(f"{path} has sha256 {got}, but MANIFEST.sha256 says {want}: the file is "
                          f"corrupt or stale; {FIX}")
@@ -201,87 +196,3 @@ def predict(kind: str, images: np.ndarray, weights_dir: Path | None = None,
         return np.zeros((0, len(SHAPES)) if kind == "classifier" else (0, *images.shape[1:3]),
                         np.float32)
     return np.concatenate(out).astype(np.float32)
-
-
-def present_classes(classes: np.ndarray) -> np.ndarray:
-    """[N, H, W] class maps -> [N, 4] 0/1: which shapes at least MIN_VISIBLE_PIXELS show."""
-    counts = np.stack([(classes == k).sum((1, 2)) for k in range(len(SHAPES))], 1)
-    return (counts >= MIN_VISIBLE_PIXELS).astype(np.float32)
-
-
-def dice(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Per-image Dice of boolean masks [N, H, W]; 1 when both are empty."""
-    inter = (pred & true).sum((1, 2))
-    total = pred.sum((1, 2)) + true.sum((1, 2))
-    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
-
-
-def spearman_per_image(pred: np.ndarray, true: np.ndarray,
-                       mask: np.ndarray | None = None) -> np.ndarray:
-    """Per-image Spearman over all pixels (or the pixels of ``mask``; NaN where < 3 pixels)."""
-    out = []
-    for i, (p, t) in enumerate(zip(pred, true)):
-        sel = np.ones(p.shape, bool) if mask is None else mask[i]
-        out.append(spearmanr(p[sel], t[sel])[0] if sel.sum() >= 3 else np.nan)
-    return np.array(out)
-
-
-def tie_ceiling(true: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Per-image Spearman of the truth against itself with ties broken at random.
-
-    Why: a directional light shades the flat ground and the wall uniformly, so half an image's
-    true shading is one tied value. Any predictor whose output is not exactly constant there
-    breaks the tie, and Spearman then cannot reach 1 even for an almost perfect prediction; this
-    is the score of the truth plus an invisible (1e-9) jitter, i.e. the metric's ceiling.
-    """
-    jitter = np.random.default_rng(seed).normal(0.0, 1e-9, true.shape)
-    return spearman_per_image(true.astype(np.float64) + jitter, true)
-
-
-@dataclass(frozen=True)
-class Scores:
-    foreground_dice: float
-    depth_spearman: float
-    shading_spearman: float
-    shading_spearman_objects: float     # over foreground pixels only
-    depth_spearman_tie_ceiling: float   # see tie_ceiling: what jittered truth itself scores
-    shading_spearman_tie_ceiling: float
-    classifier_top1_in_caption: float   # the downstream score: is the top class one the caption names?
-    classifier_label_accuracy: float    # per (image, shape) decision at 0.5 vs visible shapes
-    classifier_exact_match: float       # the whole set of visible shapes right
-    n_images: int
-    seed: int
-
-
-def evaluate(weights_dir: Path | None = None, n: int = 512, seed: int = 20_231_108) -> Scores:
-    """Score the shipped labelers on renders they never saw (``seed`` differs from training's)."""
-    data = render_many(n, seed, fields=("rgb", "foreground", "inv_depth", "shading", "classes"))
-    rgb = data["rgb"]
-    fg = predict("foreground", rgb, weights_dir)
-    depth = predict("depth", rgb, weights_dir)
-    shading = predict("shading", rgb, weights_dir)
-    probs = predict("classifier", rgb, weights_dir)
-    named = np.zeros_like(probs)
-    for i in range(n):
-        for obj in scene_for(seed, i).objects:
-            named[i, SHAPES.index(obj.shape)] = 1.0
-    visible = present_classes(data["classes"])
-    decided = probs >= 0.5
-    return Scores(
-        foreground_dice=float(dice(fg >= 0.5, data["foreground"]).mean()),
-        depth_spearman=float(np.nanmean(spearman_per_image(depth, data["inv_depth"]))),
-        shading_spearman=float(np.nanmean(spearman_per_image(shading, data["shading"]))),
-        shading_spearman_objects=float(np.nanmean(spearman_per_image(
-            shading, data["shading"], data["foreground"]))),
-        depth_spearman_tie_ceiling=float(np.nanmean(tie_ceiling(data["inv_depth"]))),
-        shading_spearman_tie_ceiling=float(np.nanmean(tie_ceiling(data["shading"]))),
-        classifier_top1_in_caption=float(named[np.arange(n), probs.argmax(1)].mean()),
-        classifier_label_accuracy=float((decided == visible.astype(bool)).mean()),
-        classifier_exact_match=float((decided == visible.astype(bool)).all(1).mean()),
-        n_images=n, seed=seed)
-
-
-if __name__ == "__main__":
-    from probes.toy.train_labelers import main
-
-    main()

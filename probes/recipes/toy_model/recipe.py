@@ -12,7 +12,6 @@ training stage continues from its last checkpoint, and the result is the same.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -26,10 +25,12 @@ import numpy as np
 import torch
 import yaml
 
-from probes.toy import autoencoder, diffusion
-from probes.toy.checkpoint import write_json_atomic
+from probes.common.hashing import sha256_file
+from probes.paths import REPO_ROOT
+from probes.recipes.toy_model import autoencoder, denoiser
+from probes.recipes.toy_model.checkpoint import write_json_atomic
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "toy" / "model.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "toy" / "model.yaml"
 RENDER_CHUNK = 1000
 
 
@@ -39,11 +40,9 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 def clip_tokenizer():
-    """The project's offline CLIP tokenizer (moved to ``probes.diffusion`` from ``data``)."""
-    try:
-        from probes.diffusion.tokenizer import offline_clip_tokenizer
-    except ImportError:  # older layout
-        from data.tokenizer import offline_clip_tokenizer
+    """The project's offline CLIP tokenizer (the one every random-weight pipeline gets)."""
+    from probes.diffusion.tokenizer import offline_clip_tokenizer
+
     return offline_clip_tokenizer()
 
 
@@ -102,18 +101,10 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     tokenizer.backend_tokenizer.model.save(str(folder))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> list[str]:
     """``sha256sum``-format lines over every weight file (``sha256sum -c MANIFEST.sha256`` checks them)."""
     files = sorted(p for p in folder.rglob("*.safetensors"))
-    lines = [f"{sha256(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     (folder / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -251,13 +242,13 @@ def run(config: Path, out: Path, work: Path, command: str) -> dict[str, Any]:
 
     tick = time.time()
     tokenizer = clip_tokenizer()
-    text_encoder = diffusion.build_text_encoder(cfg["text_encoder"], seed + 1)
-    distinct, caption_index = diffusion.caption_table(captions)
-    embeds = diffusion.embed_captions(text_encoder, tokenizer, distinct)
+    text_encoder = denoiser.build_text_encoder(cfg["text_encoder"], seed + 1)
+    distinct, caption_index = denoiser.caption_table(captions)
+    embeds = denoiser.embed_captions(text_encoder, tokenizer, distinct)
     rec.update(text_s=time.time() - tick, n_captions=len(distinct) - 1)
 
-    unet = diffusion.build_unet(cfg["unet"]["arch"], seed + 2)
-    ures, ema = diffusion.train_unet(unet, latents * rec["scaling_factor"], caption_index, embeds,
+    unet = denoiser.build_unet(cfg["unet"]["arch"], seed + 2)
+    ures, ema = denoiser.train_unet(unet, latents * rec["scaling_factor"], caption_index, embeds,
                                      cfg["unet"]["train"], cfg["scheduler"], work / "unet.ckpt", seed + 2)
     if ema is not None:
         ema.copy_to(unet)

@@ -20,7 +20,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from probes.toy.checkpoint import EMA, LoopResult, run_loop
+from probes.recipes.toy_model.checkpoint import EMA, LoopResult, run_loop
 
 
 def build_text_encoder(arch: dict[str, Any], seed: int) -> CLIPTextModel:

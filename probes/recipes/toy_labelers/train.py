@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from probes.toy import labelers
+from probes.common.hashing import sha256_file
+from probes.labels import toy_nets as labelers
+from probes.recipes.toy_labelers.evaluate import Scores, evaluate, present_classes
 from probes.toy.world import render_many
 
 EVAL_SEED = 20_231_108
@@ -53,7 +55,7 @@ def render_training_set(recipe: Recipe) -> dict[str, torch.Tensor]:
         "foreground": torch.from_numpy(d["foreground"].astype(np.float32)),
         "depth": torch.from_numpy(((inv - mean) / np.maximum(std, 1e-6)).astype(np.float32)),
         "shading": torch.from_numpy(d["shading"]),
-        "present": torch.from_numpy(labelers.present_classes(d["classes"])),
+        "present": torch.from_numpy(present_classes(d["classes"])),
     }
 
 
@@ -155,12 +157,12 @@ def _already_done(name: str, recipe: Recipe, out: Path) -> dict | None:
 
 
 def write_manifest(out: Path) -> None:
-    lines = [f"{labelers.sha256(out / f)}  {f}" for f in sorted(labelers.FILES.values())]
+    lines = [f"{sha256_file(out / f)}  {f}" for f in sorted(labelers.FILES.values())]
     (out / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
 
 
 def write_recipe(out: Path, recipe: Recipe, command: str, summaries: list[dict],
-                 render_seconds: float, scores: labelers.Scores, eval_seconds: float) -> None:
+                 render_seconds: float, scores: Scores, eval_seconds: float) -> None:
     train_s = sum(s["train_seconds"] for s in summaries)
     params = {s["net"]: json.loads((out / labelers.FILES[s["net"]]).with_suffix(".json")
                                    .read_text())["parameters"] for s in summaries}
@@ -238,7 +240,7 @@ def train(out: Path, recipe: Recipe, force: bool = False, eval_n: int = 512,
     write_manifest(out)
     labelers._load_net.cache_clear()
     t0 = time.perf_counter()
-    scores = labelers.evaluate(out, n=eval_n, seed=EVAL_SEED)
+    scores = evaluate(out, n=eval_n, seed=EVAL_SEED)
     eval_seconds = time.perf_counter() - t0
     write_recipe(out, recipe, command, summaries, render_seconds, scores, eval_seconds)
     shutil.rmtree(out / ".checkpoints", ignore_errors=True)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         print((args.out / "RECIPE.md").read_text())
     else:
         torch.set_num_threads(args.threads)
-        print(json.dumps(asdict(labelers.evaluate(args.weights, n=args.n, seed=EVAL_SEED)),
+        print(json.dumps(asdict(evaluate(args.weights, n=args.n, seed=EVAL_SEED)),
                          indent=2))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from probes.labels.toy_nets import predict
 from probes.toy.world import SHAPES
 
 #: a generated scene "has an object" when the foreground labeler marks at least this many pixels
@@ -24,8 +25,6 @@ def caption_classes(caption: str) -> set[int]:
 def sample_quality(images: np.ndarray, captions: list[str], weights_dir=None) -> dict[str, float]:
     """``object_found``: share of images where foreground covers >= MIN_OBJECT_PIXELS pixels;
     ``class_named``: share where the classifier's top shape is named in the caption."""
-    from probes.toy.labelers import predict
-
     fg = predict("foreground", images, weights_dir) > 0.5
     found = fg.reshape(len(images), -1).sum(1) >= MIN_OBJECT_PIXELS
     probs = predict("classifier", images, weights_dir)

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from probes.toy.checkpoint import LoopResult, run_loop
+from probes.recipes.toy_model.checkpoint import LoopResult, run_loop
 
 
 def build_vae(arch: dict[str, Any], seed: int) -> AutoencoderKL:
