@@ -78,13 +78,13 @@ def report_main(argv: Sequence[str] | None = None) -> None:
 
 
 def intervene_main(argv: Sequence[str] | None = None) -> None:
-    from probes.intervention.run import intervene_main as run
+    from probes.experiments.intervention.run import intervene_main as run
 
     run(_prepared(argv))
 
 
 def lens_main(argv: Sequence[str] | None = None) -> None:
-    from probes.cli.lens import lens_main as run
+    from probes.experiments.lens.run import lens_main as run
 
     run(_prepared(argv))
 

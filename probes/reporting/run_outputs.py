@@ -14,8 +14,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from probes.experiments.classify.stage import classifier_rows
 from probes.export.probeset import export_probes
-from probes.metrics.classifier import classifier_rows
 from probes.metrics.decoded import decoded_rows
 from probes.metrics.position import position_rows
 from probes.reporting.html import write_report

@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from probes.contract import ProbeSpec
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
+from probes.experiments.classify.stage import check_classifier_data, classifier_config
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.labels import check_labeler
 from probes.labels import stage as labels_stage
 from probes.labels.cache import LabelCache
 from probes.labels.stage import build_labelers
-from probes.metrics.classifier import check_classifier_data, classifier_config
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_indices
 from probes.store.activations import ActivationStore, decoded_latent
 from probes.store.disk import check_budget, label_bytes, planned_layout, records_split, store_bytes
@@ -206,7 +206,7 @@ class ActivationDataModule(pl.LightningDataModule):
         """The classifier's missing weights, as ``probes.labels.base.Missing`` items (for the pre-flight check)."""
         if not self.classifier:
             return []
-        from probes.classify.models import classifier_prerequisites
+        from probes.experiments.classify.models import classifier_prerequisites
 
         c = self.classifier
         return classifier_prerequisites(c["name"], c.get("weights", "DEFAULT"), c.get("cache_dir"),

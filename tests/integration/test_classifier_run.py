@@ -37,7 +37,7 @@ def datamodule(tmp_path, prompts, decode="noisy", classifier=RANDOM_RESNET) -> A
 def test_classifier_rows_per_step_on_the_decoded_test_images(tmp_path):
     import pytorch_lightning as pl
 
-    from probes.metrics.classifier import classifier_rows
+    from probes.experiments.classify.stage import classifier_rows
     from probes.training.ridge import RidgeProbeModule
 
     dm = datamodule(tmp_path, class_prompts(tmp_path / "p.csv"))

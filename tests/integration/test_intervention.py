@@ -76,7 +76,7 @@ def test_intervene_cli_writes_scores_report_and_video(export, tmp_path):
 
 
 def test_zero_iterations_leave_every_image_unchanged(export, tmp_path):
-    from probes.intervention.run import intervene
+    from probes.experiments.intervention.run import intervene
 
     out = intervene(str(export), task="depth", layers=["mid*", "up1*"], steps=[0, 2], iterations=0, images=2,
                     batch_size=2, video=False, out=str(tmp_path / "zero"), progress=False, random_target="random_shift")
@@ -88,7 +88,7 @@ def test_zero_iterations_leave_every_image_unchanged(export, tmp_path):
 
 
 def test_bad_options_fail_before_any_compute(export, tmp_path):
-    from probes.intervention.run import intervene
+    from probes.experiments.intervention.run import intervene
 
     with pytest.raises(ValueError, match="conditions"):
         intervene(str(export), conditions=["edit", "sideways"], out=str(tmp_path / "x"))
@@ -103,7 +103,7 @@ def test_toy_model_moves_the_object_more_often_than_the_random_control(tmp_path)
     """The bar's direction on a real (toy) model, end to end: fit mean-difference foreground probes
     of the decoder layers at steps 0-4 on ~100 fresh toy scenes, then edit 8 test scenes toward a
     moved mask and toward another scene's mask (the random control)."""
-    from probes.intervention.run import intervene
+    from probes.experiments.intervention.run import intervene
     from tests.e2e.test_cli import run_inprocess
 
     run_dir = tmp_path / "probes_run"

@@ -73,7 +73,7 @@ def test_lens_run_writes_report_csv_and_plots(lens_run: Path):
 def test_rerun_reuses_every_cache(lens_run: Path, monkeypatch):
     """A second run finds every embedding cached: no feature is extracted again."""
     from probes.cli.main import main
-    from probes.lens import features
+    from probes.experiments.lens import features
 
     def fail(*args, **kwargs):
         raise AssertionError("features were extracted again")
@@ -87,7 +87,7 @@ def test_rerun_reuses_every_cache(lens_run: Path, monkeypatch):
 
 
 def test_report_compares_runs_and_logs_to_wandb(lens_run: Path, tmp_path: Path):
-    from probes.lens.report import log_wandb, read_metrics_csv, write_plots, write_report
+    from probes.experiments.lens.report import log_wandb, read_metrics_csv, write_plots, write_report
 
     rows = read_metrics_csv(lens_run / "metrics.csv")
     rows += [{**r, "model": f"other/{r['model']}"} for r in rows]
@@ -115,11 +115,11 @@ def test_trained_toy_model_separates_classes_better_than_its_control(tmp_path: P
     model = REPO_ROOT / "data" / "toy" / "model"
     if not (model / "model_index.json").exists():
         pytest.skip(f"no trained toy model at {model}")
-    from probes.cli.lens import lens
     from probes.diffusion.loading import DiffusionSpec
-    from probes.lens.embeddings import PoolingSpec
-    from probes.lens.features import FeatureSpec
-    from probes.lens.runner import DataSpec, ExperimentSpec
+    from probes.experiments.lens.embeddings import PoolingSpec
+    from probes.experiments.lens.features import FeatureSpec
+    from probes.experiments.lens.run import lens
+    from probes.experiments.lens.runner import DataSpec, ExperimentSpec
 
     out = lens(data=DataSpec(kind="toy", n=120), diffusion=DiffusionSpec(source="hub", model_id=str(model),
                                                                         local_files_only=True),

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(local_model_dir("data/toy/model") is None,
 
 def test_generated_scenes_contain_objects_the_toy_labeler_finds():
     from probes.diffusion.loading import load_pipeline
+    from probes.experiments.toy.sample_quality import sample_quality
     from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
     from probes.prompts.sets import PromptSpec, load_prompts
-    from probes.experiments.toy.sample_quality import sample_quality
 
     pipe = load_pipeline(DiffusionSpec(source="hub", model_id="data/toy/model", local_files_only=True), "cpu")
     records = load_prompts(PromptSpec(source="toy"))[:8]
@@ -60,8 +60,8 @@ def test_toy_classifier_on_decoded_noisy_images_finds_the_prompts_shape_by_the_l
     Measured here (32 test scenes): top-1 0.03 / 0.16 / 0.63 at steps 0 / 7 / 14, probability of the
     prompt's shape 0.39 / 0.62 / 0.61; with the full configs/toy/classifier.yaml run (48 test scenes):
     top-1 0.27 at step 0, 0.25-0.33 up to step 7, 0.52 at step 9, 0.67 at steps 13-14."""
+    from probes.experiments.classify.stage import classifier_rows
     from probes.generation.sampling import CaptureSpec, GenerationSpec
-    from probes.metrics.classifier import classifier_rows
     from probes.prompts.sets import PromptSpec
     from probes.training.datamodule import ActivationDataModule
 

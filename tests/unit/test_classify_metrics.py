@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes.classify.metrics import step_scores
+from probes.experiments.classify.metrics import step_scores
 
 
 def test_step_scores_match_a_hand_computation():

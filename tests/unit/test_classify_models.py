@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes.classify.models import ImageClassifier, _hub_dir_set, classifier_prerequisites, load_classifier
+from probes.experiments.classify.models import ImageClassifier, _hub_dir_set, classifier_prerequisites, load_classifier
 from probes.toy.world import SHAPES, render_many, scene_for
 
 

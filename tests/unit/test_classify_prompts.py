@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from probes.classify.imagenet import FRUIT, class_index, imagenet_categories, imagenet_class_prompts
-from probes.classify.prompt_sets import class_prompt_rows, toy_class_prompts, write_prompt_csv
+from probes.experiments.classify.imagenet import FRUIT, class_index, imagenet_categories, imagenet_class_prompts
+from probes.experiments.classify.prompt_sets import class_prompt_rows, toy_class_prompts, write_prompt_csv
 from probes.paths import data_path
 from probes.prompts.sets import PromptSpec, load_prompts
 from probes.toy.world import COLOURS, SHAPES

@@ -1,12 +1,12 @@
-"""Per-step classification of decoded images, and the ``python -m probes.classify`` entry."""
+"""Per-step classification of decoded images, and the ``python -m probes.experiments.classify`` entry."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from probes.classify.__main__ import main
-from probes.classify.models import load_classifier
-from probes.classify.run import classify_steps, score_steps
+from probes.experiments.classify.__main__ import main
+from probes.experiments.classify.models import load_classifier
+from probes.experiments.classify.run import classify_steps, score_steps
 from probes.toy.world import SHAPES, render_many, scene_for
 
 SEED = 4242

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from probes.diffusion.layers import LayerInfo, LayerRegistry
+from probes.experiments.intervention.editor import ActivationEditor, EditSettings, optimise_activation
+from probes.experiments.intervention.objective import ProbeObjective, pixel_loss
+from probes.experiments.intervention.pipeline import sample_images
 from probes.export.probeset import LinearProbe, ProbeInfo
 from probes.generation.capture import ActivationCapture
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
-from probes.intervention.editor import ActivationEditor, EditSettings, optimise_activation
-from probes.intervention.objective import ProbeObjective, pixel_loss
-from probes.intervention.pipeline import sample_images
 from probes.prompts.sets import PromptRecord
 
 RECORDS = [PromptRecord(index=0, prompt="a red ball on a table", seed=7, split="test")]

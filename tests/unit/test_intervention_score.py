@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from probes.intervention.score import (
+from probes.experiments.intervention.score import (
     aggregate,
     dice,
     iou,

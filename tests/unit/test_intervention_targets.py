@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.intervention.targets import (
+from probes.experiments.intervention.targets import (
     TargetMaker,
     offset_path,
     random_source,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probes.intervention.video import log_video, render_frames, write_video
+from probes.experiments.intervention.video import log_video, render_frames, write_video
 
 
 def frames(t: int = 5, h: int = 24, w: int = 32) -> np.ndarray:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probes.lens.datasets import VOC_CLASSES, CocoInstances, DavisSequences, VocInstances
-from probes.lens.datasets.common import read_indexed_png
-from probes.lens.pooling import IGNORE_ID
+from probes.experiments.lens.datasets import VOC_CLASSES, CocoInstances, DavisSequences, VocInstances
+from probes.experiments.lens.datasets.common import read_indexed_png
+from probes.experiments.lens.pooling import IGNORE_ID
 
 PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0, 0, 0] * 251 + [224, 224, 192]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.spatial import distance as scipy_distance
 
-from probes.lens.distances import DEFAULT_DISTANCES, cdist, pairwise, resolve, valid_names
+from probes.experiments.lens.distances import DEFAULT_DISTANCES, cdist, pairwise, resolve, valid_names
 
 RNG = np.random.default_rng(0)
 A, B = RNG.normal(size=(5, 7)), RNG.normal(size=(4, 7))

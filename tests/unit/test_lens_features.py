@@ -17,9 +17,15 @@ from probes.diffusion.layers import (
     first_at_grid,
     kind_of,
 )
-from probes.lens.datasets.toy import ToyVideos, ToyWorld, class_table, video_frame
-from probes.lens.embeddings import EmbeddingCache, ObjectEmbeddings, PoolingSpec, cache_request, request_fingerprint
-from probes.lens.experiments import (
+from probes.experiments.lens.datasets.toy import ToyVideos, ToyWorld, class_table, video_frame
+from probes.experiments.lens.embeddings import (
+    EmbeddingCache,
+    ObjectEmbeddings,
+    PoolingSpec,
+    cache_request,
+    request_fingerprint,
+)
+from probes.experiments.lens.experiments import (
     auto_combinations,
     control_gap,
     distinct_layers,
@@ -28,8 +34,8 @@ from probes.lens.experiments import (
     value_of,
     video_rows,
 )
-from probes.lens.features import FeatureExtractor, FeatureSpec, denoise_schedule, noise_for
-from probes.lens.pooling import IGNORE_ID, pool_instances
+from probes.experiments.lens.features import FeatureExtractor, FeatureSpec, denoise_schedule, noise_for
+from probes.experiments.lens.pooling import IGNORE_ID, pool_instances
 from probes.toy.world import scene_for
 
 # -- the registry -------------------------------------------------------------------------------
@@ -64,7 +70,7 @@ def test_full_registry_names_order_and_kinds(tiny_pipe):
 
 def test_registry_channels_and_grids_match_the_hooked_outputs(tiny_pipe):
     """Every registered layer's (channels, grid) is what its hook really sees in a forward pass."""
-    from probes.lens.features import as_feature_map
+    from probes.experiments.lens.features import as_feature_map
 
     reg = LayerRegistry.from_unet(tiny_pipe.unet, (16, 16), kinds=ALL_KINDS)
     seen: dict[str, tuple] = {}
@@ -310,7 +316,7 @@ def test_cache_manifest_is_written_last_and_names_the_settings(tmp_path):
 
 
 def test_transformed_variant_keeps_object_keys(tmp_path):
-    from probes.lens.transforms import hflip
+    from probes.experiments.lens.transforms import hflip
 
     ds = ToyWorld(4, seed=15)
     ref = EmbeddingCache.open_or_create(tmp_path, _request(ds))

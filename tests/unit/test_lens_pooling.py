@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probes.lens.pooling import (
+from probes.experiments.lens.pooling import (
     IGNORE_ID,
     concat_layers,
     instance_ids,

@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from probes.lens.distances import pairwise
-from probes.lens.scores import (
+from probes.experiments.lens.distances import pairwise
+from probes.experiments.lens.scores import (
     average_precisions,
     class_scores,
     class_separation,

@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from probes.lens.pooling import IGNORE_ID
-from probes.lens.transforms import TRANSFORMS, crop, get, hflip, pad, rotate, scale, shift
+from probes.experiments.lens.pooling import IGNORE_ID
+from probes.experiments.lens.transforms import TRANSFORMS, crop, get, hflip, pad, rotate, scale, shift
 
 COLOURS = {0: (10, 20, 30), 1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255), 4: (200, 200, 0)}
 NON_TRIVIAL = {"rotation": 37.0, "hflip": 1, "vflip": 1, "scale": 0.73, "padding": 0.2,

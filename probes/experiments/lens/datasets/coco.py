@@ -4,7 +4,7 @@ Instances are numbered 1..n per image in annotation-id order. COCO masks may ove
 instance map holds one id per pixel, so masks are painted largest first: a small object lying on a
 large one keeps its pixels (an object fully covered by others disappears, and with it its entry in
 ``classes``). Crowd annotations (``iscrowd=1``) are not instances; their pixels become
-:data:`~probes.lens.pooling.IGNORE_ID` so they are not mistaken for background either.
+:data:`~probes.experiments.lens.pooling.IGNORE_ID` so they are not mistaken for background either.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from probes.lens.datasets.common import LensItem, read_rgb, require
-from probes.lens.pooling import IGNORE_ID
+from probes.experiments.lens.datasets.common import LensItem, read_rgb, require
+from probes.experiments.lens.pooling import IGNORE_ID
 
 LAYOUT = """\
 <root>/

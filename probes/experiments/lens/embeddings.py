@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from probes.common.hashing import sha256_text
 from probes.common.version import code_version
 from probes.diffusion.layers import LayerInfo
-from probes.lens.datasets.common import LensItem
-from probes.lens.pooling import instance_ids, pool_instances
+from probes.experiments.lens.datasets.common import LensItem
+from probes.experiments.lens.pooling import instance_ids, pool_instances
 from probes.store.activations import CommitLog, PreallocatedArray, atomic_write_text, check_disk
 from probes.store.manifest import request_fingerprint
 
@@ -49,7 +49,7 @@ Transform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 @dataclass
 class PoolingSpec:
-    """How features become one vector per object (:mod:`probes.lens.pooling`).
+    """How features become one vector per object (:mod:`probes.experiments.lens.pooling`).
 
     :param method: ``area`` (mask down-sampled by area to the feature grid), ``upsample``
         (features up-sampled to the mask), or ``auto``: ``area`` unless the mask is smaller than
@@ -203,7 +203,7 @@ class EmbeddingCache:
 
         ``items`` yields the dataset's items in index order (committed ones are skipped);
         ``extract(images, keys)`` returns ``{layer: [B, C, h, w]}`` (a
-        :class:`probes.lens.features.FeatureExtractor`'s ``extract``); ``transform(image, mask)``
+        :class:`probes.experiments.lens.features.FeatureExtractor`'s ``extract``); ``transform(image, mask)``
         is applied to both before extraction (a robustness variant).
         """
         todo = set(self.missing())

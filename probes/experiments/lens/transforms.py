@@ -8,7 +8,7 @@ same geometry so the transformed mask still says where each object is:
 - masks are always resampled with nearest-neighbour interpolation, so ids are never blended
   (and with ``interpolation=cv2.INTER_NEAREST`` the image samples exactly the same pixels);
 - pixels that come from outside the image get ``fill`` in the image (default black) and
-  ``mask_fill`` in the mask (default :data:`~probes.lens.pooling.IGNORE_ID`: unknown, neither
+  ``mask_fill`` in the mask (default :data:`~probes.experiments.lens.pooling.IGNORE_ID`: unknown, neither
   background nor an object);
 - the image uses ``interpolation`` (default bilinear, the natural choice for photographs).
 
@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from probes.lens.pooling import IGNORE_ID
+from probes.experiments.lens.pooling import IGNORE_ID
 
 Fill = int | tuple[int, int, int]
 Pair = tuple[np.ndarray, np.ndarray]

@@ -11,7 +11,7 @@ import difflib
 import functools
 from collections.abc import Sequence
 
-from probes.classify.prompt_sets import article
+from probes.experiments.classify.prompt_sets import article
 
 #: the fruit classes of ImageNet-1k (indices 948-957), spelled as in its metadata
 FRUIT: tuple[str, ...] = ("Granny Smith", "strawberry", "orange", "lemon", "fig", "pineapple", "banana",
@@ -39,7 +39,7 @@ def class_index(name: str | int) -> int:
     near = difflib.get_close_matches(name, cats, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in near)}?" if near else ""
     raise ValueError(f"{name!r} is not an ImageNet-1k class name{hint} (names: "
-                     f"probes.classify.imagenet.imagenet_categories())")
+                     f"probes.experiments.classify.imagenet.imagenet_categories())")
 
 
 def imagenet_class_prompts(classes: Sequence[str | int], template: str = "a photo of {article} {name}"

@@ -34,9 +34,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from probes.lens import transforms as T  # noqa: E402
-from probes.lens.distances import DEFAULT_DISTANCES  # noqa: E402
-from probes.lens.experiments import COLUMNS, COMBO_SEP, control_gap, csv_rows, ranking  # noqa: E402
+from probes.experiments.lens import transforms as T  # noqa: E402
+from probes.experiments.lens.distances import DEFAULT_DISTANCES  # noqa: E402
+from probes.experiments.lens.experiments import COLUMNS, COMBO_SEP, control_gap, csv_rows, ranking  # noqa: E402
 
 ROBUSTNESS_METRICS = ("instance_matching", "class_retrieval", "relative_distance")
 SWEEP_METRICS = ("relative_distance", "instance_matching", "knn_accuracy")
@@ -272,7 +272,7 @@ def tsne_map(x: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def plot_tsne(objects: dict[str, Any], layer: str, path: Path, class_names: dict[int, str] | None) -> Path | None:
-    from probes.lens.experiments import combination
+    from probes.experiments.lens.experiments import combination
 
     models = [m for m, o in objects.items() if layer.split(COMBO_SEP)[0] in o.vectors and len(o) >= 5]
     if not models:

@@ -4,7 +4,7 @@ Annotation PNGs are palette images whose values are object ids, consistent acros
 sequence, which is what the lens needs to ask whether an object's embedding stays close to itself
 from frame to frame. The semi-supervised set has no classes per object, so ``classes`` maps each
 id to None unless a mapping ``{sequence: {object_id: class}}`` is given. 255 (void, in some
-releases) becomes :data:`~probes.lens.pooling.IGNORE_ID`. Frames without an annotation file
+releases) becomes :data:`~probes.experiments.lens.pooling.IGNORE_ID`. Frames without an annotation file
 (e.g. all but the first in test-dev) are skipped.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from probes.lens.datasets.common import LensItem, read_indexed_png, read_rgb, require
-from probes.lens.pooling import IGNORE_ID
+from probes.experiments.lens.datasets.common import LensItem, read_indexed_png, read_rgb, require
+from probes.experiments.lens.pooling import IGNORE_ID
 
 VOID = 255
 

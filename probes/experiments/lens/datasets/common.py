@@ -1,7 +1,7 @@
 """What every lens dataset yields, and the file reading the loaders share.
 
 An item is one image with its objects: ``image`` ``HxWx3 uint8`` RGB, ``instances`` ``HxW int32``
-(0 background, :data:`~probes.lens.pooling.IGNORE_ID` void, else an instance id), ``classes``
+(0 background, :data:`~probes.experiments.lens.pooling.IGNORE_ID` void, else an instance id), ``classes``
 ``{instance_id: class_id or None}`` for the instances present in the mask, ``class_names``
 ``{class_id: name}`` (or None when the dataset has no classes) and a unique ``id``.
 """

@@ -1,5 +1,5 @@
 """One lens run: load the model (and its permuted-weights control), fill the embedding caches the
-experiments need, and score them. Plots and reports are :mod:`probes.lens.report`'s job.
+experiments need, and score them. Plots and reports are :mod:`probes.experiments.lens.report`'s job.
 
 Order of work, chosen so the expensive part (U-Net passes) is done once per setting and the
 cheap part (scores) can be redone freely:
@@ -28,18 +28,18 @@ import torch
 from probes.common.hashing import sha256_text
 from probes.diffusion.layers import ALL_KINDS, check_layer_patterns
 from probes.diffusion.loading import DiffusionSpec, load_pipeline, local_model_dir
-from probes.lens import transforms as T
-from probes.lens.datasets.common import LensItem
-from probes.lens.datasets.toy import LENS_SEED, ToyVideos, ToyWorld
-from probes.lens.distances import DEFAULT_DISTANCES, resolve
-from probes.lens.embeddings import (
+from probes.experiments.lens import transforms as T
+from probes.experiments.lens.datasets.common import LensItem
+from probes.experiments.lens.datasets.toy import LENS_SEED, ToyVideos, ToyWorld
+from probes.experiments.lens.distances import DEFAULT_DISTANCES, resolve
+from probes.experiments.lens.embeddings import (
     EmbeddingCache,
     ObjectEmbeddings,
     PoolingSpec,
     cache_request,
     dataset_fingerprint,
 )
-from probes.lens.experiments import (
+from probes.experiments.lens.experiments import (
     COMBO_SEP,
     auto_combinations,
     distinct_layers,
@@ -48,7 +48,7 @@ from probes.lens.experiments import (
     semantic_rows,
     video_rows,
 )
-from probes.lens.features import FeatureExtractor, FeatureSpec
+from probes.experiments.lens.features import FeatureExtractor, FeatureSpec
 
 DATA_KINDS = ("toy", "coco", "voc", "davis", "toy_video")
 EXPERIMENTS = ("semantic", "robustness", "timestep", "steps", "video")
@@ -71,7 +71,7 @@ class DataSpec:
     :param resolution: DAVIS: ``480p`` or ``Full-Resolution``.
     :param year: DAVIS: ``2017``.
     :param n: toy: number of scenes (``toy_video``: sequences).
-    :param seed: toy: scene seed (default :data:`~probes.lens.datasets.toy.LENS_SEED`).
+    :param seed: toy: scene seed (default :data:`~probes.experiments.lens.datasets.toy.LENS_SEED`).
     :param size: toy: image side (the toy model's is 64).
     :param class_by: toy: ``shape``, ``colour`` or ``shape_colour``.
     :param min_pixels: toy: smaller visible objects are ignored.
@@ -143,7 +143,7 @@ class Subset:
 
 def build_dataset(spec: DataSpec) -> Any:
     """The dataset object of a spec (images: indexable; videos: ``sequences`` + ``frames()``)."""
-    from probes.lens.datasets import CocoInstances, DavisSequences, VocInstances
+    from probes.experiments.lens.datasets import CocoInstances, DavisSequences, VocInstances
 
     if spec.kind == "toy":
         return ToyWorld(spec.n if spec.limit is None else min(spec.n, spec.limit), spec.seed, spec.size,
@@ -179,7 +179,7 @@ class ExperimentSpec:
     """Which experiments run, and their sweeps.
 
     :param run: experiments to run, any of ``semantic, robustness, timestep, steps, video``.
-    :param distances: distance names (:mod:`probes.lens.distances`; any scipy metric).
+    :param distances: distance names (:mod:`probes.experiments.lens.distances`; any scipy metric).
     :param primary_distance: the distance that ranks layers and picks the sweep layers.
     :param k: neighbours of the k-NN class vote.
     :param combinations: layer combinations to score, as ``"a+b"`` (concatenated, each layer
@@ -188,7 +188,7 @@ class ExperimentSpec:
     :param sweep_layers: layers (or ``a+b`` combinations) the sweeps follow; default: the
         ``sweep_top`` best single layers of the semantic ranking.
     :param sweep_top: see ``sweep_layers``.
-    :param transforms: transformations of the robustness experiment (:data:`probes.lens.transforms.TRANSFORMS`).
+    :param transforms: transformations of the robustness experiment (:data:`probes.experiments.lens.transforms.TRANSFORMS`).
     :param strengths: per transformation, strengths replacing its default sweep.
     :param timesteps: feature timesteps of the t sweep (the reference is ``features.timestep``).
     :param denoise_steps: numbers of DDIM steps of the step sweep, each from ``features.denoise_from``

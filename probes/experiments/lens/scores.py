@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.lens.distances import DEFAULT_DISTANCES, cdist, pairwise
+from probes.experiments.lens.distances import DEFAULT_DISTANCES, cdist, pairwise
 
 
 def _labels(y: Any) -> np.ndarray:

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from probes.diffusion.hooks import ModuleHooks
 from probes.diffusion.layers import LayerInfo, LayerRegistry
+from probes.experiments.intervention.objective import BINARY_LOSSES, ProbeObjective
 from probes.export.probeset import LinearProbe, ProbeSet
-from probes.intervention.objective import BINARY_LOSSES, ProbeObjective
 
 OPTIMIZERS = ("adam", "sgd", "projection")
 

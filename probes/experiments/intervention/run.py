@@ -1,12 +1,12 @@
 """``diffusion-probes intervene``: the causal test over a test split, with controls, report and video.
 
 1. Load the export (a folder or a W&B artifact) and rebuild the recorded model, test prompts and
-   labeler (:class:`~probes.intervention.session.InterventionSession`).
+   labeler (:class:`~probes.experiments.intervention.session.InterventionSession`).
 2. Generate and label the first ``images`` test images unedited (the originals).
 3. Per image, draw the requested shift and build the targets of each condition (``edit``,
-   ``noop``, ``random``; :mod:`~probes.intervention.targets`).
+   ``noop``, ``random``; :mod:`~probes.experiments.intervention.targets`).
 4. Regenerate each image once per condition with the editor active, re-label the result, score it
-   (:mod:`~probes.intervention.score`).
+   (:mod:`~probes.experiments.intervention.score`).
 5. Write ``metrics.csv`` (per-condition means, long form), ``per_image.csv`` (every image's
    scores, long form), ``report.md`` with one PNG grid per condition, and the moving-object video
    (MP4 + GIF); log them to W&B when asked (``wandb_project``) or when a run is already active.
@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from probes.export.probeset import LinearProbe, load_probes
-from probes.intervention import score as scoring
-from probes.intervention.editor import EditRecord, EditSettings, plan_edits
-from probes.intervention.report import ConditionResult, ImageResult, write_grid, write_markdown
-from probes.intervention.session import InterventionSession
-from probes.intervention.targets import (
+from probes.experiments.intervention import score as scoring
+from probes.experiments.intervention.editor import EditRecord, EditSettings, plan_edits
+from probes.experiments.intervention.report import ConditionResult, ImageResult, write_grid, write_markdown
+from probes.experiments.intervention.session import InterventionSession
+from probes.experiments.intervention.targets import (
     PATH_KINDS,
     RANDOM_KINDS,
     TargetMaker,
@@ -36,7 +35,8 @@ from probes.intervention.targets import (
     random_source,
     sample_shift,
 )
-from probes.intervention.video import active_wandb_run, log_video, render_frames, write_video
+from probes.experiments.intervention.video import active_wandb_run, log_video, render_frames, write_video
+from probes.export.probeset import LinearProbe, load_probes
 
 CONDITIONS = ("edit", "noop", "random")
 #: the reference's defaults: foreground edits the 9 decoder layers at steps 0-4, depth all 16 at steps 0-2

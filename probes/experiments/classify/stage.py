@@ -6,10 +6,10 @@ an ImageNet VGG-16 on the decoded images finds the prompt's class only from step
 classifier's per-step scores belong in the same ``metrics.csv``, report and W&B run as the probes.
 It reads the images the labelers read (the store's decoded latent: the noisy x_{t-1} by default),
 and writes rows with task ``classification``, pseudo-layer ``classifier_noisy`` / ``classifier_x0``
-and metrics ``top1``, ``top5``, ``prob`` (``probes.classify.metrics``) at every captured step.
+and metrics ``top1``, ``top5``, ``prob`` (``probes.experiments.classify.metrics``) at every captured step.
 
 Configured as ``data.classifier`` (a mapping, or a group file ``configs/classifier/*.yaml``):
-``name`` plus the arguments of :func:`probes.classify.models.load_classifier`.
+``name`` plus the arguments of :func:`probes.experiments.classify.models.load_classifier`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def classifier_config(cfg: Mapping[str, Any] | str | os.PathLike | None) -> dict
     if not isinstance(cfg, Mapping) or not cfg.get("name"):
         raise ValueError(f"data.classifier must be a mapping with a 'name' (e.g. torchvision:vgg16, timm:<model>, "
                          f"toy), or a file holding one (configs/classifier/*.yaml); got {cfg!r}")
-    from probes.classify.models import load_classifier, parse_name
+    from probes.experiments.classify.models import load_classifier, parse_name
 
     parse_name(str(cfg["name"]))
     allowed = set(inspect.signature(load_classifier).parameters) - {"device"}
@@ -77,9 +77,9 @@ def classifier_rows(dm, split: str = "test", chunk: int = 8) -> list[dict]:
     Images whose prompt has no class are left out. Read ``chunk`` images (x steps) at a time: the
     decoded images of SD v1.4's test split are 4.4 GB.
     """
-    from probes.classify.metrics import step_scores
-    from probes.classify.models import load_classifier
-    from probes.classify.run import classify_steps
+    from probes.experiments.classify.metrics import step_scores
+    from probes.experiments.classify.models import load_classifier
+    from probes.experiments.classify.run import classify_steps
 
     cfg = getattr(dm, "classifier", None)
     store, ds = dm.store, dm.datasets.get(split)

@@ -1,4 +1,4 @@
-"""``python -m probes.classify --images decoded.npy --labels labels.npy``: per-step classifier scores.
+"""``python -m probes.experiments.classify --images decoded.npy --labels labels.npy``: per-step classifier scores.
 
 ``decoded.npy`` holds uint8 images ``[N, S, H, W, 3]`` (S decoded steps per image), ``labels.npy``
 (or a ``.txt``/``.csv`` of integers) the class index of each image's prompt. Prints one row per
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.classify.models import DEFAULT_CLASSIFIER, VIEWS, load_classifier
-from probes.classify.run import score_steps
+from probes.experiments.classify.models import DEFAULT_CLASSIFIER, VIEWS, load_classifier
+from probes.experiments.classify.run import score_steps
 
 
 def _labels(path: Path) -> np.ndarray:

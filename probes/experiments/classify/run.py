@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from probes.classify.metrics import step_scores
-from probes.classify.models import ImageClassifier
+from probes.experiments.classify.metrics import step_scores
+from probes.experiments.classify.models import ImageClassifier
 
 
 def classify_steps(classifier: ImageClassifier, images: np.ndarray, progress: bool = False) -> torch.Tensor:
@@ -20,5 +20,5 @@ def classify_steps(classifier: ImageClassifier, images: np.ndarray, progress: bo
 
 def score_steps(classifier: ImageClassifier, images: np.ndarray, labels: np.ndarray | list[int],
                 progress: bool = False) -> dict[str, np.ndarray]:
-    """:func:`~probes.classify.metrics.step_scores` of ``classifier`` on decoded images ``[N, S, H, W, 3]``."""
+    """:func:`~probes.experiments.classify.metrics.step_scores` of ``classifier`` on decoded images ``[N, S, H, W, 3]``."""
     return step_scores(classify_steps(classifier, images, progress), labels)

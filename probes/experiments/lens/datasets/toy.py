@@ -7,7 +7,7 @@ across the frames of a video), ``classes``, ``class_names`` and ``id``.
 
 Classes are the object's shape by default (4 classes), or its colour, or both (``class_by``).
 Objects that show fewer than ``min_pixels`` pixels (hidden behind another one, or at the border)
-become :data:`~probes.lens.pooling.IGNORE_ID`: their few pixels say little about the object and
+become :data:`~probes.experiments.lens.pooling.IGNORE_ID`: their few pixels say little about the object and
 would make its embedding mostly its neighbours'.
 
 :class:`ToyVideos` renders short "videos": a scene whose camera orbits (``motion="camera"``:
@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from probes.lens.datasets.common import LensItem
-from probes.lens.pooling import IGNORE_ID
+from probes.experiments.lens.datasets.common import LensItem
+from probes.experiments.lens.pooling import IGNORE_ID
 from probes.toy.world import COLOURS, SHAPES, Scene, render, scene_for
 
 #: default scene seed of the lens: not the toy model's training seed (0) nor the labelers'

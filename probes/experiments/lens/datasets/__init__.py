@@ -3,9 +3,9 @@
 Each loader takes the dataset's root folder and yields :class:`~.common.LensItem` dicts; a wrong
 root fails with the expected folder layout.
 """
-from probes.lens.datasets.coco import CocoInstances
-from probes.lens.datasets.common import LensItem
-from probes.lens.datasets.davis import DavisSequences
-from probes.lens.datasets.voc import VOC_CLASSES, VocInstances
+from probes.experiments.lens.datasets.coco import CocoInstances
+from probes.experiments.lens.datasets.common import LensItem
+from probes.experiments.lens.datasets.davis import DavisSequences
+from probes.experiments.lens.datasets.voc import VOC_CLASSES, VocInstances
 
 __all__ = ["CocoInstances", "DavisSequences", "LensItem", "VOC_CLASSES", "VocInstances"]

@@ -1,11 +1,11 @@
 """The lens experiments as functions of cached object embeddings: each returns long-form rows.
 
-Every experiment is computed from :class:`~probes.lens.embeddings.ObjectEmbeddings`, so scoring
+Every experiment is computed from :class:`~probes.experiments.lens.embeddings.ObjectEmbeddings`, so scoring
 is separate from (and much cheaper than) feature extraction, and testable without a U-Net:
 
 - :func:`semantic_rows`: class scores of each layer and layer combination under each distance
   (k-NN accuracy, retrieval mAP, intra/inter-class distance ratio, with chance levels), via
-  :func:`probes.lens.scores.layer_ablation`;
+  :func:`probes.experiments.lens.scores.layer_ablation`;
 - :func:`paired_rows`: an embedding *variant* (a transformed image, another timestep, more
   denoising steps) against the *reference* embeddings of the same objects: per-object distance
   (raw, and relative to the reference's mean distance between different objects, so layers and
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from probes.lens.distances import DEFAULT_DISTANCES, cdist, pairwise
-from probes.lens.embeddings import ObjectEmbeddings
-from probes.lens.pooling import concat_layers
-from probes.lens.scores import knn_accuracy, knn_chance, layer_ablation
+from probes.experiments.lens.distances import DEFAULT_DISTANCES, cdist, pairwise
+from probes.experiments.lens.embeddings import ObjectEmbeddings
+from probes.experiments.lens.pooling import concat_layers
+from probes.experiments.lens.scores import knn_accuracy, knn_chance, layer_ablation
 
 COLUMNS = ["model", "experiment", "layers", "distance", "factor", "level", "metric", "value", "n"]
 SEMANTIC_METRICS = ("knn_accuracy", "knn_chance", "map", "map_chance", "ratio", "intra", "inter")
@@ -44,7 +44,7 @@ def _row(model: str, experiment: str, layers: str, distance: str, factor: str, l
 
 def combination(objects: ObjectEmbeddings, name: str) -> np.ndarray:
     """Vectors of a layer (``down0.res0``) or a combination (``down0.res0+down0.attn0``): each
-    layer L2-normalised, then concatenated (:func:`probes.lens.pooling.concat_layers`)."""
+    layer L2-normalised, then concatenated (:func:`probes.experiments.lens.pooling.concat_layers`)."""
     parts = name.split(COMBO_SEP)
     if len(parts) == 1:
         return objects.layer(name)

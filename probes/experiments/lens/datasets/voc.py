@@ -3,7 +3,7 @@
 Instance ids come from ``SegmentationObject``; the class of an instance is read from
 ``SegmentationClass`` at its pixels (the most frequent non-background, non-void value, since the
 two annotations agree pixel for pixel in the official data). Value 255 (void / object boundary)
-becomes :data:`~probes.lens.pooling.IGNORE_ID`.
+becomes :data:`~probes.experiments.lens.pooling.IGNORE_ID`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from probes.lens.datasets.common import LensItem, read_indexed_png, read_rgb, require
-from probes.lens.pooling import IGNORE_ID
+from probes.experiments.lens.datasets.common import LensItem, read_indexed_png, read_rgb, require
+from probes.experiments.lens.pooling import IGNORE_ID
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",

@@ -6,8 +6,8 @@ it into ``PromptRecord.label``. Every row gets its own noise seed (no two images
 initial latent, so classes are not confounded with noise), and each prompt's last seeds go to
 the test split so that every class has test images.
 
-``python -m probes.classify.prompt_sets imagenet --out data/prompts/imagenet_fruit.csv`` and
-``python -m probes.classify.prompt_sets toy --out data/prompts/toy_classes.csv`` made the
+``python -m probes.experiments.classify.prompt_sets imagenet --out data/prompts/imagenet_fruit.csv`` and
+``python -m probes.experiments.classify.prompt_sets toy --out data/prompts/toy_classes.csv`` made the
 shipped sets.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def toy_class_prompts() -> list[tuple[int, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from probes.classify.imagenet import FRUIT, imagenet_class_prompts
+    from probes.experiments.classify.imagenet import FRUIT, imagenet_class_prompts
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="kind", required=True)

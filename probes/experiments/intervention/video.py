@@ -1,7 +1,7 @@
 """The moving-object video: one intervention per frame along a path of targets, written and logged.
 
 Every frame regenerates the same prompt and seed with the target moved one more step along the
-path (:func:`probes.intervention.targets.offset_path`), so the only thing that changes between
+path (:func:`probes.experiments.intervention.targets.offset_path`), so the only thing that changes between
 frames is where the probes are told the object is. Frames are written as MP4 with OpenCV and as
 GIF with Pillow (installed with matplotlib): OpenCV cannot write GIF. When a W&B run is active
 the GIF is logged as a ``wandb.Video`` (from the file, so W&B needs no video encoder of its own).

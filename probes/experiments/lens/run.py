@@ -1,8 +1,8 @@
 """``diffusion-probes lens --config configs/lens/toy.yaml``: the semantic lens experiments.
 
 A typed entry function read by ``jsonargparse.auto_cli``, as ``evaluate.py``: every parameter is
-a YAML key (nested sections are the dataclasses of :mod:`probes.lens.runner`,
-:mod:`probes.lens.features` and :mod:`probes.lens.embeddings`), ``--print_config`` shows them all
+a YAML key (nested sections are the dataclasses of :mod:`probes.experiments.lens.runner`,
+:mod:`probes.experiments.lens.features` and :mod:`probes.experiments.lens.embeddings`), ``--print_config`` shows them all
 and any key can be overridden on the command line (``--features.timestep 200``). Configs compose
 with ``defaults:`` as the training configs do.
 """
@@ -20,9 +20,9 @@ import yaml
 from jsonargparse import auto_cli
 
 from probes.diffusion.loading import DiffusionSpec
-from probes.lens.embeddings import PoolingSpec
-from probes.lens.features import FeatureSpec
-from probes.lens.runner import DataSpec, ExperimentSpec, run_lens
+from probes.experiments.lens.embeddings import PoolingSpec
+from probes.experiments.lens.features import FeatureSpec
+from probes.experiments.lens.runner import DataSpec, ExperimentSpec, run_lens
 from probes.reporting.tables import RANDOM_WARNING
 
 
@@ -60,7 +60,14 @@ def lens(data: DataSpec = DataSpec(), diffusion: DiffusionSpec = DiffusionSpec()
     :param defaults: base configs of a config file (expanded by ``diffusion-probes`` before
         parsing, see :mod:`probes.cli.compose`; ignored here).
     """
-    from probes.lens.report import log_wandb, read_metrics_csv, summary, write_metrics_csv, write_plots, write_report
+    from probes.experiments.lens.report import (
+        log_wandb,
+        read_metrics_csv,
+        summary,
+        write_metrics_csv,
+        write_plots,
+        write_report,
+    )
 
     if len(labels) != 2 or labels[0] == labels[1]:
         raise ValueError(f"labels must be two different names (model, control), got {labels}")
