@@ -26,6 +26,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from probes.bench.planted import planted_datamodule
 from probes.common.quiet import quiet_known_noise
 from probes.common.threads import apply_thread_policy
 from probes.diffusion.layers import LayerRegistry
@@ -44,7 +45,6 @@ from probes.training.datamodule import ActivationDataModule
 from probes.training.heads import ProbeBank, SortedBlocks, regression_loss
 from probes.training.module import ProbeModule
 from probes.training.ridge import RidgeProbeModule
-from probes.training.synthetic import planted_datamodule
 
 REPO = Path(__file__).resolve().parents[2]
 

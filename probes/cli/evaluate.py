@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -26,34 +25,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 from jsonargparse import auto_cli
 
-from probes.export.probeset import META, module_from_export
-from probes.prompts.sets import default_cache_dir, split_indices
+from probes.experiments.classify.stage import ClassifierScores
+from probes.export.probeset import load_probes
+from probes.export.rebuild import module_from_export
+from probes.export.resolve import resolve_probes
+from probes.prompts.sets import split_indices
 from probes.reporting.html import write_report
 from probes.reporting.run_outputs import RunOutputs
 from probes.reporting.tables import read_metrics_csv
 from probes.training.datamodule import ActivationDataModule
-
-ARTIFACT_REF = re.compile(r"^(wandb:|wandb-artifact://)?[\w.-]+/[\w.-]+/[\w.-]+:[\w.-]+$")
-
-
-def resolve_probes(ref: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """A local export folder, or a W&B artifact reference (``entity/project/name:version``)
-    downloaded into the cache."""
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not (path / META).exists():
-            raise FileNotFoundError(f"{path} is not a probe export ({META} missing); pass the run's probes/ folder")
-        return path
-    ref = str(ref)
-    if not ARTIFACT_REF.match(ref):
-        raise FileNotFoundError(f"--probes {ref!r} is neither a folder nor a W&B artifact reference "
-                                f"(entity/project/name:version)")
-    import wandb
-
-    name = re.sub(r"^(wandb:|wandb-artifact://)", "", ref)
-    artifact = wandb.Api().artifact(name, type="probes")
-    root = Path(cache_dir or default_cache_dir() / "artifacts") / name.replace("/", "_").replace(":", "_")
-    return Path(artifact.download(root=str(root)))
 
 
 def evaluate(probes: str, out: str | None = None, store_dir: str | None = None,
@@ -85,7 +65,10 @@ def evaluate(probes: str, out: str | None = None, store_dir: str | None = None,
     dm = ActivationDataModule.from_config(cfg, **overrides)
     out = Path(out) if out else path.resolve().parent / f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
     outputs = RunOutputs(out_dir=str(out), export=False, plots=plots, link_store=False, compare=list(compare or []))
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[outputs],
+    # the run's other stages, as the export recorded them (exports before that kept the classifier in the data config)
+    recorded = load_probes(path).meta.get("classifier") or cfg.get("classifier")
+    stages = [ClassifierScores.from_config(recorded)] if recorded else []
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[*stages, outputs],
                          enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(out))
     if split_indices(dm.records())["val"]:
         trainer.validate(module, datamodule=dm, verbose=False)

@@ -152,11 +152,14 @@ def _still_missing(m: Missing) -> Missing | None:
 
 
 # -- the whole check ----------------------------------------------------------------------------
-def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit") -> list[Missing]:
+def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit",
+                        consumers: Sequence[Any] = ()) -> list[Missing]:
     """Everything ``dm`` (an ``ActivationDataModule``) needs before it can compute, that is missing.
 
     :param model: the probe module: a fit needs a validation split only if it selects on it.
     :param stage: the CLI subcommand; only ``fit`` can need a validation split.
+    :param consumers: the run's other stages (callbacks such as the classifier experiment): what
+        their ``prerequisites()`` lack, and what their ``check_data(dm)`` refuses, is listed too.
     """
     found: list[Missing] = []
     prompts = prompt_prerequisites(dm.prompts)
@@ -165,13 +168,14 @@ def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit") -
     for task, cfg in dm.labels.items():
         cfg = dict(cfg)
         found += build_labeler(cfg.pop("name"), **cfg).prerequisites(f"data.labels.{task}")
-    found += dm.classifier_prerequisites()
+    for consumer in consumers:
+        found += list(getattr(consumer, "prerequisites", list)())
     found = [m for m in (_still_missing(m) for m in found) if m is not None]
     if prompts:              # the prompt count decides the splits and the disk: not known yet
         return found
     try:
         dm.check_splits(stage, model)
-        dm.check_classifier()
+        dm.check_consumers(consumers)
     except ValueError as err:
         found.append(Missing(str(err), ""))
         return found

@@ -10,6 +10,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from probes.cli.preflight import PreflightFailed, check_prerequisites, format_missing
+from probes.experiments.classify.stage import ClassifierScores
 from probes.reporting.run_outputs import RunOutputs
 
 
@@ -53,6 +54,8 @@ class ProbeCLI(LightningCLI):
         parser.add_argument("--defaults", type=list[str] | None, default=None,
                             help="base configs of a config file (relative to it), applied before it")
         parser.add_lightning_class_args(RunOutputs, "outputs")
+        # the replication's classifier experiment (inactive without a name): a stage of the run, not of the data
+        parser.add_lightning_class_args(ClassifierScores, "classifier")
         # one-pass probes must see each training image exactly once: the data learns it from the model
         parser.link_arguments("model", "data.exact_train_shards", compute_fn=lambda m: bool(m.one_pass),
                               apply_on="instantiate")
@@ -80,7 +83,8 @@ class ProbeCLI(LightningCLI):
         now, and nothing has been computed; the trainer's banner would only bury the message."""
         dm = self.datamodule
         if self.subcommand is not None and hasattr(dm, "disk_needs"):
-            missing = check_prerequisites(dm, self.model, self.subcommand)
+            stages = [self.config_init[self.subcommand].get(key) for key in self._parser(self.subcommand).callback_keys]
+            missing = check_prerequisites(dm, self.model, self.subcommand, [s for s in stages if s is not None])
             if missing:
                 raise PreflightFailed(format_missing(missing))
         return super().instantiate_trainer(**kwargs)

@@ -9,7 +9,6 @@ activations of the same layer and step.
 """
 from __future__ import annotations
 
-import inspect
 import json
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -37,11 +36,27 @@ def probe_key(task: str, layer: str, step: int) -> str:
     return f"{task}/{layer}/step_{step:02d}"
 
 
-def export_probes(module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write every probe of ``module`` (a trained ``ProbeModule``) with its metadata."""
+@dataclass(frozen=True)
+class ProbeExport:
+    """An export in memory: the tensors of ``probes.safetensors`` and the metadata of ``probes.json``.
+
+    Built by :func:`build_export` (a stage: it reads the trained module) and written by
+    :func:`write_export` (the run's outputs callback only writes it)."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+
+
+def module_path(module: Any) -> str:
+    """The import path of ``module``'s class (``probes.training.ridge.RidgeProbeModule``): recorded in
+    the export, so that :func:`module_from_export` rebuilds the kind of module that trained the probes."""
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def build_export(module, extra: dict[str, Any] | None = None) -> ProbeExport:
+    """Every probe of ``module`` (a trained ``ProbeModule``) with its metadata, in memory."""
     spec: ProbeSpec = module.spec
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     metrics: dict[tuple[str, str, int], dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for split, rows in module.results.items():
         for r in rows:
@@ -67,13 +82,26 @@ def export_probes(module, out_dir: str | Path, extra: dict[str, Any] | None = No
                     "threshold": module.hparams.threshold if task.kind == "binary" else None,
                     "metrics": {s: dict(v) for s, v in metrics.get((t, layer.name, step), {}).items()},
                 })
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     meta = {"format": FORMAT, "code_version": code_version(), "model": spec.model,
-            "hparams": dict(module.hparams), "spec": spec.to_dict(), "probes": entries,
-            "binary_fit_loss": getattr(module, "binary_fit_loss", "cross_entropy"), **(extra or {})}
+            "module_class": module_path(module), "hparams": dict(module.hparams), "spec": spec.to_dict(),
+            "probes": entries, "binary_fit_loss": getattr(module, "binary_fit_loss", "cross_entropy"), **(extra or {})}
+    return ProbeExport(tensors, meta)
+
+
+def write_export(export: ProbeExport, out_dir: str | Path) -> Path:
+    """Write ``export`` as ``probes.safetensors`` + ``probes.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(export.tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     # the spec's mappings are frozen (MappingProxyType): written as JSON objects, not as their str()
-    (out / META).write_text(json.dumps(meta, indent=1, default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
+    (out / META).write_text(json.dumps(export.meta, indent=1,
+                                       default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
     return out
+
+
+def export_probes(module, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write every probe of ``module`` (a trained ``ProbeModule``) with its metadata."""
+    return write_export(build_export(module, extra), out_dir)
 
 
 @dataclass
@@ -193,21 +221,3 @@ class ProbeSet:
 def load_probes(path: str | Path) -> ProbeSet:
     """Reload an export (see module docstring)."""
     return ProbeSet(path)
-
-
-def module_from_export(path: str | Path):
-    """A ``ProbeModule`` holding the exported weights, ready for ``Trainer.test``."""
-    from probes.training.module import ProbeModule
-
-    probes = load_probes(path)
-    allowed = inspect.signature(ProbeModule.__init__).parameters
-    module = ProbeModule(**{k: v for k, v in probes.meta["hparams"].items() if k in allowed})
-    module.build(probes.spec)
-    with torch.no_grad():
-        for t, bank in module.banks.items():
-            for layer in module.spec.layers:
-                keys = [probe_key(t, layer.name, s) for s in module.spec.steps]
-                bank.weight[layer_key(layer.name)].copy_(torch.stack([probes.tensors[f"{k}/weight"] for k in keys]))
-                if bank.bias is not None:
-                    bank.bias[layer_key(layer.name)].copy_(torch.stack([probes.tensors[f"{k}/bias"] for k in keys]))
-    return module

@@ -1,7 +1,8 @@
 """Run outputs: after testing, write metrics.csv, the probe export, plots, panels and the report.
 
 A callback rather than code in the module, so that ``train.py`` and ``evaluate.py`` produce the
-same outputs, and the module stays about training probes.
+same outputs, and the module stays about training probes. It only writes: what it writes is
+computed by :func:`probes.reporting.results.collect_results`.
 """
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from probes.experiments.classify.stage import classifier_rows
-from probes.export.probeset import export_probes
-from probes.metrics.decoded import decoded_rows
-from probes.metrics.position import position_rows
+from probes.export.probeset import write_export
 from probes.reporting.html import write_report
-from probes.reporting.panels import build_panels, panel_indices, plot_panel
+from probes.reporting.panels import panel_indices, plot_panel
 from probes.reporting.plots import plot_all
-from probes.reporting.tables import best_heads, format_table, write_metrics_csv
+from probes.reporting.results import RunResults, collect_results
+from probes.reporting.tables import format_table, write_metrics_csv
 
 
 class RunOutputs(pl.Callback):
@@ -62,40 +61,36 @@ class RunOutputs(pl.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        out = self.run_dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
-        rows = [r for split in ("val", "test") for r in module.results.get(split, [])]
         dm = getattr(trainer, "datamodule", None)
-        if dm is not None:
-            rows += decoded_rows(module, dm)  # the labeler on decoded intermediate images, per step
-            rows += classifier_rows(dm)       # the classifier on the same images, per step (data.classifier)
-            rows += position_rows(module, dm)  # what pixel coordinates alone predict
-        spec = module.spec
+        results = collect_results(module, dm, trainer.callbacks, export=self.export,
+                                  panels=self.panels if self.plots else 0, panel_acts=self.panel_acts)
+        self.write(results, self.run_dir(trainer), trainer.loggers)
+
+    def write(self, results: RunResults, out: Path, loggers: list[Any] = ()) -> None:
+        """Write ``results`` into ``out`` (and to the loggers that take results)."""
+        out.mkdir(parents=True, exist_ok=True)
+        rows, best, spec_random = results.rows, results.best, bool(results.summary["is_random"])
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")
-        best = best_heads(rows)
-        summary = {"model": spec.model, "is_random": spec.is_random, "store_dir": spec.store_dir, "best": best,
-                   "num_probes": len(module.banks) * len(spec.layers) * len(spec.steps)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        if self.export:
-            self.written["probes"] = export_probes(module, out / "probes", extra={"best": best})
-        panels = {}
+        (out / "summary.json").write_text(json.dumps(results.summary, indent=1, default=str))
+        if results.export is not None:
+            self.written["probes"] = write_export(results.export, out / "probes")
         if self.plots:
-            suffix = "  [RANDOM WEIGHTS: meaningless]" if spec.is_random else ""
+            suffix = "  [RANDOM WEIGHTS: meaningless]" if spec_random else ""
             self.written["plots"] = plot_all(rows, out / "plots", "test", suffix)
-            if self.panels and dm is not None and dm.store is not None:
-                panels = build_panels(module, dm, best, self.panels, self.panel_acts)
-                self.written["panels"] = {t: plot_panel(t, p, out / "plots" / f"panel_{t}.png") for t, p in panels.items()}
-            self.written["report"] = write_report(out, rows, spec.is_random, self.compare)
+            if results.panels:
+                self.written["panels"] = {t: plot_panel(t, p, out / "plots" / f"panel_{t}.png")
+                                          for t, p in results.panels.items()}
+            self.written["report"] = write_report(out, rows, spec_random, self.compare)
         if self.link_store:
             link = out / "store"
             if not link.exists() and not link.is_symlink():
                 try:
-                    os.symlink(os.path.abspath(spec.store_dir), link, target_is_directory=True)
+                    os.symlink(os.path.abspath(results.summary["store_dir"]), link, target_is_directory=True)
                 except OSError:
                     pass
-        for logger in trainer.loggers:
+        for logger in loggers:
             log_results = getattr(logger, "log_results", None)
             if callable(log_results):
-                log_results(rows, best, self.written, panels)
-        print(format_table(rows, spec.is_random), flush=True)
+                log_results(rows, best, self.written, results.panels)
+        print(format_table(rows, spec_random), flush=True)
         print(f"\nOutputs: {out.resolve()}  (report.html, metrics.csv, probes/, plots/, summary.json)", flush=True)

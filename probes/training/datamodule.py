@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from probes.contract import ProbeSpec
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
-from probes.experiments.classify.stage import check_classifier_data, classifier_config
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.labels import check_labeler
 from probes.labels import stage as labels_stage
@@ -88,10 +87,9 @@ class ActivationDataModule(pl.LightningDataModule):
         train-split statistics: another task's (``{shading: depth}``) or fixed constants
         (``{shading: {mean: 15.740597, std: 9.281932}}``, the replication's recipe); see
         ``probes.tasks.check_target_norm``.
-    :param classifier: the replication's classifier experiment: a classifier run on every step's
-        decoded image of the test split (``generation.decode``), scored against the prompts' classes
-        (CSV column ``class_index``); ``{name: torchvision:vgg16}`` plus ``load_classifier``
-        arguments, or a group file (``configs/classifier/{vgg16,toy}.yaml``). None: no classifier.
+
+    Experiments that read this data (the classifier on decoded images) are callbacks of the
+    trainer; one that has a ``check_data(dm)`` is asked, before any compute, whether it can run.
     """
 
     def __init__(self, diffusion: DiffusionSpec = DiffusionSpec(), prompts: PromptSpec = PromptSpec(),
@@ -99,8 +97,7 @@ class ActivationDataModule(pl.LightningDataModule):
                  labels: dict[str, dict[str, Any]] | Path_fr | None = None, mode: str = "cached",
                  store_dir: str | None = None, store_root: str = "outputs/stores", batch_size: int = 4,
                  num_workers: int = 0, device: str = "auto", progress: bool = True,
-                 exact_train_shards: bool = False, target_norm: dict[str, Any] | None = None,
-                 classifier: dict[str, Any] | Path_fr | None = None) -> None:
+                 exact_train_shards: bool = False, target_norm: dict[str, Any] | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
@@ -119,7 +116,6 @@ class ActivationDataModule(pl.LightningDataModule):
             get_task(task)                 # checked now, before any compute: unknown names list the valid ones
             check_labeler(cfg["name"])
         self.target_norm = check_target_norm(target_norm, tuple(self.labels))  # before any compute
-        self.classifier = classifier_config(classifier)                        # its name checked now too
         self.mode, self.store_dir, self.store_root = mode, store_dir, store_root
         self.batch_size, self.num_workers, self.device, self.progress = batch_size, num_workers, device, progress
         self.store: ActivationStore | None = None
@@ -149,7 +145,7 @@ class ActivationDataModule(pl.LightningDataModule):
                 "generation": asdict(self.generation), "capture": asdict(self.capture),
                 "labels": self.labels, "mode": self.mode, "store_dir": str(self.resolved_store_dir()),
                 "batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device,
-                "target_norm": self.target_norm, "classifier": self.classifier}
+                "target_norm": self.target_norm}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> ActivationDataModule:
@@ -159,7 +155,7 @@ class ActivationDataModule(pl.LightningDataModule):
                    labels=cfg["labels"], mode=cfg.get("mode", "cached"), store_dir=cfg.get("store_dir"),
                    batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
                    device=cfg.get("device", "auto"), progress=cfg.get("progress", True),
-                   target_norm=cfg.get("target_norm"), classifier=cfg.get("classifier"))
+                   target_norm=cfg.get("target_norm"))
 
     def records(self) -> list[PromptRecord]:
         if not hasattr(self, "_records"):
@@ -198,19 +194,13 @@ class ActivationDataModule(pl.LightningDataModule):
                 f"file a split column with some 'val' rows, or use SGD probes with model.init_args.selection: last "
                 f"(nothing selected: configs/sd14/reference_exact.yaml).")
 
-    def check_classifier(self) -> None:
-        """Refuse a classifier without decoded images or without class-labelled test prompts (before any compute)."""
-        check_classifier_data(self.classifier, self.generation.decode, self.records())
-
-    def classifier_prerequisites(self) -> list[Any]:
-        """The classifier's missing weights, as ``probes.labels.base.Missing`` items (for the pre-flight check)."""
-        if not self.classifier:
-            return []
-        from probes.experiments.classify.models import classifier_prerequisites
-
-        c = self.classifier
-        return classifier_prerequisites(c["name"], c.get("weights", "DEFAULT"), c.get("cache_dir"),
-                                        where="data.classifier")
+    def check_consumers(self, consumers: Any = ()) -> None:
+        """Let the stages that read this data (callbacks with a ``check_data(dm)``, e.g. the classifier
+        experiment) refuse what they cannot use, before any compute."""
+        for consumer in consumers:
+            check = getattr(consumer, "check_data", None)
+            if callable(check):
+                check(self)
 
     def disk_needs(self) -> list[tuple[str, int]] | None:
         """``(what, bytes)`` this run still writes under the store (activations, images, labels); None if unknown.
@@ -281,7 +271,7 @@ class ActivationDataModule(pl.LightningDataModule):
         records = self.records()
         trainer = getattr(self, "trainer", None)
         self.check_splits(stage, trainer.lightning_module if trainer is not None else None)  # before any compute
-        self.check_classifier()
+        self.check_consumers(getattr(trainer, "callbacks", None) or ())
         self.check_disk_budget()           # every rank (same answer): a rank that raised alone would hang a barrier
         store_dir = self.resolved_store_dir()
         progress = self.progress and (rank == 0 or world > 1)

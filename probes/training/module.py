@@ -82,6 +82,8 @@ class ProbeModule(pl.LightningModule):
         self.results: dict[str, list[dict[str, Any]]] = {}
         self._best: dict[str, dict[str, Tensor]] = {}
         self._best_loss: dict[str, Tensor] = {}
+        #: the weights were read from an export (``probes.export.rebuild``), not fitted in this process
+        self.restored = False
 
     # -- construction ----------------------------------------------------------------------
     @property

@@ -204,6 +204,8 @@ class RidgeProbeModule(ProbeModule):
 
     # -- λ selection on validation ---------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.restored and not self._candidates:   # probes read from an export: scored as they are
+            return ProbeModule.validation_step(self, batch, batch_idx)
         if not self._candidates:
             raise RuntimeError("validation before the ridge solve (set trainer.num_sanity_val_steps=0)")
         acts, labels = batch["acts"], batch["labels"]
@@ -230,6 +232,8 @@ class RidgeProbeModule(ProbeModule):
         self._check_finite(finite, "val", batch)
 
     def on_validation_epoch_end(self) -> None:
+        if self.restored and not self._candidates:
+            return ProbeModule.on_validation_epoch_end(self)
         if self.trainer.sanity_checking:
             return
         steps, nl, k = len(self.spec.steps), len(self.spec.layers), len(self.hparams.lambdas)

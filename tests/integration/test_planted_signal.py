@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 
+from probes.bench.planted import synthetic_datamodule, upsample_tokens
 from probes.diffusion.layers import LayerInfo
 from probes.training.module import ProbeModule
-from probes.training.synthetic import synthetic_datamodule, upsample_tokens
 
 A = LayerInfo("up3.0", "up_blocks.3.attentions.0.transformer_blocks.0.attn1.to_out.0", channels=8, grid=(4, 4))
 B = LayerInfo("mid.0", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0", channels=6, grid=(2, 2))

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
+from probes.bench.planted import synthetic_datamodule, upsample_tokens
 from probes.diffusion.layers import LayerInfo
 from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
@@ -21,7 +22,6 @@ from probes.store.activations import ActivationStore
 from probes.training.datamodule import ActivationDataModule
 from probes.training.module import ProbeModule
 from probes.training.ridge import RidgeProbeModule
-from probes.training.synthetic import synthetic_datamodule, upsample_tokens
 from tests.conftest import REPO, reference_dir
 
 A = LayerInfo("up3.0", "up_blocks.3.attentions.0.transformer_blocks.0.attn1.to_out.0", channels=6, grid=(4, 4))

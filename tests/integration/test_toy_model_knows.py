@@ -70,9 +70,9 @@ def test_toy_classifier_on_decoded_noisy_images_finds_the_prompts_shape_by_the_l
         prompts=PromptSpec(source="toy_classes", limit=32, val_fraction=0.0),
         generation=GenerationSpec(steps=15, guidance_scale=7.5, batch_size=16, decode="noisy"),
         capture=CaptureSpec(layers=["mid.0"], steps=[0, 7, 14]), labels={"foreground": {"name": "toy_foreground"}},
-        store_root=str(tmp_path), device="cpu", progress=False, classifier={"name": "toy"})
+        store_root=str(tmp_path), device="cpu", progress=False)
     dm.setup("test")
-    rows = classifier_rows(dm)
+    rows = classifier_rows({"name": "toy"}, dm)
     top1 = {r["step"]: r["value"] for r in rows if r["metric"] == "top1"}
     prob = {r["step"]: r["value"] for r in rows if r["metric"] == "prob"}
     assert len(dm.datasets["test"].indices) == 32

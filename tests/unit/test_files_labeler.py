@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
+from probes.bench.planted import planted_datamodule, synthetic_datamodule
 from probes.diffusion.layers import LayerInfo
 from probes.labels import build_labeler
 from probes.training.module import ProbeModule
 from probes.training.ridge import RidgeProbeModule
-from probes.training.synthetic import planted_datamodule, synthetic_datamodule
 from tests.unit.test_nonfinite import trainer
 
 SIZE = 8

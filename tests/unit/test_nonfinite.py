@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 
+from probes.bench.planted import planted_datamodule
 from probes.reporting.tables import best_heads
 from probes.training.datamodule import ActivationDataModule
 from probes.training.module import ProbeModule
 from probes.training.ridge import RidgeProbeModule
-from probes.training.synthetic import planted_datamodule
 from probes.training.target_stats import target_stats
 
 

@@ -109,9 +109,9 @@ def _export(tmp: Path) -> Path:
     """A small real export, from a planted-signal run."""
     import pytorch_lightning as pl
 
+    from probes.bench.planted import planted_datamodule
     from probes.export.probeset import export_probes
     from probes.training.ridge import RidgeProbeModule
-    from probes.training.synthetic import planted_datamodule
 
     dm = planted_datamodule(tmp / "data", n=24)
     module = RidgeProbeModule()
@@ -137,7 +137,7 @@ def test_probe_artifact_holds_the_export(tmp_path):
 def test_evaluate_loads_probes_from_an_artifact_reference(tmp_path, monkeypatch):
     import wandb
 
-    from probes.cli.evaluate import resolve_probes
+    from probes.export.resolve import resolve_probes
 
     export = _export(tmp_path)
     asked = {}

@@ -156,7 +156,7 @@ def intervene(probes: str, task: str = "foreground", layers: list[str] | None = 
     :param progress: progress bars.
     :return: the output folder.
     """
-    from probes.cli.evaluate import resolve_probes
+    from probes.export.resolve import resolve_probes
 
     conditions = list(conditions or CONDITIONS)
     bad = [c for c in conditions if c not in CONDITIONS]

@@ -1,9 +1,11 @@
 """Planted-signal data: an activation store built by hand, with activations and labels you choose.
 
-For checking probe code (tests, benchmarks, a new probe type): when the label is a known
-function of one head's activations, a correct probe must find it there and nowhere else. The
-manifest carries the request fingerprint the data module computes from its config, so
-``ActivationDataModule`` opens it as a finished store and never generates.
+For checking probe code: when the label is a known function of one head's activations, a correct
+probe must find it there and nowhere else. The benchmark compares SGD and ridge probes on it
+(``make bench``) and the tests check the probe modules with it; it lives with the benchmark, not
+in ``training/``, because no run of the pipeline uses it. The manifest carries the request
+fingerprint the data module computes from its config, so ``ActivationDataModule`` opens it as a
+finished store and never generates.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.prompts.sets import PromptSpec, load_prompts
 from probes.store.activations import ActivationStore
-from probes.training.datamodule import ActivationDataModule, request_fingerprint, store_request
+from probes.store.manifest import request_fingerprint, store_request
+from probes.training.datamodule import ActivationDataModule
 
 
 def synthetic_datamodule(root: Path, n: int, layers: list[LayerInfo], steps: int, size: int,
