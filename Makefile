@@ -26,8 +26,8 @@ demo-tiny: install  ## the pipeline alone on a tiny RANDOM-weight SD (CPU, ~1 mi
 	WANDB_SILENT=true $(PY) train.py fit --config configs/tiny.yaml
 
 toy-model: install  ## retrain the toy world's labelers and diffusion model from scratch (CPU; resumable: rerun to continue)
-	$(PY) -m probes.recipes.toy_labelers.train train --out data/toy/labelers --force
-	$(PY) -m probes.recipes.toy_model.recipe --out data/toy/model --work outputs/toy
+	$(PY) -m probes.cli.main toy-labelers train --out data/toy/labelers --force true
+	$(PY) -m probes.cli.main toy-model --out data/toy/model --work outputs/toy
 
 intervene: install  ## causal test: move the object, on the demo's ridge probes and on mean-difference probes (after make demo)
 	WANDB_SILENT=true $(PY) -m probes.cli.main intervene --config configs/intervention/foreground.yaml \
@@ -53,7 +53,7 @@ lint: install  ## ruff (configured in pyproject.toml)
 	$(PY) -m ruff check .
 
 bench: install  ## measure and write BENCHMARKS.md
-	$(PY) -m probes.bench --out BENCHMARKS.md
+	$(PY) -m probes.cli.main bench --out BENCHMARKS.md
 
 clean:  ## remove outputs (runs, stores) and caches, keep .venv
 	rm -rf outputs .pytest_cache

@@ -10,7 +10,6 @@ cost of the 617-image experiment on one GPU from FLOP counts (a projection, not 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -383,18 +382,18 @@ def projection_section(flops: dict[str, Any]) -> list[str]:
 KEEP_MARKER = "<!-- measured by other commands; make bench keeps this part -->"
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="BENCHMARKS.md")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (checks the script, figures not meaningful)")
-    ap.add_argument("--workdir", default=None)
-    a = ap.parse_args(argv)
+def bench(out: str = "BENCHMARKS.md", quick: bool = False, workdir: str | None = None) -> Path:
+    """``diffusion-probes bench`` (``make bench``): measure, and rewrite the measured part of ``out``.
+
+    :param out: the Markdown file to (re)write; what follows its keep-marker is kept.
+    :param quick: tiny sizes (checks the script; the figures are not meaningful).
+    :param workdir: where stores and runs go (default: a new temporary folder).
+    """
     quiet_known_noise()
     threads = apply_thread_policy(verbose=False)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="dprobe-bench-"))
-    quick = a.quick
-    cmd = "make bench" if not quick else f"python -m probes.bench --quick --out {a.out}"
+    work = Path(workdir or tempfile.mkdtemp(prefix="dprobe-bench-"))
+    cmd = "make bench" if not quick else f"diffusion-probes bench --quick true --out {out}"
     lines = ["# Benchmarks\n", f"Produced by `{cmd}` on {time.strftime('%Y-%m-%d')}.", "", f"- {_env()}",
              f"- thread policy (`probes/common/threads.py`): {threads.describe().removeprefix('[threads] ')}; "
              f"load average at start {os.getloadavg()[0]:.1f}", ""]
@@ -511,13 +510,14 @@ def main(argv: list[str] | None = None) -> None:
                   "experiment's GPU cost from FLOP counts meanwhile.", ""]
     # 8
     lines += projection_section(flop_counts("sd14"))
-    out = Path(a.out)
-    previous = out.read_text() if out.exists() else ""
+    dest = Path(out)
+    previous = dest.read_text() if dest.exists() else ""
     kept = previous[previous.index(KEEP_MARKER):] if KEEP_MARKER in previous else ""
-    out.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))   # sections other commands recorded
+    dest.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))   # sections other commands recorded
     print("\n".join(lines))
-    if not a.workdir:
+    if not workdir:
         shutil.rmtree(work, ignore_errors=True)
+    return dest
 
 
 def experiment_section(work: Path, quick: bool, labels: dict[str, dict[str, Any]]) -> list[str]:
@@ -565,7 +565,3 @@ def gpu_section() -> list[str]:
     return ["| batch | plain img/s | capture img/s | U-Net calls/s (capture) | overhead |", "|---|---|---|---|---|",
             f"| 8 | {ips_plain:.2f} | {ips_cap:.2f} | {ips_cap * 15:.1f} | {co['ratio']:.3f}x |", "",
             f"Projected generation of the 617-image experiment ({calls} guided calls): {proj_min:.1f} min.", ""]
-
-
-if __name__ == "__main__":
-    main()

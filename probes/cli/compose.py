@@ -54,3 +54,10 @@ def expand_configs(argv: Sequence[str]) -> list[str]:
         else:
             out += ["--config", value]
     return out
+
+
+def add_defaults_key(parser) -> None:
+    """Let ``parser`` read config files that name their bases (``defaults:``): the bases are already
+    expanded by :func:`expand_configs`, so the key itself carries nothing and is dropped."""
+    parser.add_argument("--defaults", type=list[str] | None, default=None,
+                        help="base configs of a config file (relative to it), applied before it")

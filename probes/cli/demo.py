@@ -36,7 +36,7 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
         per-step classifier scores go into ``comparison.md``, its emergence figures into its own report.
     """
     from probes.cli.evaluate import report
-    from probes.cli.main import train_main
+    from probes.cli.train import train_main
     from probes.experiments.toy.sample_quality import store_sample_quality
     from probes.reporting.baselines import compare_runs, comparison_markdown
     from probes.reporting.tables import emergence, read_metrics_csv
@@ -95,7 +95,3 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     return out_dir
 
 
-def demo_main(argv: Sequence[str] | None = None) -> None:
-    from jsonargparse import auto_cli
-
-    auto_cli(demo, args=list(argv) if argv is not None else None)

@@ -10,8 +10,8 @@ plots, prediction panels and ``report.html`` into ``--out`` (default ``<export>/
 evaluation), into a folder of its own (``--out``; default ``outputs/reports/<runs>-<time>``):
 no run's own report is overwritten.
 
-Both take the same conventions as ``train.py``: ``--config file.yaml``, ``--print_config``, and
-any option overridden on the command line.
+Both are read with the project's CLI convention (:mod:`probes.cli.convention`): ``--config
+file.yaml``, ``--print_config``, and any option overridden on the command line.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
-from jsonargparse import auto_cli
 
 from probes.experiments.classify.stage import ClassifierScores
 from probes.export.probeset import load_probes
@@ -104,11 +103,6 @@ def report(runs: list[str], labels: list[str] | None = None, out: str | None = N
     return dest
 
 
-def evaluate_main(argv: Sequence[str] | None = None) -> None:
-    """``evaluate.py`` / ``diffusion-probes evaluate``."""
-    auto_cli(evaluate, args=list(argv) if argv is not None else None, as_positional=False)
-
-
 def report_args(argv: Sequence[str]) -> list[str]:
     """``RUN RUN --labels A B --out X`` (as the README writes it) -> jsonargparse's list syntax.
 
@@ -143,11 +137,3 @@ def report_args(argv: Sequence[str]) -> list[str]:
             runs.append(arg)
             k += 1
     return (["--runs", json.dumps(runs)] if runs else []) + out
-
-
-def report_main(argv: Sequence[str] | None = None) -> None:
-    """``diffusion-probes report RUN [RUN ...] [--labels NAME ...] [--out DIR]``."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    auto_cli(report, args=report_args(argv), as_positional=False)

@@ -1,92 +1,87 @@
-"""``diffusion-probes fit|validate|test|evaluate|report|intervene|lens``: one console command for every stage.
+"""``diffusion-probes <command>``: one console command for every stage, tool and experiment.
 
-``fit`` (and ``validate``/``test``) are ``train.py``'s LightningCLI; ``evaluate`` is
-``evaluate.py``; ``report`` compares finished runs. Every command accepts ``--import MODULE_OR_FILE``
-(user labelers, tasks, layers), imported before its config is parsed and checked.
+``fit`` (and ``validate``/``test``/``predict``) is ``train.py``'s LightningCLI; every other command
+is a typed function read with the same convention (:mod:`probes.cli.convention`): ``--config
+FILE.yaml`` (several stack), ``--print_config``, any key overridden on the command line, config
+files composed with ``defaults:``, and ``--import MODULE_OR_FILE`` for user labelers, tasks and
+layers. The table below is the one list of commands; each names the callable it runs.
 """
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from probes.cli.compose import expand_configs
-from probes.cli.plugins import load_plugins, strip_imports
-from probes.common.quiet import quiet_known_noise
-from probes.common.threads import apply_thread_policy
-
-USAGE = """usage: diffusion-probes {fit,validate,test,evaluate,report,intervene,lens,demo} [options]
-
-  fit        train every probe, then test and write outputs    (= python train.py fit ...)
-  evaluate   test exported probes on a store                   (= python evaluate.py ...)
-  report     compare finished runs in a report of their own
-  intervene  edit activations with exported probes, score the edited images (causal test)
-  lens       semantic lens: which U-Net layer keeps object meaning (configs/lens/*.yaml)
-  demo       the toy world's trained model vs its permuted control, side by side (make demo)
-  each takes --help, --config FILE.yaml, --print_config, and --import MODULE_OR_FILE
-"""
-TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
+from probes.cli.convention import run_typed
+from probes.cli.train import TRAIN_COMMANDS, train_main
 
 
-def train_main(argv: Sequence[str] | None = None) -> None:
-    """``train.py``: LightningCLI over the probe modules and the activation data module."""
-    from probes.cli.train import ProbeCLI
-    from probes.training.datamodule import ActivationDataModule
-    from probes.training.module import ProbeModule
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: what it does, and the callable(s) it runs (``module:attribute``; a mapping of
+    sub-subcommands for tools with several verbs)."""
 
-    args = _prepared(argv)
-    try:
-        ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True, args=args)
-    finally:
-        finish_wandb()   # a run called in-process (a notebook, the demo, tests) ends its W&B run and flushes it
-
-
-def finish_wandb() -> None:
-    """Close the open W&B run, if any: Lightning leaves it open, and a second run would reuse it."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    help: str
+    target: str | dict[str, str]
+    then: str | None = None          # a config class's target is instantiated and handed to this callable
+    plugins: bool = True             # import user plug-ins first (commands that read configs)
+    argv: str | None = None          # a function rewriting argv first (``report RUN RUN ...``)
 
 
-def _prepared(argv: Sequence[str] | None, plugins: bool = True) -> list[str]:
-    """What every command does first: thread policy, quiet logs, user plug-ins, config chains."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    apply_thread_policy()   # one torch thread per free core: a shared machine must not thrash
-    quiet_known_noise()     # library messages a user cannot act on
-    if not plugins:
-        return argv
-    load_plugins(argv)      # user labelers/tasks/layers are registered before their names are checked
-    return expand_configs(strip_imports(argv))
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def evaluate_main(argv: Sequence[str] | None = None) -> None:
-    from probes.cli.evaluate import evaluate_main as run
+COMMANDS: dict[str, Command] = {
+    "evaluate": Command("test exported probes on a store                   (= python evaluate.py ...)",
+                        "probes.cli.evaluate:evaluate"),
+    "report": Command("compare finished runs in a report of their own", "probes.cli.evaluate:report",
+                      argv="probes.cli.evaluate:report_args"),
+    "intervene": Command("edit activations with exported probes, score the edited images (causal test)",
+                         "probes.experiments.intervention.config:InterventionConfig",
+                         then="probes.experiments.intervention.run:intervene"),
+    "lens": Command("semantic lens: which U-Net layer keeps object meaning (configs/lens/*.yaml)",
+                    "probes.experiments.lens.run:lens"),
+    "demo": Command("the toy world's trained model vs its permuted control, side by side (make demo)",
+                    "probes.cli.demo:demo", plugins=False),
+    "bench": Command("measure speed and rewrite BENCHMARKS.md (make bench)", "probes.bench.run:bench", plugins=False),
+    "classify": Command("per-step classifier scores of saved decoded images (.npy)",
+                        "probes.experiments.classify.run:classify_saved", plugins=False),
+    "class-prompts": Command("write a class-labelled prompt set (imagenet | toy)",
+                             {"imagenet": "probes.experiments.classify.imagenet:imagenet_prompt_set",
+                              "toy": "probes.experiments.classify.prompt_sets:toy_class_prompt_set"}, plugins=False),
+    "toy-prompts": Command("write captions of fresh toy-world scenes as a prompt set",
+                           "probes.toy.prompts:toy_prompt_set", plugins=False),
+    "toy-labelers": Command("train (or score) the toy world's labelers (train | eval; make toy-model)",
+                            {"train": "probes.recipes.toy_labelers.train:train_command",
+                             "eval": "probes.recipes.toy_labelers.train:evaluate_command"}, plugins=False),
+    "toy-model": Command("train the toy world's diffusion model (make toy-model; resumable)",
+                         "probes.recipes.toy_model.recipe:toy_model", plugins=False),
+}
 
-    run(_prepared(argv))
+USAGE = ("usage: diffusion-probes {" + ",".join(["fit", *COMMANDS]) + "} [options]\n\n"
+         "  fit            train every probe, then test and write outputs    (= python train.py fit ...)\n"
+         + "".join(f"  {name:<14} {c.help}\n" for name, c in COMMANDS.items())
+         + "  each takes --help, --config FILE.yaml, --print_config, and key overrides (--key value)\n")
 
 
-def demo_main(argv: Sequence[str] | None = None) -> None:
-    """``make demo``: the toy model and its permuted control, side by side (``probes/cli/demo.py``)."""
-    from probes.cli.demo import demo_main as run
-
-    run(_prepared(argv, plugins=False))
-
-
-def report_main(argv: Sequence[str] | None = None) -> None:
-    from probes.cli.evaluate import report_main as run
-
-    run(list(sys.argv[1:] if argv is None else argv))
+def run_command(name: str, argv: Sequence[str] | None = None) -> Any:
+    """Run the subcommand ``name`` of :data:`COMMANDS` on ``argv`` (the options after its name)."""
+    c = COMMANDS[name]
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if c.argv:
+        argv = _load(c.argv)(argv)
+    target = {k: _load(v) for k, v in c.target.items()} if isinstance(c.target, dict) else _load(c.target)
+    then: Callable[[Any], Any] | None = _load(c.then) if c.then else None
+    return run_typed(target, argv, then=then, plugins=c.plugins, prog=f"diffusion-probes {name}")
 
 
-def intervene_main(argv: Sequence[str] | None = None) -> None:
-    from probes.experiments.intervention.run import intervene_main as run
-
-    run(_prepared(argv))
-
-
-def lens_main(argv: Sequence[str] | None = None) -> None:
-    from probes.experiments.lens.run import lens_main as run
-
-    run(_prepared(argv))
+def evaluate_main(argv: Sequence[str] | None = None) -> Any:
+    """``evaluate.py``."""
+    return run_command("evaluate", sys.argv[1:] if argv is None else argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -97,16 +92,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd in TRAIN_COMMANDS:
         train_main([cmd, *rest])
-    elif cmd == "evaluate":
-        evaluate_main(rest)
-    elif cmd == "report":
-        report_main(rest)
-    elif cmd == "intervene":
-        intervene_main(rest)
-    elif cmd == "lens":
-        lens_main(rest)
-    elif cmd == "demo":
-        demo_main(rest)
+    elif cmd in COMMANDS:
+        run_command(cmd, rest)
     else:
         sys.exit(f"diffusion-probes: unknown command {cmd!r}\n{USAGE}")
 

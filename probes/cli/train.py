@@ -1,14 +1,19 @@
-"""LightningCLI wiring: run folders, the pre-flight check, the outputs callback, and testing right after fitting."""
+"""``fit``/``validate``/``test``: LightningCLI wiring, with run folders, the pre-flight check, the outputs and
+classifier callbacks, and testing right after fitting."""
 from __future__ import annotations
 
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from probes.cli.compose import add_defaults_key
+from probes.cli.convention import prepared
 from probes.cli.preflight import PreflightFailed, check_prerequisites, format_missing
 from probes.experiments.classify.stage import ClassifierScores
 from probes.reporting.run_outputs import RunOutputs
@@ -18,6 +23,28 @@ def _run_name(cfg: Namespace) -> str:
     configs = cfg.get("config") or []
     stem = Path(str(configs[-1])).stem if configs else "run"
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def train_main(argv: Sequence[str] | None = None) -> None:
+    """``train.py`` / ``diffusion-probes fit``: LightningCLI over the probe modules and the activation data module."""
+    from probes.training.datamodule import ActivationDataModule
+    from probes.training.module import ProbeModule
+
+    args = prepared(argv)
+    try:
+        ProbeCLI(ProbeModule, ActivationDataModule, subclass_mode_model=True, args=args)
+    finally:
+        finish_wandb()   # a run called in-process (a notebook, the demo, tests) ends its W&B run and flushes it
+
+
+def finish_wandb() -> None:
+    """Close the open W&B run, if any: Lightning leaves it open, and a second run would reuse it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 class ProbeCLI(LightningCLI):
@@ -51,8 +78,7 @@ class ProbeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="output folder of this run (default: outputs/runs/<config>-<time>)")
-        parser.add_argument("--defaults", type=list[str] | None, default=None,
-                            help="base configs of a config file (relative to it), applied before it")
+        add_defaults_key(parser)
         parser.add_lightning_class_args(RunOutputs, "outputs")
         # the replication's classifier experiment (inactive without a name): a stage of the run, not of the data
         parser.add_lightning_class_args(ClassifierScores, "classifier")

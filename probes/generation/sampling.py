@@ -7,6 +7,7 @@ ranks share the work, a sample is always generated in the same batch, hence bit-
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from collections.abc import Collection, Iterator, Sequence
@@ -111,6 +112,32 @@ class CaptureSpec:
 def native_size(pipe) -> tuple[int, int]:
     s = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     return s, s
+
+
+def image_size(pipe, spec: GenerationSpec) -> tuple[int, int]:
+    """(H, W) the spec generates at (the model's native size unless set)."""
+    native = native_size(pipe)
+    return spec.height or native[0], spec.width or native[1]
+
+
+def start_latents(pipe, seeds: Sequence[int], spec: GenerationSpec) -> torch.Tensor:
+    """The reference's initial latents for ``seeds`` (:func:`initial_latents`), on the pipeline's device
+    in the latent dtype of its precision (``diffusion.precision``)."""
+    height, width = image_size(pipe, spec)
+    f = pipe.vae_scale_factor
+    latents = initial_latents(seeds, (pipe.unet.config.in_channels, height // f, width // f))
+    return latents.to(pipe.device, precision_of(pipe).latents)
+
+
+@contextlib.contextmanager
+def denoising(pipe, autograd_in_hooks: bool = False) -> Iterator[None]:
+    """The one precision path of every pipeline call (the store's generation and the intervention's):
+    no autograd, and the autocast of the pipeline's precision (fp16 on CUDA for ``reference``, none
+    on the CPU). ``autograd_in_hooks`` uses ``no_grad`` instead of ``inference_mode``, so that hook
+    objects may run autograd inside (the intervention's editor); the numbers are the same."""
+    grad_mode = torch.no_grad() if autograd_in_hooks else torch.inference_mode()
+    with grad_mode, precision_of(pipe).autocast_context(pipe.device.type):
+        yield
 
 
 def make_scheduler(pipe, name: str, record_x0: bool = False):
@@ -239,11 +266,7 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
     chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
     by_index = {r.index: r for r in records}
     pipe.scheduler = make_scheduler(pipe, spec.scheduler, record_x0=spec.decode == "x0")
-    height, width = spec.height or native_size(pipe)[0], spec.width or native_size(pipe)[1]
-    f = pipe.vae_scale_factor
-    latent_shape = (pipe.unet.config.in_channels, height // f, width // f)
-    device, precision = pipe.device, precision_of(pipe)     # diffusion.precision, set by load_pipeline
-    dtype = precision.latents
+    height, width = image_size(pipe, spec)
     guidance = spec.guidance_scale > 1.0
     bar = StepProgress(len(chunks), spec.steps, len(todo_set), desc, progress)
     cap = ActivationCapture(pipe.unet, layers, spec.steps, capture.steps, capture.halves,
@@ -268,11 +291,10 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
                 bar.step(_g0 + (cap.unet_calls - _c0) * _n)    # guided calls so far, as the summary counts them
                 return kwargs
 
-            latents = initial_latents([r.seed for r in recs], latent_shape).to(device, dtype)
+            latents = start_latents(pipe, [r.seed for r in recs], spec)
             if spec.decode == "x0":
                 pipe.scheduler.x0_history = []
-            # the configured autocast (precision reference: fp16 on CUDA, as the reference generated; none on the CPU)
-            with torch.inference_mode(), precision.autocast_context(device.type):
+            with denoising(pipe):
                 out = pipe(prompt=[r.prompt for r in recs], negative_prompt=[spec.negative_prompt] * len(recs),
                            num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
                            height=height, width=width, latents=latents, output_type="np",

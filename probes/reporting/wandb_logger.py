@@ -25,6 +25,19 @@ def wandb_api_key_available() -> bool:
         return False
 
 
+def start_wandb_run(project: str, save_dir: str | Path, name: str | None = None, group: str | None = None,
+                    job_type: str | None = None, config: dict[str, Any] | None = None):
+    """A W&B run for a command that is not a Lightning fit (the intervention, the lens), with the
+    logger's rule: online with credentials, offline into ``save_dir`` without (``WANDB_MODE`` wins)."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_api_key_available() else "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(project=project, dir=str(save_dir), mode=mode, name=name, group=group, job_type=job_type,
+                      config=config)
+
+
 class WandbLogger(_WandbLogger):
     """Lightning's ``WandbLogger``, with ``offline=None`` meaning "offline unless a key is set".
 

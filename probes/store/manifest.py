@@ -14,7 +14,7 @@ from probes.common.hashing import sha256_json
 from probes.common.version import code_version
 from probes.diffusion.layers import LayerInfo, LayerRegistry
 from probes.diffusion.loading import DiffusionSpec, resolved_revision
-from probes.generation.sampling import CaptureSpec, GenerationSpec, native_size, sampler_timesteps
+from probes.generation.sampling import CaptureSpec, GenerationSpec, image_size, sampler_timesteps
 from probes.prompts.sets import PromptRecord, prompts_fingerprint
 
 
@@ -78,7 +78,7 @@ def capture_section(layers: Sequence[LayerInfo], steps: Sequence[int], capture: 
 
 def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
                    records: Sequence[PromptRecord], store_activations: bool = True) -> dict[str, Any]:
-    height, width = generation.height or native_size(pipe)[0], generation.width or native_size(pipe)[1]
+    height, width = image_size(pipe, generation)
     f = pipe.vae_scale_factor
     if height % (8 * f) or width % (8 * f):
         raise ValueError(f"generation height/width must be multiples of {8 * f} (token grids must divide the "

@@ -3,14 +3,13 @@
 The toy diffusion model learnt captions of rendered scenes, so prompts for it are captions of
 fresh scenes (a seed the training set never used), written as a CSV (``prompt,seed``; the seed
 is the diffusion noise seed) that ``data.prompts.source`` reads like any other prompt file.
-``python -m probes.toy.prompts --n 256 --out data/prompts/toy.csv`` made the shipped set.
+``diffusion-probes toy-prompts --n 256 --out data/prompts/toy.csv`` made the shipped set.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 from pathlib import Path
 
+from probes.common.csv_rows import write_csv
 from probes.toy.world import scene_for
 
 #: scene seed of prompt sets; the toy model's training scenes use other seeds
@@ -24,22 +23,17 @@ def toy_prompts(n: int, scene_seed: int = PROMPT_SCENE_SEED, first_seed: int = F
 
 
 def write_prompt_csv(path: Path, n: int, scene_seed: int = PROMPT_SCENE_SEED) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "seed"])
-        w.writerows(toy_prompts(n, scene_seed))
+    """``n`` captions of fresh scenes as a prompt CSV (``prompt,seed``) that ``data.prompts.source`` reads."""
+    return write_csv(({"prompt": p, "seed": s} for p, s in toy_prompts(n, scene_seed)), ("prompt", "seed"), path)
+
+
+def toy_prompt_set(out: Path = Path("data/prompts/toy.csv"), n: int = 256, scene_seed: int = PROMPT_SCENE_SEED) -> Path:
+    """``diffusion-probes toy-prompts``: write ``n`` captions of fresh toy scenes to ``out``.
+
+    :param out: the CSV to write.
+    :param n: how many prompts.
+    :param scene_seed: the scenes' seed (the toy model's training scenes use other seeds).
+    """
+    path = write_prompt_csv(out, n, scene_seed)
+    print(path)
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=256)
-    p.add_argument("--scene_seed", type=int, default=PROMPT_SCENE_SEED)
-    p.add_argument("--out", type=Path, default=Path("data/prompts/toy.csv"))
-    a = p.parse_args(argv)
-    print(write_prompt_csv(a.out, a.n, a.scene_seed))
-
-
-if __name__ == "__main__":
-    main()

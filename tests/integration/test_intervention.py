@@ -12,6 +12,7 @@ from probes.cli.main import main
 from probes.contract import ProbeSpec
 from probes.diffusion.layers import LayerRegistry
 from probes.diffusion.loading import DiffusionSpec
+from probes.experiments.intervention.config import InterventionConfig
 from probes.export.probeset import export_probes
 from probes.generation.sampling import CaptureSpec, GenerationSpec, sampler_timesteps
 from probes.prompts.sets import PromptSpec
@@ -78,8 +79,9 @@ def test_intervene_cli_writes_scores_report_and_video(export, tmp_path):
 def test_zero_iterations_leave_every_image_unchanged(export, tmp_path):
     from probes.experiments.intervention.run import intervene
 
-    out = intervene(str(export), task="depth", layers=["mid*", "up1*"], steps=[0, 2], iterations=0, images=2,
-                    batch_size=2, video=False, out=str(tmp_path / "zero"), progress=False, random_target="random_shift")
+    out = intervene(InterventionConfig(str(export), task="depth", layers=["mid*", "up1*"], steps=[0, 2], iterations=0,
+                                       images=2, batch_size=2, video=False, out=str(tmp_path / "zero"), progress=False,
+                                       random_target="random_shift"))
     rows = read(out / "per_image.csv")
     pixel = [float(r["value"]) for r in rows if r["metric"] in ("pixel_mae", "pixel_max")]
     assert len(pixel) == 2 * 3 * 2 and all(v == 0 for v in pixel)
@@ -91,11 +93,11 @@ def test_bad_options_fail_before_any_compute(export, tmp_path):
     from probes.experiments.intervention.run import intervene
 
     with pytest.raises(ValueError, match="conditions"):
-        intervene(str(export), conditions=["edit", "sideways"], out=str(tmp_path / "x"))
+        intervene(InterventionConfig(str(export), conditions=["edit", "sideways"], out=str(tmp_path / "x")))
     with pytest.raises(KeyError, match="matches no layer"):
-        intervene(str(export), layers=["up9*"], out=str(tmp_path / "x"))
+        intervene(InterventionConfig(str(export), layers=["up9*"], out=str(tmp_path / "x")))
     with pytest.raises(KeyError, match="no probe for"):
-        intervene(str(export), steps=[7], out=str(tmp_path / "x"))
+        intervene(InterventionConfig(str(export), steps=[7], out=str(tmp_path / "x")))
 
 
 @pytest.mark.slow
@@ -112,7 +114,8 @@ def test_toy_model_moves_the_object_more_often_than_the_random_control(tmp_path)
                   "--data.capture.layers", "[up*]", "--data.capture.steps", "[0, 1, 2, 3, 4]",
                   "--data.labels", "{foreground: {name: toy_foreground}}", "--data.generation.decode", "none",
                   "--trainer.logger", "false", "--outputs.plots", "false")
-    out = intervene(str(run_dir / "probes"), task="foreground", images=8, conditions=["edit", "random"],
-                    binary_loss="cross_entropy", video=False, out=str(tmp_path / "toy"), progress=False)
+    out = intervene(InterventionConfig(str(run_dir / "probes"), task="foreground", images=8,
+                                       conditions=["edit", "random"], binary_loss="cross_entropy", video=False,
+                                       out=str(tmp_path / "toy"), progress=False))
     rate = {r["condition"]: float(r["value"]) for r in read(out / "metrics.csv") if r["metric"] == "success_rate"}
     assert rate["edit"] > rate["random"], rate

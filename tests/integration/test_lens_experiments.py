@@ -104,7 +104,7 @@ def test_report_compares_runs_and_logs_to_wandb(lens_run: Path, tmp_path: Path):
     class FakeLogger:
         experiment = FakeRun()
 
-    payload = log_wandb(FakeLogger(), rows, plots, "cosine", ["tiny random", "permuted control"])
+    payload = log_wandb(FakeLogger.experiment, rows, plots, "cosine", ["tiny random", "permuted control"])
     assert payload is not None and FakeLogger.experiment.logged["lens/metrics"].columns[0] == "model"
     assert "lens/control/gap" in payload and any(k.startswith("plots/") for k in payload)
 

@@ -164,10 +164,10 @@ def test_ddp_ridge_equals_single_process_ridge(tmp_path):
 @pytest.mark.slow
 def test_bench_script_runs_quick(tmp_path):
     """`make bench`'s script end to end at toy sizes (its figures are not checked: no timing asserts)."""
-    from probes.bench.run import main
+    from probes.cli.main import main
 
     out = tmp_path / "B.md"
-    main(["--quick", "--out", str(out), "--workdir", str(tmp_path / "w")])
+    main(["bench", "--quick", "true", "--out", str(out), "--workdir", str(tmp_path / "w")])
     text = out.read_text()
     for section in ("## 1. Capture overhead", "## 2. Probe bank", "## 3. Store read", "## 4. Streaming ridge",
                     "## 5. The whole experiment next to plain generation", "## 6. Torch threads",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probes.experiments.classify.__main__ import main
+from probes.cli.main import main
 from probes.experiments.classify.models import load_classifier
 from probes.experiments.classify.run import classify_steps, score_steps
 from probes.toy.world import SHAPES, render_many, scene_for
@@ -40,10 +40,10 @@ def test_module_entry_prints_one_row_per_step(two_steps, tmp_path, capsys):
     images, labels = two_steps
     np.save(tmp_path / "decoded.npy", images)
     (tmp_path / "labels.txt").write_text(" ".join(map(str, labels)))
-    main(["--images", str(tmp_path / "decoded.npy"), "--labels", str(tmp_path / "labels.txt"), "--classifier", "toy"])
+    main(["classify", "--images", str(tmp_path / "decoded.npy"), "--labels", str(tmp_path / "labels.txt"), "--classifier", "toy"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ["step", "top1", "top5", "prob"] and len(lines) == 3
     assert lines[1].split()[:3] == ["0", "0.250", "1.000"] and lines[2].split()[:2] == ["1", "1.000"]
     np.save(tmp_path / "short.npy", labels[:3])
     with pytest.raises(SystemExit, match="3 labels"):
-        main(["--images", str(tmp_path / "decoded.npy"), "--labels", str(tmp_path / "short.npy"), "--classifier", "toy"])
+        main(["classify", "--images", str(tmp_path / "decoded.npy"), "--labels", str(tmp_path / "short.npy"), "--classifier", "toy"])

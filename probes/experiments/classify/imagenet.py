@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 
-from probes.experiments.classify.prompt_sets import article
+from probes.experiments.classify.prompt_sets import article, class_prompt_rows, write_prompt_csv
 
 #: the fruit classes of ImageNet-1k (indices 948-957), spelled as in its metadata
 FRUIT: tuple[str, ...] = ("Granny Smith", "strawberry", "orange", "lemon", "fig", "pineapple", "banana",
@@ -55,3 +56,21 @@ def imagenet_class_prompts(classes: Sequence[str | int], template: str = "a phot
     if len({i for i, _ in out}) != len(out):
         raise ValueError(f"classes {list(classes)} name a class twice")
     return out
+
+
+def imagenet_prompt_set(out: Path = Path("data/prompts/imagenet_fruit.csv"), classes: list[str] = list(FRUIT),  # noqa: B006
+                        template: str = "a photo of {article} {name}", seeds: int = 8, test: int = 4,
+                        first_seed: int = 0) -> Path:
+    """``diffusion-probes class-prompts imagenet``: ImageNet classes with a template.
+
+    :param out: the CSV to write.
+    :param classes: ImageNet category names or indices.
+    :param template: the prompt, with ``{name}`` and optionally ``{article}``.
+    :param seeds: seeds (images) per class.
+    :param test: of which in the test split.
+    :param first_seed: the first noise seed.
+    """
+    named = [int(c) if str(c).isdigit() else c for c in classes]
+    path = write_prompt_csv(out, class_prompt_rows(imagenet_class_prompts(named, template), seeds, test, first_seed))
+    print(path)
+    return path

@@ -6,16 +6,15 @@ it into ``PromptRecord.label``. Every row gets its own noise seed (no two images
 initial latent, so classes are not confounded with noise), and each prompt's last seeds go to
 the test split so that every class has test images.
 
-``python -m probes.experiments.classify.prompt_sets imagenet --out data/prompts/imagenet_fruit.csv`` and
-``python -m probes.experiments.classify.prompt_sets toy --out data/prompts/toy_classes.csv`` made the
-shipped sets.
+``diffusion-probes class-prompts imagenet --out data/prompts/imagenet_fruit.csv`` and
+``diffusion-probes class-prompts toy --out data/prompts/toy_classes.csv`` made the shipped sets.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 from collections.abc import Sequence
 from pathlib import Path
+
+from probes.common.csv_rows import write_csv
 
 COLUMNS = ("prompt", "seed", "split", "class_index")
 
@@ -49,13 +48,7 @@ def class_prompt_rows(prompts: Sequence[tuple[int, str]], seeds_per_prompt: int,
 
 def write_prompt_csv(path: str | Path, rows: Sequence[dict[str, object]]) -> Path:
     """Write rows as a prompt CSV that ``data.prompts.source`` reads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_csv(rows, COLUMNS, path, ignore_extra=False)
 
 
 def toy_class_prompts() -> list[tuple[int, str]]:
@@ -70,31 +63,15 @@ def toy_class_prompts() -> list[tuple[int, str]]:
     return [(k, f"{article(colour)} {colour} {shape}") for k, shape in enumerate(SHAPES) for colour in COLOURS]
 
 
-def main(argv: list[str] | None = None) -> None:
-    from probes.experiments.classify.imagenet import FRUIT, imagenet_class_prompts
+def toy_class_prompt_set(out: Path = Path("data/prompts/toy_classes.csv"), seeds: int = 4, test: int = 2,
+                         first_seed: int = 5000) -> Path:
+    """``diffusion-probes class-prompts toy``: one-object toy scenes, labelled by shape.
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="kind", required=True)
-    im = sub.add_parser("imagenet", help="ImageNet classes with a template")
-    im.add_argument("--classes", nargs="+", default=list(FRUIT), help="ImageNet category names or indices")
-    im.add_argument("--template", default="a photo of {article} {name}")
-    im.add_argument("--seeds", type=int, default=8, help="seeds (images) per class")
-    im.add_argument("--test", type=int, default=4, help="of which in the test split")
-    im.add_argument("--first_seed", type=int, default=0)
-    im.add_argument("--out", type=Path, default=Path("data/prompts/imagenet_fruit.csv"))
-    toy = sub.add_parser("toy", help="one-object toy scenes, labelled by shape")
-    toy.add_argument("--seeds", type=int, default=4, help="seeds per (shape, colour) prompt")
-    toy.add_argument("--test", type=int, default=2, help="of which in the test split")
-    toy.add_argument("--first_seed", type=int, default=5000)
-    toy.add_argument("--out", type=Path, default=Path("data/prompts/toy_classes.csv"))
-    a = p.parse_args(argv)
-    if a.kind == "imagenet":
-        classes = [int(c) if c.isdigit() else c for c in a.classes]
-        prompts = imagenet_class_prompts(classes, a.template)
-    else:
-        prompts = toy_class_prompts()
-    print(write_prompt_csv(a.out, class_prompt_rows(prompts, a.seeds, a.test, a.first_seed)))
-
-
-if __name__ == "__main__":
-    main()
+    :param out: the CSV to write.
+    :param seeds: seeds (images) per (shape, colour) prompt.
+    :param test: of which in the test split.
+    :param first_seed: the first noise seed.
+    """
+    path = write_prompt_csv(out, class_prompt_rows(toy_class_prompts(), seeds, test, first_seed))
+    print(path)
+    return path

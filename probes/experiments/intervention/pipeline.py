@@ -3,8 +3,9 @@
 :func:`probes.generation.sampling.generate` runs the pipeline under ``inference_mode``, which is
 right for capture but forbids what the editor does inside its hooks (autograd on the activation).
 This is the same call, built from the same pieces (the sampler from ``make_scheduler``, the
-reference's ``initial_latents``, the model's native size, fp16 autocast on CUDA), under
-``no_grad`` instead, with any number of hook objects: each is entered (its hooks registered, in
+reference's initial latents and the pipeline's precision from ``start_latents`` and ``denoising``:
+one precision path, so ``diffusion.precision`` means the same here), under ``no_grad`` instead,
+with any number of hook objects: each is entered (its hooks registered, in
 the order given, so an editor listed before a capture is captured edited) and receives the
 pipeline's ``callback_on_step_end``. Without hooks it gives the same image as ``generate``,
 bit for bit (tested), so an intervention's original image is the one the probes were built on.
@@ -16,9 +17,8 @@ from contextlib import ExitStack
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from probes.generation.sampling import GenerationSpec, initial_latents, make_scheduler, native_size
+from probes.generation.sampling import GenerationSpec, denoising, image_size, make_scheduler, start_latents
 from probes.prompts.sets import PromptRecord
 
 
@@ -31,21 +31,12 @@ class StepHooks(Protocol):
     def on_step_end(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict: ...
 
 
-def image_size(pipe, spec: GenerationSpec) -> tuple[int, int]:
-    """(H, W) the spec generates at (the model's native size unless set)."""
-    native = native_size(pipe)
-    return spec.height or native[0], spec.width or native[1]
-
-
 def sample_images(pipe, records: Sequence[PromptRecord], spec: GenerationSpec,
                   hooks: Sequence[StepHooks] = ()) -> np.ndarray:
     """Generate ``records`` (one batch) with ``hooks`` active; uint8 images ``[B, H, W, 3]``."""
     pipe.scheduler = make_scheduler(pipe, spec.scheduler)
     height, width = image_size(pipe, spec)
-    f = pipe.vae_scale_factor
-    latents = initial_latents([r.seed for r in records], (pipe.unet.config.in_channels, height // f, width // f))
-    device = pipe.device
-    latents = latents.to(device, pipe.unet.dtype)
+    latents = start_latents(pipe, [r.seed for r in records], spec)
 
     def on_step_end(pipe_: Any, i: int, t: Any, kwargs: dict) -> dict:
         for h in hooks:
@@ -57,7 +48,7 @@ def sample_images(pipe, records: Sequence[PromptRecord], spec: GenerationSpec,
             h.reset()
             stack.enter_context(h)
         # no_grad, not inference_mode: the editor runs autograd inside its hooks
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with denoising(pipe, autograd_in_hooks=True):
             out = pipe(prompt=[r.prompt for r in records], negative_prompt=[spec.negative_prompt] * len(records),
                        num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, height=height,
                        width=width, latents=latents, output_type="np", callback_on_step_end=on_step_end)

@@ -15,9 +15,9 @@ import torch
 
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.experiments.intervention.editor import ActivationEditor, EditRecord, EditSettings
-from probes.experiments.intervention.pipeline import image_size, sample_images
+from probes.experiments.intervention.pipeline import sample_images
 from probes.export.probeset import LinearProbe, ProbeSet
-from probes.generation.sampling import GenerationSpec
+from probes.generation.sampling import GenerationSpec, image_size
 from probes.labels import build_labeler
 from probes.labels.base import Labeler
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts

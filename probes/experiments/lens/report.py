@@ -408,10 +408,10 @@ def write_report(out: Path, rows: Sequence[dict], plots: Sequence[Path], distanc
     return md_path, html_path
 
 
-def log_wandb(logger: Any, rows: Sequence[dict], plots: Sequence[Path], distance: str,
+def log_wandb(run: Any, rows: Sequence[dict], plots: Sequence[Path], distance: str,
               labels: Sequence[str]) -> dict[str, Any]:
-    """Send the run to W&B (a :class:`probes.reporting.wandb_logger.WandbLogger` or anything with
-    an ``experiment.log``): ``lens/metrics`` table, ``lens/best/*`` and ``lens/control/*`` scalars,
+    """Send the run to W&B (a run from :func:`probes.reporting.wandb_logger.start_wandb_run`, or
+    anything with a ``log``): ``lens/metrics`` table, ``lens/best/*`` and ``lens/control/*`` scalars,
     ``plots/<name>`` images. Returns the payload (tests read it)."""
     import wandb
 
@@ -425,5 +425,5 @@ def log_wandb(logger: Any, rows: Sequence[dict], plots: Sequence[Path], distance
         payload[f"lens/control/{key}"] = value
     for p in plots:
         payload[f"plots/{p.stem}"] = wandb.Image(str(p))
-    logger.experiment.log(payload)
+    run.log(payload)
     return payload

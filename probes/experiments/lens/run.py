@@ -1,23 +1,20 @@
 """``diffusion-probes lens --config configs/lens/toy.yaml``: the semantic lens experiments.
 
-A typed entry function read by ``jsonargparse.auto_cli``, as ``evaluate.py``: every parameter is
-a YAML key (nested sections are the dataclasses of :mod:`probes.experiments.lens.runner`,
-:mod:`probes.experiments.lens.features` and :mod:`probes.experiments.lens.embeddings`), ``--print_config`` shows them all
-and any key can be overridden on the command line (``--features.timestep 200``). Configs compose
-with ``defaults:`` as the training configs do.
+A typed entry function read with the project's CLI convention (:mod:`probes.cli.convention`): every
+parameter is a YAML key (nested sections are the dataclasses of :mod:`probes.experiments.lens.runner`,
+:mod:`probes.experiments.lens.features` and :mod:`probes.experiments.lens.embeddings`),
+``--print_config`` shows them all and any key can be overridden on the command line
+(``--features.timestep 200``). Configs compose with ``defaults:`` as the training configs do.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
-from jsonargparse import auto_cli
 
 from probes.diffusion.loading import DiffusionSpec
 from probes.experiments.lens.embeddings import PoolingSpec
@@ -33,7 +30,7 @@ def lens(data: DataSpec = DataSpec(), diffusion: DiffusionSpec = DiffusionSpec()
          cache_root: str = "outputs/lens_cache", device: str = "auto", wandb: bool = False,
          wandb_project: str = "diffusion-probes", wandb_group: str | None = None,
          compare: list[str] | None = None, compare_labels: list[str] | None = None,
-         title: str | None = None, progress: bool = True, defaults: list[str] | None = None) -> Path:
+         title: str | None = None, progress: bool = True) -> Path:
     """Run the semantic lens on one model (and its permuted-weights control) and write its report.
 
     :param data: the image dataset (``kind: toy | coco | voc``) the semantic, robustness,
@@ -57,8 +54,6 @@ def lens(data: DataSpec = DataSpec(), diffusion: DiffusionSpec = DiffusionSpec()
     :param compare_labels: names of the compared runs (default: their folder names).
     :param title: report title.
     :param progress: progress bars.
-    :param defaults: base configs of a config file (expanded by ``diffusion-probes`` before
-        parsing, see :mod:`probes.cli.compose`; ignored here).
     """
     from probes.experiments.lens.report import (
         log_wandb,
@@ -112,20 +107,14 @@ def lens(data: DataSpec = DataSpec(), diffusion: DiffusionSpec = DiffusionSpec()
         facts["control"] = bar["control"]
     (dest / "summary.json").write_text(json.dumps(facts, indent=1, default=str))
     if wandb:
-        from probes.reporting.wandb_logger import WandbLogger
+        from probes.reporting.wandb_logger import start_wandb_run
 
-        os.environ.setdefault("WANDB_SILENT", "true")
-        logger = WandbLogger(project=wandb_project, save_dir=str(dest), name=dest.name, group=wandb_group)
-        log_wandb(logger, rows, plots, distance, labels)
-        logger.experiment.finish()
+        run = start_wandb_run(wandb_project, dest, name=dest.name, group=wandb_group, job_type="lens", config=config)
+        log_wandb(run, rows, plots, distance, labels)
+        run.finish()
     print(f"Lens report: {html_path} (and {md.name}, metrics.csv, summary.json)")
     if "control" in facts:
         c = facts["control"]
         print(f"best layer {c['layer']} ({distance}): k-NN accuracy {c['model_knn']:.3f}, control "
               f"{c['control_knn']:.3f}, gap {c['gap']:+.3f}, chance {c['chance']:.3f}")
     return dest
-
-
-def lens_main(argv: Sequence[str] | None = None) -> None:
-    """``diffusion-probes lens``."""
-    auto_cli(lens, args=list(argv) if argv is not None else None, as_positional=False)

@@ -1,4 +1,4 @@
-"""Train and evaluate the toy world's labelers: ``python -m probes.toy.train_labelers train|eval``.
+"""Train and evaluate the toy world's labelers: ``diffusion-probes toy-labelers train|eval``.
 
 Why a plain loop: two small networks, a few minutes on a CPU, and the need to resume after an
 interruption exactly where it stopped. Each step draws its batch from ``rng([seed, step])``
@@ -8,10 +8,10 @@ every ``--checkpoint-every`` steps and are removed once both networks are writte
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +33,18 @@ FIELDS = ("rgb", "foreground", "inv_depth", "shading", "classes")
 
 @dataclass(frozen=True)
 class Recipe:
+    """How the toy labelers are trained (every step's batch is drawn from ``rng([seed, step])``).
+
+    :param seed: seed of the training scenes and batches.
+    :param scenes: rendered training scenes.
+    :param dense_steps: steps of the dense network (foreground, depth, shading).
+    :param classifier_steps: steps of the shape classifier.
+    :param batch: images per step.
+    :param lr: peak learning rate (one-cycle schedule).
+    :param checkpoint_every: steps between resumable checkpoints.
+    :param threads: torch threads.
+    """
+
     seed: int = 0
     scenes: int = 10_000
     dense_steps: int = 600
@@ -247,32 +259,31 @@ def train(out: Path, recipe: Recipe, force: bool = False, eval_n: int = 512,
     return summaries
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m probes.toy.train_labelers", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train both networks (resumes from OUT/.checkpoints)")
-    t.add_argument("--out", type=Path, default=labelers.WEIGHTS_DIR)
-    for field, default in asdict(Recipe()).items():
-        t.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
-    t.add_argument("--eval-n", type=int, default=512)
-    t.add_argument("--force", action="store_true", help="retrain even if the weights exist")
-    e = sub.add_parser("eval", help="score shipped weights on held-out renders")
-    e.add_argument("--weights", type=Path, default=labelers.WEIGHTS_DIR)
-    e.add_argument("--n", type=int, default=512)
-    e.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    if args.command == "train":
-        recipe = Recipe(**{k: getattr(args, k) for k in asdict(Recipe())})
-        command = "python -m probes.toy.train_labelers " + " ".join(argv if argv is not None else
-                                                         __import__("sys").argv[1:])
-        for s in train(args.out, recipe, force=args.force, eval_n=args.eval_n, command=command):
-            print(json.dumps(s))
-        print((args.out / "RECIPE.md").read_text())
-    else:
-        torch.set_num_threads(args.threads)
-        print(json.dumps(asdict(evaluate(args.weights, n=args.n, seed=EVAL_SEED)),
-                         indent=2))
+def train_command(out: Path = labelers.WEIGHTS_DIR, recipe: Recipe = Recipe(), force: bool = False,
+                  eval_n: int = 512) -> list[dict]:
+    """``diffusion-probes toy-labelers train``: train both networks (resumes from ``OUT/.checkpoints``).
+
+    :param out: the weights folder to write.
+    :param recipe: the training recipe (seeds, sizes, steps, learning rate, threads).
+    :param force: retrain even if the weights exist.
+    :param eval_n: held-out renders the written weights are scored on.
+    """
+    out = Path(out)
+    summaries = train(out, recipe, force=force, eval_n=eval_n, command="diffusion-probes " + " ".join(sys.argv[1:]))
+    for summary in summaries:
+        print(json.dumps(summary))
+    print((out / "RECIPE.md").read_text())
+    return summaries
 
 
-if __name__ == "__main__":
-    main()
+def evaluate_command(weights: Path = labelers.WEIGHTS_DIR, n: int = 512, threads: int = 1) -> dict:
+    """``diffusion-probes toy-labelers eval``: score weights on held-out renders.
+
+    :param weights: the weights folder.
+    :param n: renders scored.
+    :param threads: torch threads.
+    """
+    torch.set_num_threads(threads)
+    scores = asdict(evaluate(Path(weights), n=n, seed=EVAL_SEED))
+    print(json.dumps(scores, indent=2))
+    return scores

@@ -1,4 +1,4 @@
-"""Train the toy world's diffusion model end to end: ``python -m probes.toy.recipe --out data/toy/model --work outputs/toy``.
+"""Train the toy world's diffusion model end to end: ``diffusion-probes toy-model --out data/toy/model --work outputs/toy``.
 
 Why a recipe: every offline number of this project otherwise comes from random weights. This
 renders the toy world, trains SD v1.4's VAE class on it, caches the latents and caption
@@ -11,7 +11,6 @@ training stage continues from its last checkpoint, and the result is the same.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -274,16 +273,15 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m probes.toy.recipe", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("data/toy/model"), help="the diffusers pipeline folder")
-    p.add_argument("--work", type=Path, default=Path("outputs/toy"), help="caches and checkpoints (resume)")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    args = p.parse_args(argv)
-    command = "python -m probes.toy.recipe " + " ".join(argv if argv is not None else sys.argv[1:])
-    rec = run(args.config, args.out, args.work, command)
+def toy_model(out: Path = Path("data/toy/model"), work: Path = Path("outputs/toy"),
+              recipe: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+    """``diffusion-probes toy-model`` (``make toy-model``): train the toy world's diffusion model.
+
+    :param out: the diffusers pipeline folder to write.
+    :param work: caches and checkpoints (a rerun resumes from them).
+    :param recipe: the recipe's YAML (architecture, data, training).
+    """
+    command = "diffusion-probes " + " ".join(sys.argv[1:])
+    rec = run(Path(recipe), Path(out), Path(work), command)
     print(json.dumps({k: v for k, v in rec.items() if k != "params"}, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+    return rec

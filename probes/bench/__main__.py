@@ -1,3 +1,0 @@
-from probes.bench.run import main
-
-main()

@@ -1,0 +1,106 @@
+"""What an intervention run is asked to do: one typed config, read from YAML or the command line.
+
+``configs/intervention/*.yaml`` hold these keys; ``diffusion-probes intervene`` reads them with the
+project's CLI convention (``--config``, ``--print_config``, overrides). Checked when built, before
+any model is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from probes.experiments.intervention.targets import PATH_KINDS, RANDOM_KINDS
+
+CONDITIONS = ("edit", "noop", "random")
+#: the reference's defaults: foreground edits the 9 decoder layers at steps 0-4, depth all 16 at steps 0-2
+TASK_DEFAULTS: dict[str, dict[str, list]] = {
+    "foreground": {"layers": ["up*"], "steps": [0, 1, 2, 3, 4]},
+    "depth": {"layers": ["*"], "steps": [0, 1, 2]},
+}
+
+
+@dataclass
+class InterventionConfig:
+    """Edit activations so that the probes read a moved object, and measure whether the image follows.
+
+    :param probes: probe export folder (probes.json + probes.safetensors) or W&B artifact
+        reference ``entity/project/name:version``.
+    :param task: the task whose probes edit (``foreground`` or ``depth``; any exported task).
+    :param layers: layers to edit, names or patterns, in forward order (default per task: the 9
+        decoder layers ``up*`` for foreground, all ``*`` for depth).
+    :param steps: denoising steps to edit (default per task: 0-4 foreground, 0-2 depth).
+    :param iterations: Adam iterations per edited (step, layer) (128; 0 reproduces the original).
+    :param lr: Adam's learning rate on the activation (5e-3).
+    :param huber_delta: regression tasks' Huber threshold in probe z-units (1).
+    :param binary_loss: foreground's edit loss: ``auto`` (the loss the exported probes were fitted
+        with: cross-entropy for SGD probes, as the reference; squared error on ±1 for ridge and
+        mean-difference probes), ``cross_entropy`` or ``squared``.
+    :param optimizer: ``adam`` (the reference's), ``sgd``, or ``projection`` (the smallest edit after
+        which the probe reads the target: closed form, no iterations; see ``EditSettings``).
+    :param conditions: any of ``edit``, ``noop``, ``random`` (default: all three).
+    :param random_target: the random control's target: ``other_image`` (another test image's label)
+        or ``random_shift`` (this image's label moved by an independent shift).
+    :param value_range: regression targets are rescaled to this range in z-units (reference
+        [-9, 9]); ``null`` keeps the training z-score.
+    :param images: how many test images (the first ones of the test split).
+    :param batch_size: images per pipeline call (all conditions use the same batches).
+    :param seed: seed of the shifts and random pairings (per image: independent of ``images``).
+    :param video: write the moving-object video (first test image).
+    :param video_path: ``circle`` or ``line``.
+    :param video_frames: frames (one intervention each).
+    :param video_extent: the path's radius / half-length, in px at 512 px (scaled to the image).
+    :param fps: video frame rate.
+    :param grid_images: images shown in each PNG grid.
+    :param out: output folder (default ``outputs/interventions/<task>-<time>``).
+    :param prompts_dir: local folder with the reference prompt CSVs (sets ``prompts.local_dir``).
+    :param device: ``auto``, ``cpu`` or ``cuda``.
+    :param wandb_project: log to a new W&B run in this project (offline without credentials);
+        without it, results are logged only into an already active run.
+    :param progress: progress bars.
+    """
+
+    probes: str
+    task: str = "foreground"
+    layers: list[str] | None = None
+    steps: list[int] | None = None
+    iterations: int = 128
+    lr: float = 5e-3
+    huber_delta: float = 1.0
+    binary_loss: str = "auto"
+    optimizer: str = "adam"
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    random_target: str = "other_image"
+    value_range: tuple[float, float] | None = (-9.0, 9.0)
+    images: int = 16
+    batch_size: int = 1
+    seed: int = 0
+    video: bool = True
+    video_path: str = "circle"
+    video_frames: int = 16
+    video_extent: float = 105.0
+    fps: float = 8.0
+    grid_images: int = 8
+    out: str | None = None
+    prompts_dir: str | None = None
+    device: str = "auto"
+    wandb_project: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.conditions = list(self.conditions or CONDITIONS)
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise ValueError(f"unknown conditions {bad}; choose from {list(CONDITIONS)}")
+        if self.random_target not in RANDOM_KINDS:
+            raise ValueError(f"random_target must be one of {list(RANDOM_KINDS)}, got {self.random_target!r}")
+        if self.video_path not in PATH_KINDS:
+            raise ValueError(f"video_path must be one of {list(PATH_KINDS)}, got {self.video_path!r}")
+        if self.images < 1 or self.batch_size < 1:
+            raise ValueError(f"images and batch_size must be >= 1, got {self.images}, {self.batch_size}")
+
+    def edit_layers(self) -> list[str]:
+        """The layers to edit: as given, else the task's default."""
+        return self.layers or TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["depth"])["layers"]
+
+    def edit_steps(self) -> list[int]:
+        """The steps to edit: as given, else the task's default."""
+        return self.steps if self.steps is not None else TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["depth"])["steps"]
