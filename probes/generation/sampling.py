@@ -15,8 +15,8 @@ from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from probes.common.progress import progress_bar
 from probes.diffusion.layers import LayerInfo, check_layer_patterns
 from probes.diffusion.loading import precision_of
 from probes.generation.capture import ActivationCapture
@@ -223,7 +223,7 @@ class StepProgress:
     """
 
     def __init__(self, batches: int, steps: int, images: int, desc: str, enabled: bool) -> None:
-        self.bar = tqdm(total=batches * steps, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+        self.bar = progress_bar(batches * steps, desc, "step", enabled)
         self.images_total, self.images_done, self.guided_calls = images, 0, 0
         self.bar.set_postfix_str(f"images 0/{images}, guided U-Net calls 0", refresh=False)
 

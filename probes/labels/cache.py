@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from probes.common.progress import progress_bar
 from probes.labels.base import Labeler
 from probes.store.activations import ActivationStore, CommitLog, PreallocatedArray, atomic_write_text, check_disk
 
@@ -79,8 +79,7 @@ class LabelCache:
         per = 1 if self.source == "images" else self.shape[1]        # labeler images per sample
         bs = max(1, int(getattr(self.labeler, "batch_size", 8)) // per)
         what = "" if self.source == "images" else f" on decoded {self.store.decoded} images"
-        bar = tqdm(total=len(todo), desc=f"labels: {self.task} ({self.labeler.name}){what}", unit="img",
-                   disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(len(todo), f"labels: {self.task} ({self.labeler.name}){what}", "img", progress)
         for k in range(0, len(todo), bs):
             idx = np.asarray(todo[k:k + bs])
             batch = np.ascontiguousarray(images[idx]).reshape(-1, *images.shape[-3:])

@@ -30,10 +30,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from probes.common.env import offline
 from probes.common.hub import hub_cache_dir
+from probes.common.progress import progress_bar
 from probes.labels.base import Missing
 
 DEFAULT_CLASSIFIER = "torchvision:vgg16"
@@ -76,9 +76,9 @@ class ImageClassifier:
             raise ValueError(f"classifier {self.name!r} takes uint8 RGB images [N, H, W, 3]; "
                              f"got {images.dtype} {images.shape}")
         # a batch is copied: it may be a read-only slice of a memory-mapped store, which torch refuses
+        starts = range(0, len(images), self.batch_size)
         out = [self.batch_fn(np.array(images[i:i + self.batch_size]))
-               for i in tqdm(range(0, len(images), self.batch_size), desc=f"classify ({self.name})",
-                             unit="batch", disable=not progress)]
+               for i in progress_bar(len(starts), f"classify ({self.name})", "batch", progress, iterable=starts)]
         if not out:
             return torch.zeros(0, self.num_classes)
         return torch.cat(out).float().cpu()

@@ -15,14 +15,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+
+from probes.common.progress import progress_bar
 
 
 def render_frames(intervene: Callable[[np.ndarray], np.ndarray], targets: Sequence[np.ndarray],
                   progress: bool = True) -> np.ndarray:
     """``intervene(target [H, W]) -> image [H, W, 3] uint8`` for each target: frames ``[T, H, W, 3]``."""
-    frames = [intervene(t) for t in tqdm(targets, desc="video frames", unit="frame", disable=not progress,
-                                         dynamic_ncols=True)]
+    frames = [intervene(t) for t in progress_bar(len(targets), "video frames", "frame", progress, iterable=targets)]
     return np.stack(frames)
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from probes.common.hashing import sha256_text
+from probes.common.progress import progress_bar
 from probes.common.version import code_version
 from probes.diffusion.layers import LayerInfo
 from probes.experiments.lens.datasets.common import LensItem
@@ -209,7 +209,7 @@ class EmbeddingCache:
         todo = set(self.missing())
         if not todo:
             return 0
-        bar = tqdm(total=len(todo), desc=desc, disable=not progress, mininterval=2.0, leave=False)
+        bar = progress_bar(len(todo), desc, "item", progress, mininterval=2.0, leave=False)
         batch: list[tuple[int, LensItem]] = []
         computed = 0
         for index, item in enumerate(items):

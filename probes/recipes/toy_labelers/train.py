@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from probes.common.hashing import sha256_file
+from probes.common.progress import progress_bar
 from probes.labels import toy_nets as labelers
 from probes.recipes.toy_labelers.evaluate import Scores, evaluate, present_classes
 from probes.toy.world import render_many
@@ -130,8 +130,7 @@ def train_net(name: str, data: dict[str, torch.Tensor], recipe: Recipe, out: Pat
     net.train()
     t0 = time.perf_counter()
     last = min(steps, stop_after) if stop_after is not None else steps
-    bar = tqdm(range(start, last), desc=f"toy {name}", initial=start, total=steps,
-               dynamic_ncols=True, mininterval=2.0)
+    bar = progress_bar(steps, f"toy {name}", iterable=range(start, last), initial=start, mininterval=2.0)
     for step in bar:
         loss = _loss(name, net, _batch(data, recipe, name, step))
         opt.zero_grad(set_to_none=True)

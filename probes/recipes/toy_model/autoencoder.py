@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
 
+from probes.common.progress import progress_bar
 from probes.recipes.toy_model.checkpoint import LoopResult, run_loop
 
 
@@ -81,7 +81,8 @@ def encode_latents(vae: AutoencoderKL, rgb: np.ndarray, batch: int = 128) -> np.
     """
     vae.eval()
     out = []
-    for i in tqdm(range(0, len(rgb), batch), desc="encode latents", mininterval=5.0):
+    starts = range(0, len(rgb), batch)
+    for i in progress_bar(len(starts), "encode latents", iterable=starts, mininterval=5.0):
         out.append(vae.encode(to_pixels(rgb[i:i + batch])).latent_dist.mean.float().numpy())
     return np.concatenate(out)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from probes.common.progress import progress_bar
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -107,7 +108,7 @@ def run_loop(name: str, ckpt_path: Path, model: torch.nn.Module, optimizer: torc
                            "ema": ema.shadow if ema is not None else None}, ckpt_path)
 
     model.train()
-    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, mininterval=5.0)
+    bar = progress_bar(steps, name, iterable=range(start, steps), initial=start, mininterval=5.0)
     tick = time.time()
     for step in bar:
         for group in optimizer.param_groups:

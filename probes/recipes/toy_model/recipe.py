@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from probes.common.hashing import sha256_file
+from probes.common.progress import progress_bar
 from probes.paths import REPO_ROOT
 from probes.recipes.toy_model import autoencoder, denoiser
 from probes.recipes.toy_model.checkpoint import write_json_atomic
@@ -47,8 +48,6 @@ def clip_tokenizer():
 
 def render_dataset(cfg: dict[str, Any], work: Path) -> tuple[np.ndarray, list[str], float]:
     """RGB images and captions of the training scenes, rendered once and cached (chunks resume)."""
-    from tqdm.auto import tqdm
-
     from probes.toy.world import render_many
 
     d = cfg["data"]
@@ -57,7 +56,8 @@ def render_dataset(cfg: dict[str, Any], work: Path) -> tuple[np.ndarray, list[st
         parts = work / "scenes_parts"
         parts.mkdir(parents=True, exist_ok=True)
         tick = time.time()
-        for start in tqdm(range(0, d["n_scenes"], RENDER_CHUNK), desc="render scenes"):
+        chunks = range(0, d["n_scenes"], RENDER_CHUNK)
+        for start in progress_bar(len(chunks), "render scenes", iterable=chunks):
             part = parts / f"{start:07d}.npz"
             if part.exists():
                 continue
