@@ -13,16 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from probes.paths import REPO_ROOT
+from probes.reporting.markup import fmt_cell
 
 RUNS = (("toy model", "model", "configs/toy/demo.yaml"),
         ("permuted weights", "control", "configs/toy/control.yaml"))
 #: the replication's classifier experiment, run beside the comparison (not a control: its prompts are
 #: one-object scenes with a class, which the classifier is scored against): (label, folder, config)
 CLASSIFIER_RUN = ("toy model, one-object prompts with a class", "classifier", "configs/toy/classifier.yaml")
-
-
-def _f(v) -> str:
-    return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
 
 
 def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequence[tuple[str, str, str]] = RUNS,
@@ -63,7 +60,7 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
             f"test split, against the prompt's shape (chance top-1: 0.25). Emergence figures: "
             f"`{folder}/report.html`.", "",
             "| step | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps),
-            *[f"| {m} | " + " | ".join(_f(per_step.get((m, s))) for s in steps) + " |" for m in ("top1", "prob")], ""]
+            *[f"| {m} | " + " | ".join(fmt_cell(per_step.get((m, s))) for s in steps) + " |" for m in ("top1", "prob")], ""]
     rows = {label: read_metrics_csv(out_dir / folder / "metrics.csv") for label, folder, _ in runs}
     labels = [label for label, _, _ in runs]
     comparison = compare_runs(rows)
@@ -82,8 +79,8 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
              comparison_markdown(comparison, labels), "",
              "## Emergence (first step reaching 90 % of the final score, test)", "",
              "| task | metric | curve | step | score there | final | note |", "|---|---|---|---|---|---|---|",
-             *[f"| {e['task']} | {e['metric']} | {e['curve']} | {_f(e.get('step'))} | {_f(e.get('value'))} | "
-               f"{_f(e.get('final'))} | {e.get('note', '')} |" for e in em], "",
+             *[f"| {e['task']} | {e['metric']} | {e['curve']} | {fmt_cell(e.get('step'))} | {fmt_cell(e.get('value'))} | "
+               f"{fmt_cell(e.get('final'))} | {e.get('note', '')} |" for e in em], "",
              *classifier_lines,
              "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
     (out_dir / "comparison.md").write_text("\n".join(lines))

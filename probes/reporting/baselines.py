@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from probes.metrics.position import POSITION
+from probes.reporting.markup import MISSING, fmt_value, table
 from probes.reporting.tables import reported_heads
 from probes.tasks import LOWER_IS_BETTER, get_task
 
@@ -54,13 +55,7 @@ def comparison_markdown(rows: list[dict], names: list[str]) -> str:
     others = [*names[1:], "position"]
     head = ["task", "metric", *[f"{n} (test, head picked on val)" for n in names], "position only",
             *[f"{names[0]} − {o}" for o in others]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def f(v):
-        return "—" if v is None else f"{v:.3f}"
-
-    for r in rows:
-        cells = [r["task"], r["metric"], *[f"{f(r[n])} ({r[f'{n} head']})" if r[n] is not None else "—" for n in names],
-                 f(r["position"]), *[f(r.get(f"margin vs {o}")) for o in others]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    body = [[r["task"], r["metric"],
+             *[f"{fmt_value(r[n])} ({r[f'{n} head']})" if r[n] is not None else MISSING for n in names],
+             fmt_value(r["position"]), *[fmt_value(r.get(f"margin vs {o}")) for o in others]] for r in rows]
+    return table(head, body)[0]

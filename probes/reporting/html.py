@@ -8,7 +8,6 @@ comparison, and each task's section opens with the runs' curves in one figure.
 """
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
+from probes.reporting.markup import MISSING, embed_png, fmt_timestep, fmt_value, html_page, table, tick_timestep  # noqa: E402
 from probes.reporting.plots import HIGHLIGHT  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
     LOWER_IS_BETTER,
@@ -31,11 +31,8 @@ from probes.reporting.tables import (  # noqa: E402
     can_select,
     emergence,
     emergence_step,
-    fmt_timestep,
-    fmt_value,
     read_metrics_csv,
     reported_heads,
-    tick_timestep,
 )
 from probes.tasks import get_task  # noqa: E402
 
@@ -49,18 +46,6 @@ METRIC_NAMES = {"dice": "Dice", "spearman": "Spearman correlation", "pearson": "
 
 def metric_name(metric: str) -> str:
     return METRIC_NAMES.get(metric, metric)
-
-
-def _table(header: list[str], rows: list[list]) -> tuple[str, str]:
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    h = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
-    h += "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>"
-    return "\n".join(md), h
-
-
-def _fmt(v: float) -> str:
-    return fmt_value(v)
 
 
 def plot_comparison(runs: dict[str, list[dict]], task: str, metric: str, path: Path, split: str = "test") -> Path:
@@ -106,8 +91,8 @@ def plot_comparison(runs: dict[str, list[dict]], task: str, metric: str, path: P
 
 def _emergence_cells(e: dict) -> list[str]:
     if e["step"] is None:
-        return [e["note"], "-", "-", _fmt(e["final"])]
-    return [str(e["step"]), fmt_timestep(e["timestep"]), _fmt(e["value"]), _fmt(e["final"])]
+        return [e["note"], MISSING, MISSING, fmt_value(e["final"])]
+    return [str(e["step"]), fmt_timestep(e["timestep"]), fmt_value(e["value"]), fmt_value(e["final"])]
 
 
 def task_figures(plots_dir: Path, rows: list[dict], split: str = "test") -> dict[str, list[tuple[Path, str]]]:
@@ -194,9 +179,9 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
                 f"pre-declared layer {REFERENCE_LAYER} (the published comparison point).")
         md += ["## Best (layer, step) per task and metric", "", note, ""]
         hs += ["<h2>Best (layer, step) per task and metric</h2>", f"<p>{html.escape(note)}</p>"]
-    m, h = _table(["task", "metric", "layer", "step", "timestep", *splits],
+    m, h = table(["task", "metric", "layer", "step", "timestep", *splits],
                   [[b["task"], b["metric"], b["layer"], b["step"], fmt_timestep(b["timestep"]),
-                    *[_fmt(b.get(s, float("nan"))) for s in splits]] for b in best])
+                    *[fmt_value(b.get(s, float("nan"))) for s in splits]] for b in best])
     if best:
         md += ["## Best (layer, step) per task and metric", "", "Picked on the validation split; the test column "
                "is that head's test score.", "", m, ""]
@@ -204,7 +189,7 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
                "is that head's test score.</p>", h]
 
     em = emergence(rows) + classifier_emergence(rows)
-    m, h = _table(["task", "metric", "curve", "emergence step", "timestep", "score there", "final score"],
+    m, h = table(["task", "metric", "curve", "emergence step", "timestep", "score there", "final score"],
                   [[e["task"], e["metric"], e["curve"], *_emergence_cells(e)] for e in em])
     definition = ("The emergence step is the first step whose score reaches 90 % of the score at the last step. "
                   "A curve whose last score is below 90 % of its peak never emerges in that sense: the table "
@@ -228,10 +213,10 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
             for n in runs:
                 rb = heads[n].get((task, metric))
                 fixed = " (pre-declared, no val split)" if rb and rb.get("selected_on") != "val" else ""
-                cells_where.append(f"{rb['layer']}, {rb['step']}{fixed}" if rb else "-")
-                cells_val.append(_fmt(rb.get("test", float("nan"))) if rb else "-")
+                cells_where.append(f"{rb['layer']}, {rb['step']}{fixed}" if rb else MISSING)
+                cells_val.append(fmt_value(rb.get("test", float("nan"))) if rb else MISSING)
             body.append([task, metric, *cells_where, *cells_val])
-        m, h = _table(header, body)
+        m, h = table(header, body)
         md += ["## Runs compared", "", m, ""]
         hs += ["<h2>Runs compared</h2>", h]
         for task, metric in pairs:
@@ -248,25 +233,15 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
         for path, caption in figs:
             shown.add(path)
             md += [f"![{caption}](plots/{path.name})", "", f"*{caption}*", ""]
-            hs.append(_img(path, caption))
+            hs.append(embed_png(path, caption))
     rest = [p for p in sorted((run_dir / "plots").glob("*.png")) if p not in shown]
     if rest:
         md += ["## Other plots", ""]
         hs.append("<h2>Other plots</h2>")
         for p in rest:
             md += [f"![{p.stem}](plots/{p.name})", ""]
-            hs.append(_img(p, p.stem.replace("_", " ")))
+            hs.append(embed_png(p, p.stem.replace("_", " ")))
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>Probe report</title><style>"
-                         "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-                         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}"
-                         "figcaption{font-size:13px;color:#333;margin:2px 0 18px}</style>"
-                         "</head><body>" + "\n".join(hs) + "</body></html>")
+    html_path.write_text(html_page("Probe report", hs))
     return md_path, html_path
-
-
-def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(caption)}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")

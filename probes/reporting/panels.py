@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from probes.reporting.tables import tick_timestep  # noqa: E402
+from probes.reporting.markup import tick_timestep  # noqa: E402
 from probes.tasks import get_task  # noqa: E402
 from probes.training.heads import apply_probe, layer_key, to_label_units, token_map  # noqa: E402
 

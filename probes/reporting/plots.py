@@ -17,14 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
+from probes.reporting.markup import fmt_value, tick_timestep  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
     NO_SELECTION,
     NOT_PROBES,
     NOT_SCORES,
     _curve,
-    fmt_value,
     reported_heads,
-    tick_timestep,
 )
 from probes.tasks import LOWER_IS_BETTER, get_task  # noqa: E402
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from probes.metrics.baseline_rows import DECODED, describe
 from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
+from probes.reporting.markup import fmt_timestep, fmt_value, tick_timestep  # noqa: F401  (re-exported)
 from probes.tasks import LOWER_IS_BETTER, better
 
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
@@ -160,26 +161,6 @@ def _curve(rows: list[dict], split: str, task: str, metric: str, layer: str | No
         hit = value[(pick["layer"], step)]
         out.append((step, hit["timestep"], hit["value"]))
     return out
-
-
-def fmt_value(v: float, digits: int = 3) -> str:
-    """A score as people read it: ``0.853``; ``nan``; and ``0.000`` rather than ``1.35e-10`` for the
-    vanishing values of an empty prediction (metrics.csv keeps the full precision)."""
-    if v != v:
-        return "nan"
-    if abs(v) < 0.5 * 10 ** -digits:
-        v = 0.0                                  # also avoids "-0.000"
-    return f"{v:.{digits}f}"
-
-
-def fmt_timestep(t: float) -> str:
-    """A scheduler timestep to one decimal (K-LMS visits fractional ones such as 927.64...)."""
-    return "nan" if t != t else f"{t:.1f}"
-
-
-def tick_timestep(t: float) -> str:
-    """A timestep on a plot axis: ``999``, ``927.6`` (one decimal only where it is fractional)."""
-    return "nan" if t != t else (f"{t:.0f}" if abs(t - round(t)) < 0.05 else f"{t:.1f}")
 
 
 def emergence_step(curve: list[tuple[int, float, float]], fraction: float = 0.9,

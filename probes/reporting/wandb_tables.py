@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from probes.reporting.tables import COLUMNS, NOT_SCORES, tick_timestep
+from probes.reporting.markup import tick_timestep
+from probes.reporting.tables import COLUMNS, NOT_SCORES
 
 ARTIFACT_TYPE = "probes"
 

@@ -10,8 +10,9 @@ import matplotlib.figure
 import pytest
 
 from probes.reporting.html import write_report
+from probes.reporting.markup import fmt_timestep, fmt_value
 from probes.reporting.plots import plot_all, plot_metric_vs_step, rank_layers
-from probes.reporting.tables import emergence, emergence_step, fmt_timestep, fmt_value, format_table, write_metrics_csv
+from probes.reporting.tables import emergence, emergence_step, format_table, write_metrics_csv
 
 T = [999.0, 927.6428833007812, 855.2857666015625, 0.0]
 

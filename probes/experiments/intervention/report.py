@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from probes.reporting.markup import fmt_value, table  # noqa: E402
+
 #: metrics shown in the report's table, per task kind, in this order (all are in metrics.csv)
 HEADLINE = {"binary": ("success_rate", "progress", "displacement", "dice_target", "dice_requested", "dice_original",
                        "empty", "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst"),
@@ -80,10 +82,6 @@ def write_grid(results: Sequence[ImageResult], condition: str, kind: str, path: 
     return path
 
 
-def _fmt(v: float) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
 def write_markdown(path: Path, summary: Sequence[dict], kind: str, settings: dict, grids: dict[str, Path],
                    video: dict[str, Path] | None, notes: Sequence[str] = ()) -> Path:
     """``report.md``: settings, the per-condition table, the grids and the video."""
@@ -93,11 +91,9 @@ def write_markdown(path: Path, summary: Sequence[dict], kind: str, settings: dic
     lines = [f"# Intervention: {settings.get('task')}", ""]
     lines += [f"- {k}: `{v}`" for k, v in settings.items()]
     n = {c: int(value.get((c, "n_images"), 0)) for c in conditions}
-    lines += ["", "## Results (test split)", "",
-              "| metric | " + " | ".join(f"{c} (n={n[c]})" for c in conditions) + " |",
-              "|---|" + "---|" * len(conditions)]
-    for m in metrics:
-        lines.append(f"| {m} | " + " | ".join(_fmt(value.get((c, m), math.nan)) for c in conditions) + " |")
+    results, _ = table(["metric", *[f"{c} (n={n[c]})" for c in conditions]],
+                       [[m, *[fmt_value(value.get((c, m), math.nan)) for c in conditions]] for m in metrics])
+    lines += ["", "## Results (test split)", "", results]
     if kind == "binary":
         lines += ["", "success: the re-labelled foreground's centroid moved at least half the requested distance in "
                       "the requested direction (projection of its displacement on the requested shift >= 0.5 x |shift|); "

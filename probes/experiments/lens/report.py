@@ -19,7 +19,6 @@ is a number, not an impression.
 """
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import math
@@ -37,6 +36,7 @@ from scipy.stats import spearmanr  # noqa: E402
 from probes.experiments.lens import transforms as T  # noqa: E402
 from probes.experiments.lens.distances import DEFAULT_DISTANCES  # noqa: E402
 from probes.experiments.lens.experiments import COLUMNS, COMBO_SEP, control_gap, csv_rows, ranking  # noqa: E402
+from probes.reporting.markup import MISSING, embed_png, fmt_value, html_page, table  # noqa: E402
 
 ROBUSTNESS_METRICS = ("instance_matching", "class_retrieval", "relative_distance")
 SWEEP_METRICS = ("relative_distance", "instance_matching", "knn_accuracy")
@@ -102,26 +102,6 @@ def trend(points: Sequence[tuple[float, float]], factor: str, reference: float |
     if len(set(x)) < 2 or len(set(y)) < 2:
         return float("nan")
     return float(spearmanr(x, y).statistic)
-
-
-def _fmt(v: float) -> str:
-    return "nan" if v != v else f"{v:.3f}"
-
-
-def _table(header: list[str], body: list[list]) -> tuple[str, str]:
-    """A table as Markdown and as HTML (the report is written in both)."""
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in body]
-    h = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"
-    h += "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
-    return "\n".join(md), h + "</table>"
-
-
-def _img(path: Path) -> str:
-    """A PNG embedded in the HTML, so the report is one self-contained file."""
-    data = base64.b64encode(path.read_bytes()).decode()
-    return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(path.stem)}'>"
-            f"<figcaption>{html.escape(path.stem)}</figcaption></figure>")
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -353,8 +333,8 @@ def write_report(out: Path, rows: Sequence[dict], plots: Sequence[Path], distanc
         md.extend([text, ""])
         hs.append(f"<p>{html.escape(text)}</p>")
 
-    def table(title: str, header: list[str], body: list[list]) -> None:
-        m, h = _table(header, body)
+    def section(title: str, header: list[str], body: list[list]) -> None:
+        m, h = table(header, body)
         md.extend([f"## {title}", "", m, ""])
         hs.extend([f"<h2>{html.escape(title)}</h2>", h])
 
@@ -367,44 +347,41 @@ def write_report(out: Path, rows: Sequence[dict], plots: Sequence[Path], distanc
     s = summary(rows, distance, labels)
     if "control" in s:
         c = s["control"]
-        table("Best layer vs the permuted-weights control",
+        section("Best layer vs the permuted-weights control",
               ["layer", "distance", f"{labels[0]} k-NN acc", f"{labels[1]} k-NN acc", "gap", "chance"],
-              [[c["layer"], c["distance"], _fmt(c["model_knn"]), _fmt(c["control_knn"]), _fmt(c["gap"]),
-                _fmt(c["chance"])]])
+              [[c["layer"], c["distance"], fmt_value(c["model_knn"]), fmt_value(c["control_knn"]), fmt_value(c["gap"]),
+                fmt_value(c["chance"])]])
     if "ranking" in s:
         top = s["ranking"][:15]
         get = lambda layer, metric, model=labels[0]: next((r["value"] for r in _sel(  # noqa: E731
             rows, experiment="semantic", model=model, layers=layer, distance=distance, metric=metric)), float("nan"))
-        table(f"Layer ranking ({distance}; single layers and combinations)",
+        section(f"Layer ranking ({distance}; single layers and combinations)",
               ["rank", "layers", "k-NN acc", "mAP", "mAP chance", "intra/inter ratio"],
-              [[k + 1, n, _fmt(v), _fmt(get(n, "map")), _fmt(get(n, "map_chance")), _fmt(get(n, "ratio"))]
+              [[k + 1, n, fmt_value(v), fmt_value(get(n, "map")), fmt_value(get(n, "map_chance")), fmt_value(get(n, "ratio"))]
                for k, (n, v) in enumerate(top)])
         if first_at_16:
-            table("Readings of \"first encoder layer at 16x16\" (the paper's best layer)",
+            section("Readings of \"first encoder layer at 16x16\" (the paper's best layer)",
                   ["reading", "layer", "k-NN acc", "rank among single layers"],
-                  [[kind, name, _fmt(get(name, "knn_accuracy")),
+                  [[kind, name, fmt_value(get(name, "knn_accuracy")),
                     next((k + 1 for k, (n, _) in enumerate(r for r in s["ranking"] if COMBO_SEP not in r[0])
-                          if n == name), "-")]
+                          if n == name), MISSING)]
                    for kind, name in first_at_16.items()])
     tr = trend_rows(rows, distance)
     if tr:
-        table(f"Trends of instance matching ({distance}): Spearman vs deviation from the reference",
+        section(f"Trends of instance matching ({distance}): Spearman vs deviation from the reference",
               ["experiment", "factor", "model", "layers", "nearest to reference", "value", "farthest", "value",
                "spearman"],
-              [[t["experiment"], t["factor"], t["model"], t["layers"], f"{t['reference']:g}", _fmt(t["at_reference"]),
-                f"{t['strongest']:g}", _fmt(t["at_strongest"]), _fmt(t["spearman"])] for t in tr])
+              [[t["experiment"], t["factor"], t["model"], t["layers"], f"{t['reference']:g}", fmt_value(t["at_reference"]),
+                f"{t['strongest']:g}", fmt_value(t["at_strongest"]), fmt_value(t["spearman"])] for t in tr])
         add("A negative Spearman means matching falls as the setting moves away from the reference (a monotone "
             "loss); values near 0 mean no monotone trend: read the curve (flips have one strength only, and "
             "a sweep that never hurts matching stays flat at 1).")
     for p in plots:
         md.append(f"![{p.stem}](plots/{p.name})")
-        hs.append(_img(p))
+        hs.append(embed_png(p))
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>Semantic lens</title><style>"
-                         "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-                         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style>"
-                         "</head><body>" + "\n".join(hs) + "</body></html>")
+    html_path.write_text(html_page("Semantic lens", hs))
     return md_path, html_path
 
 
