@@ -15,7 +15,7 @@ from pathlib import Path
 
 from probes.metrics.baseline_rows import DECODED, describe
 from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
-from probes.reporting.markup import fmt_timestep, fmt_value, tick_timestep  # noqa: F401  (re-exported)
+from probes.reporting.markup import fmt_timestep, fmt_value
 from probes.tasks import LOWER_IS_BETTER, better
 
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
