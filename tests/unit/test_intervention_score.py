@@ -8,13 +8,13 @@ import pytest
 
 from probes.experiments.intervention.score import (
     aggregate,
-    dice,
-    iou,
     move_scores,
     pixel_difference,
     score_foreground,
     score_regression,
 )
+from probes.metrics.maps import mask_dice as dice
+from probes.metrics.maps import mask_iou as iou
 
 
 def square(y: int, x: int, size: int = 64, side: int = 8) -> np.ndarray:

@@ -18,8 +18,9 @@ Foreground (binary tasks), per image and condition:
   vanished (empty re-labelled mask) counts as a failure; an image whose original mask is empty has
   no object to move and is not scored (NaN, left out of the rates).
 
-Regression (depth), per image and condition: ``spearman_target``, ``spearman_requested``,
-``spearman_original`` (scipy, over all pixels) and ``success`` = the edited depth ranks closer
+Dice, IoU and Spearman are the project's own (:mod:`probes.metrics.maps`, the probes' exact
+metrics on one-pixel blocks). Regression (depth), per image and condition: ``spearman_target``,
+``spearman_requested``, ``spearman_original`` (over all pixels; NaN for a constant map) and ``success`` = the edited depth ranks closer
 to the requested target than to the original label (``spearman_requested > spearman_original``).
 
 Every condition also gets ``pixel_mae`` and ``pixel_max``: the edited image's absolute difference
@@ -32,21 +33,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
-from scipy.stats import spearmanr
+
+from probes.metrics.maps import map_spearman, mask_dice, mask_iou
 
 SUCCESS_FRACTION = 0.5
-
-
-def dice(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """Hard Dice of two masks; both empty -> 1."""
-    a, b = a.astype(bool), b.astype(bool)
-    return float((2 * (a & b).sum() + eps) / (a.sum() + b.sum() + eps))
-
-
-def iou(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """Intersection over union of two masks; both empty -> 1."""
-    a, b = a.astype(bool), b.astype(bool)
-    return float(((a & b).sum() + eps) / ((a | b).sum() + eps))
 
 
 def centroid(mask: np.ndarray) -> tuple[float, float] | None:
@@ -55,14 +45,6 @@ def centroid(mask: np.ndarray) -> tuple[float, float] | None:
     if xs.size == 0:
         return None
     return float(xs.mean()), float(ys.mean())
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho over all pixels; NaN when either map is constant."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    return float(spearmanr(a, b).statistic)
 
 
 def pixel_difference(image: np.ndarray, original: np.ndarray) -> dict[str, float]:
@@ -94,7 +76,7 @@ def score_foreground(original: np.ndarray, edited: np.ndarray, target: np.ndarra
     """All foreground scores of one edited image (masks, 0/1 or bool, all [H, W])."""
     out = {}
     for name, ref in (("target", target), ("requested", requested), ("original", original)):
-        out[f"dice_{name}"], out[f"iou_{name}"] = dice(edited, ref > 0.5), iou(edited, ref > 0.5)
+        out[f"dice_{name}"], out[f"iou_{name}"] = mask_dice(edited, ref > 0.5), mask_iou(edited, ref > 0.5)
     out["empty"] = float(not edited.any())
     return {**out, **move_scores(original, edited, shift)}
 
@@ -102,8 +84,8 @@ def score_foreground(original: np.ndarray, edited: np.ndarray, target: np.ndarra
 def score_regression(original: np.ndarray, edited: np.ndarray, target: np.ndarray,
                      requested: np.ndarray) -> dict[str, float]:
     """All regression (depth) scores of one edited image (maps [H, W]; units do not matter to ranks)."""
-    out = {"spearman_target": spearman(edited, target), "spearman_requested": spearman(edited, requested),
-           "spearman_original": spearman(edited, original)}
+    out = {"spearman_target": map_spearman(edited, target), "spearman_requested": map_spearman(edited, requested),
+           "spearman_original": map_spearman(edited, original)}
     r, o = out["spearman_requested"], out["spearman_original"]
     out["success"] = math.nan if math.isnan(r) or math.isnan(o) else float(r > o)
     return out
