@@ -34,10 +34,10 @@ import torch
 from probes.common.env import offline
 from probes.common.hub import hub_cache_dir
 from probes.common.progress import progress_bar
+from probes.common.registry import Registry
 from probes.labels.base import Missing
 
 DEFAULT_CLASSIFIER = "torchvision:vgg16"
-PREFIXES = ("torchvision:", "timm:", "toy")
 EXAMPLES = ("torchvision:vgg16", "torchvision:resnet50", "timm:resnet18", "timm:convnext_tiny.fb_in1k", "toy")
 #: ``full``: the whole image resized to the model's input side (the replication's Keras VGG-16 saw
 #: the 512 px image resized to 224x224); ``crop``: the weights' own eval transform (resize the short
@@ -84,32 +84,49 @@ class ImageClassifier:
         return torch.cat(out).float().cpu()
 
 
+def _check_torchvision(name: str, model: str) -> None:
+    valid = _torchvision_models()
+    if model not in valid:
+        raise ValueError(f"unknown classifier {name!r}: {model!r} is not a torchvision classification model"
+                         f"{_close(model, valid)}; all of them: torchvision.models.list_models("
+                         f"module=torchvision.models)")
+
+
+def _check_timm(name: str, model: str) -> None:
+    import timm
+
+    if not timm.is_model(model):
+        base = model.split(".")[0]
+        valid = timm.list_models(f"*{base}*", pretrained=True) or timm.list_models()
+        raise ValueError(f"unknown classifier {name!r}: {model!r} is not a timm model{_close(model, valid)}; "
+                         "list them with timm.list_models('<pattern>', pretrained=True)")
+
+
+def _check_toy(name: str, model: str) -> None:
+    """The toy world's one classifier takes no model name."""
+
+
+#: classifier families by the prefix of their name (``<backend>:<model>``; ``toy`` alone): each entry
+#: checks a model name of its family, so a misspelt model fails when the config is read
+BACKENDS: Registry[Callable[[str, str], None]] = Registry(
+    "classifier backend", how_to_add="Name a classifier torchvision:<model>, timm:<model> or toy")
+BACKENDS.register("torchvision", _check_torchvision)
+BACKENDS.register("timm", _check_timm)
+BACKENDS.register("toy", _check_toy)
+
+
 def parse_name(name: str) -> tuple[str, str]:
     """``"torchvision:vgg16"`` -> ``("torchvision", "vgg16")``; ``"toy"`` -> ``("toy", "")``.
 
     Unknown prefixes and unknown models fail here, before any weights are read.
     """
     name = name.strip()
-    if name == "toy":
-        return "toy", ""
     backend, sep, model = name.partition(":")
-    if not sep or backend not in ("torchvision", "timm") or not model:
+    needs_model = backend != "toy"
+    if backend not in BACKENDS or bool(sep and model) != needs_model or (sep and not needs_model):
         raise ValueError(f"unknown classifier {name!r}: use 'torchvision:<model>', 'timm:<model>' or 'toy' "
                          f"(e.g. {', '.join(EXAMPLES)})")
-    if backend == "torchvision":
-        valid = _torchvision_models()
-        if model not in valid:
-            raise ValueError(f"unknown classifier {name!r}: {model!r} is not a torchvision classification model"
-                             f"{_close(model, valid)}; all of them: torchvision.models.list_models("
-                             f"module=torchvision.models)")
-    else:
-        import timm
-
-        if not timm.is_model(model):
-            base = model.split(".")[0]
-            valid = timm.list_models(f"*{base}*", pretrained=True) or timm.list_models()
-            raise ValueError(f"unknown classifier {name!r}: {model!r} is not a timm model{_close(model, valid)}; "
-                             "list them with timm.list_models('<pattern>', pretrained=True)")
+    BACKENDS.get(backend)(name, model)
     return backend, model
 
 
