@@ -27,7 +27,8 @@ kind           names                           hooked module (its output)
 =============  ==============================  ====================================================
 
 Beware the two "attention" names: ``down0.attn1`` is the block's *second* Transformer2DModel,
-``down0.1`` the self-attention (diffusers' ``attn1``) *inside* it. A block with a sampler hands
+``down0.1`` the self-attention (diffusers' ``attn1``) *inside* it. :data:`NAMING` is the one mapping
+from names to modules (errors quote it, the README shows it). A block with a sampler hands
 the sampler's output on, so ``down0.out`` and ``down0.downsample`` are the same tensor (both names
 are kept: one says "block output", the other "sampler"; the lens skips such duplicates when it
 combines layers).
@@ -75,9 +76,25 @@ ALL_KINDS: tuple[str, ...] = ("attn1", "res", "attn", "sampler", "out")
 VAE_KIND, VAE_PREFIX, VAE_MID = "vae", "vae.", "vae.mid"
 #: the hooked module of ``vae.mid``, relative to the pipeline
 VAE_MID_MODULE = "vae.decoder.mid_block.attentions.0.to_out.0"
-_KIND_OF_SUFFIX = {"res": re.compile(r"^res\d+$"), "attn": re.compile(r"^attn\d+$"),
-                   "sampler": re.compile(r"^(?:downsample|upsample)$"), "out": re.compile(r"^out$"),
-                   "attn1": re.compile(r"^\d+$")}
+#: The one mapping from a layer name to what it reads, per kind: (kind, name pattern, last part of
+#: the name, hooked module). Names are ``<block>.<last part>`` with ``<block>`` = ``down<b>``, ``mid``
+#: or ``up<b>``. Note the two attentions: ``down0.1`` is the self-attention *inside* the block's second
+#: transformer (diffusers' ``attn1``, what the probes read), ``down0.attn1`` that whole transformer.
+NAMING: tuple[tuple[str, str, str, str], ...] = (
+    ("attn1", "<block>.<i>[.<j>]", r"^\d+$",
+     "attentions.<i>.transformer_blocks.<j>.attn1.to_out.0 (self-attention, before dropout and residual)"),
+    ("res", "<block>.res<i>", r"^res\d+$", "resnets.<i> (ResNet block)"),
+    ("attn", "<block>.attn<i>", r"^attn\d+$", "attentions.<i> (the whole Transformer2DModel)"),
+    ("sampler", "down<b>.downsample, up<b>.upsample", r"^(?:downsample|upsample)$", "downsamplers.0 / upsamplers.0"),
+    ("out", "<block>.out", r"^out$", "the block itself (what it hands the next block)"),
+    ("vae", "vae.mid", r"^mid$", "vae.decoder.mid_block.attentions.0.to_out.0 (opt-in)"),
+)
+_KIND_OF_SUFFIX = {kind: re.compile(rx) for kind, _, rx, _ in NAMING if kind != "vae"}
+
+
+def naming_table() -> str:
+    """:data:`NAMING` as text (errors and ``--help`` show it)."""
+    return "; ".join(f"{pattern} = {module}" for _, pattern, _, module in NAMING)
 
 
 def kind_of(name: str) -> str:
@@ -180,8 +197,7 @@ def check_layer_patterns(patterns: str | Iterable[str], kinds: Iterable[str] = (
         if "attn" in pat and (kinds == ("attn1",) or "." not in pat):   # a module-path pattern like '*attn1*'
             continue
         if not any(fnmatch.fnmatchcase(n, pat) for n in universe):
-            extra = ("; and down<block>.res<i>, .attn<i>, .downsample, .out, mid.res<i>, up<block>.upsample ..."
-                     if set(kinds) - {"attn1"} else "")
+            extra = f" (every kind: {naming_table()})" if set(kinds) - {"attn1"} else ""
             raise ValueError(f"{option}: {pat!r} names no layer; layers are named down<block>.<attention>, "
                              f"mid.0, up<block>.<attention> (SD v1.4: {', '.join(SD14_LAYERS)}){extra}, and "
                              f"{VAE_MID} (the VAE decoder's mid-block attention); patterns like 'up*' or module paths "
