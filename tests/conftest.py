@@ -18,12 +18,29 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
 
 
-def reference_dir(*parts: str) -> Path:
-    """A folder of ``../shared/reference``; the test is skipped where it is absent."""
+#: set to 1 where the reference material must be there (CI: `.ci/run`): its absence then fails the test
+REQUIRE_REFERENCE_ENV = "DPROBE_REQUIRE_REFERENCE"
+
+
+def reference_path(*parts: str, what: str = "reference material") -> Path:
+    """A path under ``../shared/reference`` (the reference split, TRACER's key list and test vector).
+
+    Where it is absent the test is skipped, saying why; with ``DPROBE_REQUIRE_REFERENCE=1`` (CI,
+    which has the folder) it fails instead, so a missing copy never passes quietly.
+    """
     path = REFERENCE.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"reference data not available ({path}); the project works without it")
+        reason = (f"needs {what} at {path}, which is absent: the checks against the reference cannot run "
+                  f"here (the project itself works without it)")
+        if os.environ.get(REQUIRE_REFERENCE_ENV, "").strip() in ("1", "true", "yes"):
+            pytest.fail(f"{reason}; {REQUIRE_REFERENCE_ENV}=1 says it must be there", pytrace=False)
+        pytest.skip(f"{reason}; set {REQUIRE_REFERENCE_ENV}=1 to make its absence a failure")
     return path
+
+
+def reference_dir(*parts: str) -> Path:
+    """A folder of ``../shared/reference`` (see :func:`reference_path`)."""
+    return reference_path(*parts)
 
 
 @pytest.fixture(scope="session")

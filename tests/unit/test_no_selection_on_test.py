@@ -9,7 +9,7 @@ from probes.reporting.html import write_report
 from probes.reporting.plots import plot_all, rank_layers
 from probes.reporting.tables import NO_SELECTION, _curve, best_heads, emergence, format_table, write_metrics_csv
 from probes.training.datamodule import selects_on_validation
-from tests.unit.test_reporting import fake_rows
+from tests.integration.test_reporting import fake_rows
 
 
 def only_test_rows() -> list[dict]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import csv
 import functools
 
-import pytest
 import regex
 
-from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.diffusion.tokenizer import (
     CLIP_PATTERN,
     _vocab_and_merges,
@@ -110,15 +108,3 @@ def test_how_many_reference_prompts_tokenise_differently():
     assert len(differ) == 99
     assert tokenisation_differences(prompts, max_length=None) == differ
     assert any("'s" in prompts[i] for i in differ)
-
-
-def test_pipeline_uses_the_configured_tokenisation():
-    ref = load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cpu")       # the protocol's default
-    new = load_pipeline(DiffusionSpec(source="random", architecture="tiny", tokenizer="default"), "cpu")
-    assert ref.tokenizer.tokenize("what's") == ["what</w>", "'</w>", "s</w>"]
-    assert new.tokenizer.tokenize("what's") == ["what</w>", "'s</w>"]
-    a = ref.encode_prompt("what's this", "cpu", 1, False)[0]
-    b = new.encode_prompt("what's this", "cpu", 1, False)[0]
-    assert a.shape == b.shape and not a.equal(b)
-    with pytest.raises(ValueError, match="'slow'"):
-        DiffusionSpec(tokenizer="slow")

@@ -1,7 +1,8 @@
 """TRACER TE-5 re-implementation: checkpoint-key compatibility, reference test vector, labeler.
 
 The compatibility data (authors' state-dict key list and outputs under deterministic weights)
-live in ``../shared/reference/tracer``; tests that need it skip when it is absent.
+live in ``../shared/reference/tracer``; tests that need it skip, saying so, when it is absent
+(and fail with ``DPROBE_REQUIRE_REFERENCE=1``, as in CI).
 """
 from __future__ import annotations
 
@@ -17,9 +18,8 @@ import torch
 from probes.labels import build_labeler
 from probes.labels.tracer import CHECKPOINT_URL, TracerLabeler, load_tracer_state_dict
 from probes.labels.tracer_net import TracerTE5
-from tests.conftest import REFERENCE
+from tests.conftest import reference_path
 
-REF = REFERENCE / "tracer"
 TOL = 1e-5
 
 
@@ -29,10 +29,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def ref_file(name: str) -> Path:
-    path = REF / name
-    if not path.is_file():
-        pytest.skip(f"TRACER reference data not available ({path} missing); compatibility checks skipped")
-    return path
+    return reference_path("tracer", name, what="TRACER's reference key list and test vector")
 
 
 def rule_weights(state_dict: dict[str, torch.Tensor], rule: str) -> dict[str, torch.Tensor]:

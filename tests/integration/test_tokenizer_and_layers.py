@@ -175,6 +175,7 @@ def test_precision_reference_is_fp32_weights_and_latents_with_fp16_autocast_on_c
     assert DiffusionSpec(precision="fp16").identity() != DiffusionSpec().identity()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_reference_precision_runs_fp32_weights_under_fp16_autocast_on_cuda():
     pipe = load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cuda")
@@ -194,3 +195,15 @@ def test_old_dtype_key_reads_as_the_behaviour_it_had():
         assert DiffusionSpec(dtype="auto").precision == "fp16"
     with pytest.raises(ValueError, match="disagree"):
         DiffusionSpec(dtype="float32", precision="fp16")
+
+
+def test_pipeline_uses_the_configured_tokenisation():
+    ref = load_pipeline(DiffusionSpec(source="random", architecture="tiny"), "cpu")       # the protocol's default
+    new = load_pipeline(DiffusionSpec(source="random", architecture="tiny", tokenizer="default"), "cpu")
+    assert ref.tokenizer.tokenize("what's") == ["what</w>", "'</w>", "s</w>"]
+    assert new.tokenizer.tokenize("what's") == ["what</w>", "'s</w>"]
+    a = ref.encode_prompt("what's this", "cpu", 1, False)[0]
+    b = new.encode_prompt("what's this", "cpu", 1, False)[0]
+    assert a.shape == b.shape and not a.equal(b)
+    with pytest.raises(ValueError, match="'slow'"):
+        DiffusionSpec(tokenizer="slow")

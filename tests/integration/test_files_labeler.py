@@ -13,7 +13,7 @@ from probes.diffusion.layers import LayerInfo
 from probes.labels import build_labeler
 from probes.training.module import ProbeModule
 from probes.training.ridge import RidgeProbeModule
-from tests.unit.test_nonfinite import trainer
+from tests.integration.test_nonfinite import trainer
 
 SIZE = 8
 IMAGES = np.zeros((1, SIZE, SIZE, 3), np.uint8)
