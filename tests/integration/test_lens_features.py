@@ -265,7 +265,7 @@ def test_cache_pools_like_pool_instances_and_keeps_the_largest(tmp_path):
         assert objs.label[row] == item["classes"][int(objs.instance[row])]
         expected = pool_instances(_fake_extract([item["image"]], ["k"])["a"][0], item["instances"], "area",
                                   [int(objs.instance[row])]).embeddings[0]
-        np.testing.assert_allclose(objs.vectors["a"][row], expected, rtol=1e-6)
+        np.testing.assert_allclose(objs.vectors["a"][row], expected, rtol=1e-5, atol=1e-6)
     record = json.loads((cache.root / "commits" / "0000000.json").read_text())
     assert record["id"] == "toy-11-0" and len(record["ids"]) == 1
 
@@ -295,7 +295,7 @@ def test_cache_resumes_after_a_crash_and_never_reads_half_items(tmp_path):
     clean.fill(iter(ds), _fake_extract, batch_size=3, progress=False)
     a, b = reopened.load(), clean.load()
     np.testing.assert_array_equal(a.key, b.key)
-    np.testing.assert_allclose(a.vectors["a"], b.vectors["a"])
+    np.testing.assert_allclose(a.vectors["a"], b.vectors["a"], rtol=1e-5, atol=1e-6)   # batches of 2 vs 3
 
 
 def test_cache_manifest_is_written_last_and_names_the_settings(tmp_path):
@@ -358,7 +358,7 @@ def test_paired_rows_identity_and_vanished_objects():
                              {k: v + 10.0 for k, v in half.vectors.items()})
     rows = paired_rows(ref, noisy, ["l"], ["euclidean"], "m", "robustness", "crop", 0.5)
     assert value_of(rows, metric="kept_fraction") == pytest.approx(6 / 15)
-    assert value_of(rows, metric="distance") == pytest.approx(np.sqrt(6 * 100))
+    assert value_of(rows, metric="distance") == pytest.approx(np.sqrt(6 * 100), rel=1e-5)
     assert 0 <= value_of(rows, metric="class_retrieval") <= 1
 
 
@@ -378,7 +378,7 @@ def test_video_rows_match_identical_objects_across_frames():
         assert value_of(rows, level=gap, metric="instance_matching") == 1.0
         assert value_of(rows, level=gap, metric="instance_matching_chance") == pytest.approx(1 / per)
         assert value_of(rows, level=gap, metric="instance_matching_all") == 1.0
-        assert value_of(rows, level=gap, metric="distance") == pytest.approx(0.01 * gap * np.sqrt(5))
+        assert value_of(rows, level=gap, metric="distance") == pytest.approx(0.01 * gap * np.sqrt(5), rel=1e-5)
     with pytest.raises(ValueError, match="needs objects with a sequence"):
         video_rows(_objects(2, 2), ["l"], ["cosine"], "m")
 
