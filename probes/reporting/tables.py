@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from probes.common.csv_rows import write_csv
 from probes.metrics.baseline_rows import DECODED, describe
 from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
 from probes.reporting.markup import fmt_timestep, fmt_value
@@ -37,13 +38,7 @@ RANDOM_WARNING = (
 
 
 def write_metrics_csv(rows: Iterable[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    return path
+    return write_csv(rows, COLUMNS, path)
 
 
 def read_metrics_csv(path: Path) -> list[dict]:

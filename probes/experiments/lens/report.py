@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from probes.common.csv_rows import write_csv  # noqa: E402
 from probes.experiments.lens import transforms as T  # noqa: E402
 from probes.experiments.lens.distances import DEFAULT_DISTANCES  # noqa: E402
 from probes.experiments.lens.experiments import COLUMNS, COMBO_SEP, control_gap, csv_rows, ranking  # noqa: E402
@@ -46,12 +47,7 @@ VIDEO_METRICS = (("instance_matching", "instance_matching_chance"),
 
 # -- csv ------------------------------------------------------------------------------------------
 def write_metrics_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(csv_rows(rows))
-    return path
+    return write_csv(csv_rows(rows), COLUMNS, path, ignore_extra=False)
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
