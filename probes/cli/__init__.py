@@ -1,1 +1,2 @@
-"""Entry points: ``train.py``, ``evaluate.py`` and the ``diffusion-probes`` console command."""
+"""Commands, wiring only: ``train.py``, ``evaluate.py`` and every ``diffusion-probes`` subcommand, under one
+convention (:mod:`probes.cli.convention`)."""

@@ -1,1 +1,2 @@
-"""Stage 1: the diffusion model: loading (hub, local folder or random architecture), tokenizer, layer registry."""
+"""The diffusion model: loading (hub, local folder or random architecture), tokenizer, layer registry and
+naming, the hook lifecycle."""

@@ -1,1 +1,1 @@
-"""Stage 2: generation + capture. The sampler runs once per image and hooks record every step."""
+"""Generation + capture: the sampler runs once per image, hooks record every step, one precision path."""

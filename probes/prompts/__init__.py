@@ -1,1 +1,1 @@
-"""Stage 0: prompt sets, (prompt, seed, split) records, from the reference split, a CSV or a text file."""
+"""Prompt sets: (prompt, seed, split) records from the reference split, a CSV or a text file."""

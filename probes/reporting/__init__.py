@@ -1,1 +1,2 @@
-"""Stage 6: metrics.csv, plots, prediction panels, reports and W&B."""
+"""A run's results (``results``: computed) and outputs (metrics.csv, plots, prediction panels, reports,
+W&B: written)."""

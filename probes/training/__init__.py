@@ -1,1 +1,1 @@
-"""Stage 5: probes: tasks, probe banks, the Lightning modules and the data module that feeds them."""
+"""Probes: the data module that wires the data stages, datasets, probe banks and the Lightning modules."""

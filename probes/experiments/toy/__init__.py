@@ -1,0 +1,1 @@
+"""Toy-world measurements of a model's samples (do they look like the world?)."""

@@ -1,0 +1,1 @@
+"""The toy labelers' training (``train``) and their held-out scores (``evaluate``)."""
