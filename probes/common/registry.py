@@ -18,6 +18,14 @@ T = TypeVar("T")
 ON_OVERWRITE = ("warn", "refuse")
 
 
+class UnknownName(KeyError):
+    """An unknown name. A ``KeyError`` (what a lookup raises), whose message reads as written: a plain
+    ``KeyError`` prints its message quoted, with every quote inside escaped."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
     """Entries of one kind by name.
 
@@ -63,7 +71,7 @@ class Registry(Generic[T]):
     def check(self, name: str) -> None:
         """Fail on an unknown ``name`` (:meth:`unknown`), e.g. when a config is read."""
         if name not in self._entries:
-            raise KeyError(self.unknown(name))
+            raise UnknownName(self.unknown(name))
 
     def get(self, name: str) -> T:
         self.check(name)
