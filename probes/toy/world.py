@@ -51,7 +51,10 @@ Conventions (all tested in ``tests/unit/test_toy_world*.py``):
 Speed of V1 (measured with ``render_many`` on the shared 2-core machine under ``nice -n 19`` while
 other jobs kept the load average at ~4, one thread, 64 px, up to 3 objects): ~195 scenes/s
 with every field, ~245 scenes/s with the five fields training needs (10,000 renders in ~40 s,
-a 20,000-scene dataset in under two minutes), i.e. 4-5 ms per scene. V2: see :data:`V2`.
+a 20,000-scene dataset in under two minutes), i.e. 4-5 ms per scene. V2 (shadow rays, two
+lamps, texture, a pickier sampler) costs ~5.5 ms of CPU per scene with every field, ~175-200
+scenes per CPU-second (V1 on the same run: 255-335), one thread, 64 px, measured under
+``nice -n 19`` with the load average at 3.5-4.4 on the 2 shared cores (wall rate 87-136/s).
 """
 from __future__ import annotations
 
@@ -262,8 +265,10 @@ class WorldConfig:
 #: the original world (the shipped model and labelers were trained on it)
 V1 = WorldConfig(name="v1", version=1, elevation=(22.0, 42.0))
 
-#: the world position cannot explain (issue 20). Measured on one thread at 64 px: see the
-#: project's BENCHMARKS.md, "World bars".
+#: the world position cannot explain (issue 20): on exact labels of 200 held-out renders the
+#: prior map (per-pixel mean of 600 train renders) scores per-image Spearman 0.04 on depth and
+#: 0.05 on shading (V1: 0.90 and 0.59), the shading tie ceiling is 1.000 (V1: 0.873); measured
+#: by ``python -m probes.toy.world_bars``. Roll does most of it: without roll V2 scores 0.83 / 0.34.
 V2 = WorldConfig(
     name="v2", version=2, elevation=(5.0, 80.0), distance=(5.8, 7.0), roll=(0.0, 360.0),
     size=(0.45, 0.78), spread=(1.7, 1.7), float_share=0.25, stack_share=0.45,
@@ -350,7 +355,7 @@ def _seen(objects: Sequence[SceneObject], origin: np.ndarray) -> bool:
     aims = np.array([p for o in objects for p in (o.centre(), (o.x, o.y + o.height() / 4, o.z))])
     d = aims - origin
     d /= np.linalg.norm(d, axis=1, keepdims=True)
-    t = np.stack([_hit_object(o, origin, d)[0] for o in objects])       # [object, ray]
+    t = np.stack([_hit_object(o, origin, d, normals=False)[0] for o in objects])   # [object, ray]
     first = np.argmin(t, axis=0)
     return all(first[2 * k] == k or first[2 * k + 1] == k for k in range(len(objects)))
 
@@ -488,9 +493,10 @@ def _may_hit(obj: SceneObject, origin: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (off2 <= radius * radius) & (along > -radius)
 
 
-def _hit_object(obj: SceneObject, origin: np.ndarray, d: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Ray parameter (inf on a miss) and world normal of every ray against one object.
+def _hit_object(obj: SceneObject, origin: np.ndarray, d: np.ndarray, normals: bool = True
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Ray parameter (inf on a miss) and world normal (None unless ``normals``) of every ray
+    against one object.
 
     ``origin`` is one point (camera rays) or one point per ray ([N, 3], shadow rays).
     """
@@ -557,6 +563,8 @@ def _hit_object(obj: SceneObject, origin: np.ndarray, d: np.ndarray
                 under = t_base < t
                 t = np.where(under, t_base, t)
                 n = np.where(under[:, None], np.array([0.0, -1.0, 0.0]), n)
+        if not normals:                                 # shadow rays need only t
+            return t, None
         norm = np.linalg.norm(n, axis=1, keepdims=True)
         n = np.where(norm > 0, n / np.where(norm > 0, norm, 1), np.array([0.0, 1.0, 0.0]))
     return t, n @ rot.T
@@ -610,7 +618,7 @@ def _lamp_light(lamp: Lamp, point: np.ndarray, normal: np.ndarray, which: np.nda
             rays = lit[which[lit] != k + 2]
             rays = rays[_may_hit(obj, point[rays], towards[rays])]
             if len(rays):
-                t, _ = _hit_object(obj, point[rays], towards[rays])
+                t, _ = _hit_object(obj, point[rays], towards[rays], normals=False)
                 blocked[rays] |= t < dist[rays]
     return lamp.intensity * np.where(blocked, 0.0, cos * falloff), blocked
 
