@@ -10,7 +10,7 @@ draws both. **V1** is the original world, kept bit for bit because the shipped m
 were trained on it: the camera never rolls and looks down 22-42 degrees, objects stand on the
 ground, one directional light without shadows, untextured ground and wall. In V1 position alone
 explains most labels (the ground's depth rises row by row, ground and wall have one shading value
-each). **V2** removes that: the camera rolls over the full circle and looks down 5-80 degrees;
+each). **V2** removes that: the camera rolls over the full circle and looks down 10-60 degrees;
 objects stand, float or rest on a flat top of another, at varied depths, often partly occluding
 each other; a key point light 2-88 degrees high casts shadows and a fill point light keeps every
 shadow's shading varying; ground and wall carry a tiled albedo texture.
