@@ -63,7 +63,7 @@ def render_dataset(cfg: dict[str, Any], work: Path) -> tuple[np.ndarray, list[st
                 continue
             n = min(RENDER_CHUNK, d["n_scenes"] - start)
             batch = render_many(n, d["world_seed"], size=d["size"], start=start,
-                                max_objects=d["max_objects"], fields=("rgb",))
+                                max_objects=d["max_objects"], fields=("rgb",), world=d.get("world", "v1"))
             tmp = part.with_name(part.stem + ".tmp.npz")
             np.savez(tmp, rgb=batch["rgb"], captions=np.array(batch["captions"]))
             os.replace(tmp, part)
@@ -198,7 +198,7 @@ Made by
 
 | stage | what | wall time |
 |---|---|---|
-| render | {cfg['data']['n_scenes']} scenes, `render_many(n, seed={cfg['data']['world_seed']}, size={cfg['data']['size']})` | {rec['render_s']:.0f} s |
+| render | {cfg['data']['n_scenes']} scenes, `render_many(n, seed={cfg['data']['world_seed']}, size={cfg['data']['size']}, world={cfg['data'].get('world', 'v1')!r})` | {rec['render_s']:.0f} s |
 | VAE | {v['steps']} steps x batch {v['batch_size']} ({v['crop']} px crops), AdamW lr {v['lr']} ({_schedule(v)}), final loss {rec['vae_loss']:.4f} (L1 + {v.get('chroma_weight', 0)} x colour L1, mean of last 50 steps); reconstruction MAE on 512 of its training scenes (full 64 px) {rec['vae_mae']:.2f}/255 | {rec['vae_s']:.0f} s |
 | latents | posterior means of all scenes; `scaling_factor` = 1/std = {rec['scaling_factor']:.5f} | {rec['latents_s']:.0f} s |
 | text | {rec['n_captions']} distinct captions (+ the empty prompt) through the frozen CLIP text encoder | {rec['text_s']:.0f} s |
