@@ -180,6 +180,10 @@ class ActivationEditor(ModuleHooks):
                                                            self.settings.binary_loss)
         return obj
 
+    def _optimise(self, key: tuple[int, str], acts: Tensor, objective: ProbeObjective) -> tuple[Tensor, Tensor, Tensor]:
+        """The edit of one (step, layer); a subclass may constrain it (:class:`.erasure.ErasingEditor`)."""
+        return optimise_activation(acts, objective, self.settings)
+
     def _make_hook(self, layer: LayerInfo):
         def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
             key = (self._step, layer.name)
@@ -190,7 +194,7 @@ class ActivationEditor(ModuleHooks):
             if cond.shape[0] != self.target.shape[0]:
                 raise ValueError(f"the editor holds targets for {self.target.shape[0]} images but layer {layer.name} "
                                  f"produced a batch of {cond.shape[0]} (conditional half); give one target per image")
-            z, before, after = optimise_activation(cond, self._objective(key, out.device), self.settings)
+            z, before, after = self._optimise(key, cond, self._objective(key, out.device))
             if self.guidance:
                 new = out.clone()
                 new[n // 2:] = z.to(out.dtype)

@@ -19,6 +19,8 @@ tests, which check that the two agree).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -67,13 +69,16 @@ class ProbeObjective:
         elif self.exact:
             self._blocks = SortedBlocks(self.target, grid)
 
-    def project(self, acts: Tensor) -> Tensor:
+    def project(self, acts: Tensor, constrain: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """The activation nearest to ``acts`` (per token, in L2) at which the probe reads the
         squared-error optimum: ``2f - 1`` for binary probes, the block mean of the target for
         regression ones. A linear probe reads ``z = x·w + b``, so the nearest such point moves each
         token along ``w`` only: ``x + w (t - z) / |w|²`` (the ``projection`` optimiser: the
         smallest edit that makes the probe read the target, which is what gradient descent on the
-        squared loss converges to)."""
+        squared loss converges to).
+
+        ``constrain``: an orthogonal projection onto the edits allowed (:mod:`.erasure`); the
+        nearest point within them moves along ``d = constrain(w)`` by ``(t - z) / (w·d)``."""
         self.probe._check(acts)
         if not self.exact:
             raise ValueError(f"the projection edit needs a label size that is a multiple of the token grid "
@@ -88,8 +93,9 @@ class ProbeObjective:
         else:
             w, b = weight[:, 0], 0.0 if bias is None else bias[0]
             target = block_mean(self.target, tuple(self.probe.info.token_grid)).to(acts.dtype)
-        norm = (w @ w).clamp_min(torch.finfo(acts.dtype).tiny)
-        return acts + (target - (acts @ w + b)).unsqueeze(-1) * w / norm
+        d = w if constrain is None else constrain(w)
+        norm = (w @ d).clamp_min(torch.finfo(acts.dtype).tiny)
+        return acts + (target - (acts @ w + b)).unsqueeze(-1) * d / norm
 
     def __call__(self, acts: Tensor) -> Tensor:
         self.probe._check(acts)
