@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from probes.diffusion.layers import LayerInfo, LayerRegistry
-from probes.generation.capture import ActivationCapture
 from probes.experiments.intervention.guidance import GuidanceSettings, LatentGuidance
 from probes.experiments.intervention.objective import ProbeObjective
 from probes.experiments.intervention.pipeline import sample_images
+from probes.generation.capture import ActivationCapture
 from tests.integration.test_intervention_editor import RECORDS, SPEC, block_target, make_probe
 
 GUIDED = ("up2.1", "up3.0")

@@ -57,9 +57,9 @@ from concept_erasure import LeaceEraser, LeaceFitter
 from torch import Tensor
 
 from probes.diffusion.layers import LayerInfo
-from probes.export.probeset import LinearProbe
 from probes.experiments.intervention.editor import ActivationEditor, EditRecord, EditSettings
 from probes.experiments.intervention.objective import ProbeObjective
+from probes.export.probeset import LinearProbe
 from probes.toy.world import COLOURS, SHAPES, Render
 
 #: the package's default svd_tol is 0.01; see the module docstring for why this one

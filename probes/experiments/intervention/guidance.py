@@ -48,9 +48,9 @@ from torch import Tensor
 
 from probes.diffusion.hooks import ModuleHooks
 from probes.diffusion.layers import LayerInfo
-from probes.export.probeset import LinearProbe
 from probes.experiments.intervention.editor import EditRecord
 from probes.experiments.intervention.objective import BINARY_LOSSES, ProbeObjective
+from probes.export.probeset import LinearProbe
 
 _MISSING = object()
 
