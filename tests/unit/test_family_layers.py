@@ -67,7 +67,9 @@ def test_channels_first_is_row_major_tokens():
 def test_layer_round_trips_through_its_dict_and_rejects_unknown_rules():
     assert ReadoutLayer.from_dict(LAYER.to_dict()) == LAYER
     assert LayerInfo.from_dict(LAYER.to_dict()) == LayerInfo("joint0", "transformer_blocks.0", 8, (2, 3))
-    assert ReadoutLayer.from_dict(LayerInfo("down0.0", "x", 8, (2, 3)).to_dict()).readout == "tokens"
+    unet_layer = LayerInfo("down0.0", "x", 8, (2, 3))
+    assert ReadoutLayer.from_dict(unet_layer.to_dict()).readout == "tokens"
+    assert ReadoutLayer.of(unet_layer).to_dict() == unet_layer.to_dict()       # U-Net manifests unchanged
     with pytest.raises(ValueError, match="unknown readout rule 'third'"):
         ReadoutLayer("joint0", "m", 8, (2, 3), "third")
     assert set(READOUTS) == {"tokens", "first", "second", "after_text", "channels_first"}
@@ -80,9 +82,10 @@ def test_installed_block_and_attention_output_orders():
     from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    torch.manual_seed(0)
-    img, txt, temb = torch.randn(1, 6, 16), torch.randn(1, 5, 16), torch.randn(1, 16)
-    with torch.no_grad():
+    g = torch.Generator().manual_seed(0)
+    img, txt, temb = (torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 16, generator=g),
+                      torch.randn(1, 16, generator=g))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
         joint = JointTransformerBlock(16, 2, 8)
         out = joint(hidden_states=img, encoder_hidden_states=txt, temb=temb)
         assert [o.shape[1] for o in out] == [5, 6]
@@ -186,7 +189,7 @@ def test_token_k_is_latent_patch_row_k_div_w_col_k_mod_w(family):
     channels = den.config.in_channels // (4 if family == "flux" else 1)
     grid = denoiser_registry(family, den, (16, 12)).get("joint0" if family != "pixart_alpha" else "block0").grid
     assert grid == (8, 6)
-    lat = torch.randn(1, channels, 16, 12)
+    lat = torch.randn(1, channels, 16, 12, generator=torch.Generator().manual_seed(0))
     moved = lat.clone()
     moved[:, :, 2 * 5:2 * 5 + 2, 2 * 3:2 * 3 + 2] += 1.0          # patch (5, 3)
 

@@ -49,6 +49,9 @@ class ReadoutCapture(ActivationCapture):
                  cfg: str = "batched") -> None:
         if cfg not in CFG_LAYOUTS:
             raise ValueError(f"cfg layout must be one of {', '.join(CFG_LAYOUTS)}, got {cfg!r}")
+        if halves == "both" and cfg == "none":
+            raise ValueError("capture halves='both' needs classifier-free guidance: guidance_scale > 1 (FLUX: "
+                             "true_cfg_scale > 1 with a negative prompt); this call runs one pass per step")
         self.cfg = cfg
         self._rules = [readout_rule(getattr(layer, "readout", "tokens")) for layer in layers]
         super().__init__(denoiser, layers, num_steps, steps, halves, dtype, guidance=cfg != "none")

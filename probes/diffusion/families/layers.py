@@ -62,6 +62,14 @@ class ReadoutLayer(LayerInfo):
             return "attn" if m.group(3) else "block"
         return super().kind
 
+    def to_dict(self) -> dict:
+        """:meth:`LayerInfo.to_dict`, plus the rule when it is not ``tokens`` (so a U-Net layer's
+        dict, in manifests and exports, stays what it was)."""
+        d = super().to_dict()
+        if self.readout == "tokens":
+            d.pop("readout")
+        return d
+
     @classmethod
     def from_dict(cls, d: dict) -> ReadoutLayer:
         return cls(name=d["name"], module=d["module"], channels=int(d["channels"]), grid=tuple(d["grid"]),
