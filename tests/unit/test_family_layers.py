@@ -14,7 +14,7 @@ from probes.diffusion.families.readout import READOUTS, read_tokens, tokens_to_g
 from probes.diffusion.families.sizes import bytes_per_image, meta_denoiser, real_registry
 from probes.diffusion.families.spec import FAMILIES, family_of_pipeline_class, get_family
 from probes.diffusion.families.tiny import list_tiny, t5_vocabulary, tiny_architecture, tiny_t5_tokenizer
-from probes.models.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo
 
 LAYER = ReadoutLayer("joint0", "transformer_blocks.0", channels=8, grid=(2, 3))   # 6 image tokens
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 from probes.diffusion.families.readout import readout_rule
 from probes.diffusion.families.spec import CFG_LAYOUTS, Family
 from probes.generation.capture import ActivationCapture
-from probes.models.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo
 
 
 class ReadoutCapture(ActivationCapture):

@@ -1,7 +1,7 @@
 """Layers of every family: a module path, a readout rule, channels and the token grid.
 
 The U-Net families (SD 1.x, SD 2.x, SDXL) keep today's names and modules
-(:meth:`probes.models.layers.LayerRegistry.from_unet`: ``down0.0`` … ``up3.2``, and SDXL's
+(:meth:`probes.diffusion.layers.LayerRegistry.from_unet`: ``down0.0`` … ``up3.2``, and SDXL's
 ``down2.1.7`` where a transformer holds several blocks), read with the ``tokens`` rule. The
 diffusion transformers get names per block, in forward order:
 
@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from probes.diffusion.families.readout import READOUTS
 from probes.diffusion.families.spec import Family, get_family
-from probes.models.layers import LayerInfo, LayerRegistry, check_layer_patterns
+from probes.diffusion.layers import LayerInfo, LayerRegistry, check_layer_patterns
 
 #: layer kinds per architecture; the first is the default
 TRANSFORMER_KINDS = ("block", "attn")

@@ -2,7 +2,7 @@
 
 The family's stock pipeline class does the loading (``DiffusionPipeline`` would pick the class
 from ``model_index.json`` too, but naming it lets a config say which family it expects and fail
-early when a folder holds another). Options are :class:`probes.models.loading.DiffusionSpec`'s:
+early when a folder holds another). Options are :class:`probes.diffusion.loading.DiffusionSpec`'s:
 revision, variant, dtype, cache folder, ``local_files_only`` (implied by ``HF_HUB_OFFLINE=1``).
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ from probes.diffusion.families.capture import ReadoutCapture
 from probes.diffusion.families.layers import latent_hw
 from probes.diffusion.families.spec import Family, family_of, get_family
 from probes.generation.sampling import initial_latents
-from probes.models.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo
 
 
 @dataclass

@@ -17,7 +17,7 @@ import yaml
 from probes.diffusion.families.layers import FamilyRegistry, denoiser_registry
 from probes.diffusion.families.spec import get_family
 from probes.diffusion.families.tiny import FAMILY_ARCH_DIR
-from probes.models.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo
 
 REAL_MODELS_FILE = FAMILY_ARCH_DIR / "real.yaml"
 

@@ -9,7 +9,7 @@ saved as a local folder with ``save_pretrained`` and read back by the same ``fro
 real models go through (:func:`probes.diffusion.families.loading.load_family_pipeline`).
 
 Tokenizers the Hub would provide are built offline: CLIP's from open_clip's bundled BPE vocabulary
-(:func:`probes.models.tokenizer.offline_clip_tokenizer`; SD 2.x's and SDXL's second tokenizer pad
+(:func:`probes.diffusion.tokenizer.offline_clip_tokenizer`; SD 2.x's and SDXL's second tokenizer pad
 with ``!``, set per component in the YAML), and a tiny T5 tokenizer: transformers'
 ``T5Tokenizer`` over a ``tokenizers`` Unigram model of single characters and word-initial
 characters (a ``WordLevel`` model does not survive ``save_pretrained``/``from_pretrained`` in
@@ -69,7 +69,7 @@ def tiny_t5_tokenizer():
 def _tokenizer(spec: dict[str, Any]):
     kind = spec["class"]
     if kind == "clip":
-        from probes.models.tokenizer import offline_clip_tokenizer
+        from probes.diffusion.tokenizer import offline_clip_tokenizer
 
         tok = offline_clip_tokenizer()
         if spec.get("pad_token"):
