@@ -31,6 +31,9 @@ class ProbeSpec:
     :param target_norm: per task, a rule that overrides those statistics (``probes.tasks.
         check_target_norm``: another task's statistics, or fixed constants); kept so that
         statistics measured later (one-pass probes) follow it too.
+    :param label_spaces: per task whose raw labels are a depth with a meaningful zero, what they are
+        (``depth`` or ``inverse_depth``, the labeler's ``space``): aligned depth metrics (AbsRel,
+        RMSE, δ<1.25) are computed for it. Absent for labels defined only up to an affine map.
     """
 
     layers: tuple[LayerInfo, ...]
@@ -45,11 +48,12 @@ class ProbeSpec:
     data_config: Mapping[str, Any] = field(default_factory=dict)
     streaming: bool = False
     target_norm: Mapping[str, Any] = field(default_factory=dict)
+    label_spaces: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("layers", "steps", "timesteps", "tasks", "label_size"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("target_stats", "model", "data_config", "target_norm"):
+        for name in ("target_stats", "model", "data_config", "target_norm", "label_spaces"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     def with_target_stats(self, stats: Mapping[str, Mapping[str, float]]) -> ProbeSpec:
@@ -66,7 +70,7 @@ class ProbeSpec:
                 "target_stats": _thawed(self.target_stats), "model": _thawed(self.model),
                 "is_random": self.is_random, "store_dir": self.store_dir,
                 "data_config": _thawed(self.data_config), "streaming": self.streaming,
-                "target_norm": _thawed(self.target_norm)}
+                "target_norm": _thawed(self.target_norm), "label_spaces": _thawed(self.label_spaces)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ProbeSpec:

@@ -15,6 +15,7 @@ import numpy as np
 
 from probes.common.hashing import sha256_json
 from probes.common.registry import Registry
+from probes.metrics.image_scores import DEPTH_SPACES
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,19 @@ class Labeler(ABC):
     version: str = "1"
     #: how many images a call should receive; the cache runner batches accordingly
     batch_size: int = 8
+    #: what a depth label *is* when its zero means something: ``depth`` (zero at the camera) or
+    #: ``inverse_depth`` (zero infinitely far, MiDaS' raw disparity); None for labels defined only up to
+    #: an affine map (e.g. per-image z-scored). Aligned depth metrics (AbsRel, RMSE, δ<1.25) need it; a
+    #: config can set it per labeler (``data.labels.depth.space``), e.g. for files of exact depth.
+    space: str | None = None
 
     def __init__(self, **kwargs: Any) -> None:
+        space = kwargs.get("space", type(self).space)
+        if space not in (None, *DEPTH_SPACES):
+            raise ValueError(f"data.labels.<task>.space must be one of {DEPTH_SPACES} (what the raw label is: depth "
+                             f"with zero at the camera, or inverse depth with zero infinitely far) or null; got "
+                             f"{space!r}")
+        self.space = space
         self.kwargs = kwargs
 
     def load(self, device: str = "cpu") -> None:  # noqa: B027 (an optional hook, not abstract)
@@ -80,7 +92,7 @@ class Labeler(ABC):
 
     def cache_kwargs(self) -> dict[str, Any]:
         """Arguments that change the labels (device, batch size and the like do not)."""
-        return {k: v for k, v in self.kwargs.items() if k not in {"device", "batch_size"}}
+        return {k: v for k, v in self.kwargs.items() if k not in {"device", "batch_size", "space"}}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "kwargs": self.cache_kwargs()}

@@ -113,10 +113,12 @@ class MidasLabeler(Labeler):
     (None = the HF cache: ``$HF_HUB_CACHE`` or ``$HF_HOME/hub``), ``local_files_only`` (False; also
     forced on by ``HF_HUB_OFFLINE=1``), ``dtype`` ("float32" or "float16"), ``batch_size`` (8),
     ``device`` (overrides the device given to :meth:`load`).
-    Outputs are not z-scored: the protocol's fixed normalisation belongs to the probe's target.
+    Outputs are not z-scored: the protocol's fixed normalisation belongs to the probe's target. They
+    are raw disparities (zero: infinitely far), so aligned depth metrics are fitted in inverse depth.
     """
 
     version = "1"
+    space = "inverse_depth"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -13,15 +13,18 @@ DECODED = {"noisy": "decoded_noisy", "x0": "decoded_x0"}
 CLASSIFIER = {"noisy": "classifier_noisy", "x0": "classifier_x0"}
 #: the ``task`` column of classifier rows (metrics ``top1``, ``top5``, ``prob``)
 CLASSIFICATION = "classification"
-#: the position-only baseline (``probes.metrics.position``)
-POSITION = "position"
+#: the position baselines (``probes.metrics.prior_map``): the per-pixel mean of the train labels (the
+#: headline "position" baseline) and the least-squares plane in pixel coordinates (a weaker second one)
+PRIOR, PLANE = "prior", "plane"
+POSITION_BASELINES = (PRIOR, PLANE)
 
 LATENT_WORDS = {"noisy": "decoded noisy latent x_{t-1}", "x0": "decoded predicted x0"}
 #: how each pseudo-layer is named in plots, tables, the report and the bench
 DESCRIPTIONS = {
     **{name: f"labeler on {LATENT_WORDS[latent]}" for latent, name in DECODED.items()},
     **{name: f"classifier on {LATENT_WORDS[latent]}" for latent, name in CLASSIFIER.items()},
-    POSITION: "pixel position only (baseline)",
+    PRIOR: "prior map: mean train label per pixel (position baseline)",
+    PLANE: "plane in pixel coordinates (weaker position baseline)",
 }
 NOT_PROBES = frozenset(DESCRIPTIONS)
 
@@ -29,6 +32,11 @@ NOT_PROBES = frozenset(DESCRIPTIONS)
 def describe(layer: str) -> str:
     """A pseudo-layer as a reader should see it (a probe layer is returned unchanged)."""
     return DESCRIPTIONS.get(layer, layer)
+
+
+def is_position(layer: str) -> bool:
+    """Whether ``layer`` is a position baseline (the prior map or the plane)."""
+    return layer in POSITION_BASELINES
 
 
 def is_decoded(layer: str) -> bool:

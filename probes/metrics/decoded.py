@@ -18,8 +18,12 @@ from probes.tasks import get_task
 
 
 @torch.no_grad()
-def decoded_rows(module, dm, split: str = "test", chunk: int = 4) -> list[dict]:
-    """Metric rows (pseudo-layer ``decoded_<latent>``) of the labeler on the decoded images of ``split``."""
+def decoded_rows(module, dm, split: str = "test", chunk: int = 4,
+                 per_image: dict[str, tuple[list[int], np.ndarray]] | None = None) -> list[dict]:
+    """Metric rows (pseudo-layer ``decoded_<latent>``) of the labeler on the decoded images of ``split``.
+
+    :param per_image: if given, filled per task with ``(indices, scores [N, S, M])``: one score per image.
+    """
     caches = getattr(dm, "decoded_label_caches", {})
     ds = dm.datasets.get(split)
     if not caches or ds is None:
@@ -34,6 +38,7 @@ def decoded_rows(module, dm, split: str = "test", chunk: int = 4) -> list[dict]:
             continue
         task = get_task(t)
         metric = HeadMetrics(list(task.metrics), steps, sync_on_compute=False)  # runs on rank 0 alone
+        kept = []
         for k in range(0, len(idx), chunk):
             sel = idx[k:k + chunk]
             y = module.targets(task, torch.from_numpy(np.stack([np.asarray(dm.label_caches[t].array()[i]) for i in sel])))
@@ -42,7 +47,10 @@ def decoded_rows(module, dm, split: str = "test", chunk: int = 4) -> list[dict]:
             blocks = BlockTargets.build(y, (h, w), ranks=task.kind != "binary")
             vals = task_scores(task, q > 0.5 if task.kind == "binary" else q, blocks)
             metric.update(vals, slice(0, steps))
+            kept.append(vals.cpu().numpy())
         values = metric.compute()
+        if per_image is not None and kept:
+            per_image[t] = (idx, np.concatenate(kept))
         for mi, name in enumerate(task.metrics):
             for si, step in enumerate(spec.steps):
                 rows.append({"split": split, "task": t, "layer": layer, "step": step,

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from probes.metrics.baseline_rows import PLANE, PRIOR
 from probes.metrics.image_scores import DICE_EPS
 
-PRIOR, PLANE = "prior", "plane"
+__all__ = ["PLANE", "PRIOR", "LabelMean", "PositionBaseline", "baselines_from_mean", "fit_position_baselines",
+           "plane_map", "prior_map"]
 
 
 class LabelMean:
@@ -87,7 +89,8 @@ def best_dice_threshold(score_map: np.ndarray, val_masks: np.ndarray, eps: float
 
     Exact over every distinct cut: pixels sorted by map value, the positive set of a cut is a
     prefix, and each image's intersection is a cumulative sum, so all cuts cost one pass per image.
-    Ties between cuts go to the higher threshold (fewer positives).
+    Ties between cuts go to the higher threshold (fewer positives). ``τ`` lies midway between the
+    map's values on either side of the cut (no pixel equals it); ``-inf`` when every pixel is positive.
     """
     v = np.asarray(score_map, dtype=np.float64).ravel()
     masks = np.asarray(val_masks, dtype=bool)
@@ -104,7 +107,14 @@ def best_dice_threshold(score_map: np.ndarray, val_masks: np.ndarray, eps: float
         total += (2 * inter + eps) / (k + m.sum() + eps)
     mean = np.where(cut_ok, total / masks.shape[0], -np.inf)
     best = int(np.argmax(mean))
-    tau = float(vs[best]) if best < v.size else -np.inf       # map > vs[best] keeps exactly the top `best`
+    # map > tau keeps exactly the top `best` pixels for any tau in [vs[best], vs[best-1]): the middle of that gap,
+    # so that no pixel sits *on* the cut (a head adding a tiny term to the map must not flip it)
+    if best == v.size:
+        tau = -np.inf
+    elif best == 0:
+        tau = float(vs[0]) + max(1.0, abs(float(vs[0])))
+    else:
+        tau = float((vs[best] + vs[best - 1]) / 2)
     return tau, float(mean[best])
 
 
@@ -149,7 +159,14 @@ def fit_position_baselines(train_labels: np.ndarray | Iterable[np.ndarray], val_
     :param val_labels: ``[N, H, W]`` validation masks; required for binary tasks (the threshold
         is chosen there; the test split is never an argument here).
     """
-    mean = prior_map(train_labels)
+    return baselines_from_mean(prior_map(train_labels), val_labels, binary)
+
+
+def baselines_from_mean(mean: np.ndarray, val_labels: np.ndarray | None = None,
+                        binary: bool = False) -> dict[str, PositionBaseline]:
+    """:func:`fit_position_baselines` from the train labels' mean map ``[H, W]`` (a one-pass fit
+    accumulates it: the map, the plane and the thresholds then need no second read of train)."""
+    mean = np.asarray(mean, dtype=np.float64)
     maps = {PRIOR: mean, PLANE: plane_map(mean)}
     if not binary:
         return {name: PositionBaseline(name, m, None) for name, m in maps.items()}

@@ -1,7 +1,9 @@
 """Self-contained run reports (Markdown + HTML with the plots embedded), readable without W&B.
 
-One report per run: the best (layer, step) per task and metric (picked on val), the step at
-which each task first reaches 90 % of its final score, then one section per task with its plots,
+One report per run: the best (layer, step) per task and metric (picked on val), then its headline,
+the knowledge beyond position (each task's best probe against the prior map and the plane, the gain
+over position, aligned depth metrics and emergence relative to the prior map, with bootstrap
+intervals: :mod:`probes.reporting.beyond_position`), then one section per task with its plots,
 each under a caption that says what it shows (a reader should not have to decode file names);
 when other runs are given (e.g. the permuted-weights control, or another model), a side-by-side
 comparison, and each task's section opens with the runs' curves in one figure.
@@ -18,6 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
+from probes.metrics.bootstrap import format_interval  # noqa: E402
+from probes.metrics.per_image import FILE, PerImageScores  # noqa: E402
+from probes.reporting.beyond_position import compare as compare_runs_paired  # noqa: E402
+from probes.reporting.beyond_position import markdown_section, summary_table, task_summary  # noqa: E402
 from probes.reporting.markup import MISSING, embed_png, fmt_timestep, fmt_value, html_page, table, tick_timestep  # noqa: E402
 from probes.reporting.plots import HIGHLIGHT  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
@@ -29,7 +35,6 @@ from probes.reporting.tables import (  # noqa: E402
     _curve,
     best_heads,
     can_select,
-    emergence,
     emergence_step,
     read_metrics_csv,
     reported_heads,
@@ -127,6 +132,10 @@ def task_figures(plots_dir: Path, rows: list[dict], split: str = "test") -> dict
         figs.append((plots_dir / f"{split}_{task}_{metric}_heatmap.png",
                      f"{task.capitalize()}, {name} ({split} split) of every (layer, step) probe: layers in forward "
                      f"order (down blocks, mid, up blocks), steps from noise (left) to image (right)."))
+        figs.append((plots_dir / f"{split}_{task}_{metric}_gain_heatmap.png",
+                     f"{task.capitalize()}, gain over position in {name} ({split} split) of every (layer, step): the "
+                     f"head fitted on top of the prior map minus the prior map alone (red: the activations add "
+                     f"something position does not explain; 0: nothing)."))
     for task in out:
         out[task].append((plots_dir / f"panel_{task}.png",
                           f"{task.capitalize()}: what the best probe (picked on validation) predicts at several "
@@ -160,10 +169,38 @@ def classifier_emergence(rows: list[dict], split: str = "test", fraction: float 
     return out
 
 
+def runs_beyond_position(run_dir: Path, compare: Sequence[Path], runs: dict[str, list[dict]], rows: list[dict],
+                         per_image: PerImageScores | None) -> tuple[list[str], list[str]]:
+    """Per task: every compared run against its own position baselines, and the first run minus each other
+    (paired by test image)."""
+    names = list(runs)
+    pis = [per_image] + [PerImageScores.load(Path(c) / FILE) if (Path(c) / FILE).exists() else None for c in compare]
+    loaded = {n: (runs[n], pis[k]) for k, n in enumerate(names)}
+    md: list[str] = ["## Knowledge beyond position, runs compared", ""]
+    hs: list[str] = ["<h2>Knowledge beyond position, runs compared</h2>"]
+    for task in dict.fromkeys(r["task"] for r in rows if r["layer"] == "prior"):
+        sums = {n: task_summary(r, pi, task) for n, (r, pi) in loaded.items()}
+        m, h = summary_table(sums)
+        diffs = []
+        for other in names[1:]:
+            d = compare_runs_paired(loaded[names[0]], loaded[other], task)
+            diffs.append(f"{names[0]} − {other}: best probe {_iv(d['probe'])}; gain over position {_iv(d['gain'])}")
+        md += [f"### {task}", "", m, "", *[f"- {d}" for d in diffs], ""]
+        hs += [f"<h3>{html.escape(task)}</h3>", h, "<ul>" + "".join(f"<li>{html.escape(d)}</li>" for d in diffs) + "</ul>"]
+    return md, hs
+
+
+def _iv(iv) -> str:
+    return format_interval(iv) if iv is not None else MISSING
+
+
 def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequence[Path] = (),
-                 labels: Sequence[str] | None = None, title: str | None = None) -> tuple[Path, Path]:
+                 labels: Sequence[str] | None = None, title: str | None = None,
+                 per_image: PerImageScores | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` into ``run_dir`` (plots from
-    ``run_dir/plots``; comparison plots are written there too)."""
+    ``run_dir/plots``; comparison plots are written there too). Its headline is the knowledge beyond
+    position (:mod:`probes.reporting.beyond_position`), with intervals from ``per_image`` (default: the
+    run folder's ``per_image.npz``)."""
     run_dir = Path(run_dir)
     name = labels[0] if labels else run_dir.name
     md: list[str] = [f"# {title or 'Probe report: ' + name}", ""]
@@ -188,15 +225,21 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
         hs += ["<h2>Best (layer, step) per task and metric</h2><p>Picked on the validation split; the test column "
                "is that head's test score.</p>", h]
 
-    em = emergence(rows) + classifier_emergence(rows)
-    m, h = table(["task", "metric", "curve", "emergence step", "timestep", "score there", "final score"],
-                  [[e["task"], e["metric"], e["curve"], *_emergence_cells(e)] for e in em])
-    definition = ("The emergence step is the first step whose score reaches 90 % of the score at the last step. "
-                  "A curve whose last score is below 90 % of its peak never emerges in that sense: the table "
-                  "says where it peaks and that it declines. A curve ending at or below 0 never emerges.")
-    md += ["## Emergence: first step reaching 90 % of the final score (test)", "", definition, "", m, ""]
-    hs += ["<h2>Emergence: first step reaching 90 % of the final score (test)</h2>",
-           f"<p>{html.escape(definition)}</p>", h]
+    if per_image is None and (run_dir / FILE).exists():
+        per_image = PerImageScores.load(run_dir / FILE)
+    md_b, hs_b = markdown_section(rows, per_image, name)
+    md += md_b
+    hs += hs_b
+    em = classifier_emergence(rows)
+    if em:
+        m, h = table(["task", "metric", "curve", "emergence step", "timestep", "score there", "final score"],
+                      [[e["task"], e["metric"], e["curve"], *_emergence_cells(e)] for e in em])
+        definition = ("The classifier's curves have no position baseline: their emergence step is the first step "
+                      "whose score reaches 90 % of the score at the last step (a curve ending below 90 % of its "
+                      "peak never emerges in that sense).")
+        md += ["## Emergence of the classifier on decoded images (test)", "", definition, "", m, ""]
+        hs += ["<h2>Emergence of the classifier on decoded images (test)</h2>",
+               f"<p>{html.escape(definition)}</p>", h]
 
     if compare:
         runs = {name: rows}
@@ -219,6 +262,9 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
         m, h = table(header, body)
         md += ["## Runs compared", "", m, ""]
         hs += ["<h2>Runs compared</h2>", h]
+        md_c, hs_c = runs_beyond_position(run_dir, compare, runs, rows, per_image)
+        md += md_c
+        hs += hs_c
         for task, metric in pairs:
             if metric in LOWER_IS_BETTER:
                 continue

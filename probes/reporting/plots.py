@@ -16,13 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
+from probes.metrics.baseline_rows import CLASSIFICATION, PRIOR, describe, is_decoded, latent_of  # noqa: E402
 from probes.reporting.markup import fmt_value, tick_timestep  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
     NO_SELECTION,
     NOT_PROBES,
     NOT_SCORES,
     _curve,
+    best_heads,
     reported_heads,
 )
 from probes.tasks import LOWER_IS_BETTER, get_task  # noqa: E402
@@ -162,18 +163,27 @@ def _has_val(rows: list[dict], task: str, metric: str) -> bool:
     return any(r["split"] == "val" and r["task"] == task and r["metric"] == metric for r in rows)
 
 
-def plot_heatmap(rows: list[dict], split: str, task: str, metric: str, path: Path, title_suffix: str = "") -> Path:
+def plot_heatmap(rows: list[dict], split: str, task: str, metric: str, path: Path, title_suffix: str = "",
+                 column: str = "value") -> Path:
+    """Layer x step heatmap of the probes' ``column``: ``value`` (the score) or ``gain`` (the activation+prior
+    head's score minus the prior map's: what the activations add to position; centred at 0)."""
     # probes only: the decoded-image baseline is in the line plot, and would dominate the colour scale
-    sel = [r for r in _select(rows, split=split, task=task, metric=metric) if r["layer"] not in NOT_PROBES]
+    sel = [r for r in _select(rows, split=split, task=task, metric=metric) if r["layer"] not in NOT_PROBES
+           and column in r]
     layers = list(dict.fromkeys(r["layer"] for r in sel))
     steps = sorted({r["step"] for r in sel})
     ts = {r["step"]: r["timestep"] for r in sel}
     grid = np.full((len(layers), len(steps)), np.nan)
     for r in sel:
-        grid[layers.index(r["layer"]), steps.index(r["step"])] = r["value"]
+        grid[layers.index(r["layer"]), steps.index(r["step"])] = r[column]
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(steps), 1.2 + 0.36 * len(layers)))
-    cmap = "viridis_r" if metric in LOWER_IS_BETTER else "viridis"
-    im = ax.imshow(grid, aspect="auto", cmap=cmap)
+    if column == "gain":
+        lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+        cmap = "RdBu" if metric in LOWER_IS_BETTER else "RdBu_r"
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-lim or -1, vmax=lim or 1)
+    else:
+        cmap = "viridis_r" if metric in LOWER_IS_BETTER else "viridis"
+        im = ax.imshow(grid, aspect="auto", cmap=cmap)
     for i in range(len(layers)):
         for j in range(len(steps)):
             if np.isfinite(grid[i, j]):
@@ -185,8 +195,9 @@ def plot_heatmap(rows: list[dict], split: str, task: str, metric: str, path: Pat
     ax.set_xticks(range(len(steps)))
     ax.set_xticklabels([f"{s}\n{tick_timestep(ts[s])}" for s in steps], fontsize=7)
     ax.set_xlabel("denoising step (top) / scheduler timestep t (bottom)")
-    ax.set_title(f"{task}: {metric} ({split}), layer x step{title_suffix}", fontsize=9, loc="left")
-    fig.colorbar(im, ax=ax, label=metric)
+    what = f"gain over position in {metric} (activations + prior map − prior map)" if column == "gain" else metric
+    ax.set_title(f"{task}: {what} ({split}), layer x step{title_suffix}", fontsize=9, loc="left")
+    fig.colorbar(im, ax=ax, label=f"gain in {metric}" if column == "gain" else metric)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -214,6 +225,14 @@ def emergence_curves(rows: list[dict], task: str, split: str = "test") -> dict[s
         how = "picked on val" if head[0].get("selected_on") == "val" else str(head[0].get("selected_on"))
         out["probe"] = _curve(rows, split, task, metric, head[0]["layer"])
         out["probe_label"] = f"probe, layer {head[0]['layer']} ({how})"
+    gain_head = [b for b in best_heads(rows, column="with_prior") if b["task"] == task and b["metric"] == metric]
+    if gain_head:
+        sel = sorted((r["step"], r["timestep"], r["with_prior"]) for r in rows if r["split"] == split
+                     and r["task"] == task and r["metric"] == metric and r["layer"] == gain_head[0]["layer"]
+                     and "with_prior" in r)
+        out["with_prior"] = sel
+        out["with_prior_label"] = f"activations + prior map, layer {gain_head[0]['layer']} (picked on val)"
+    out["prior"] = _curve(rows, split, task, metric, PRIOR)
     decoded = next((r["layer"] for r in rows if r["task"] == task and r["split"] == split and is_decoded(r["layer"])), None)
     if decoded:
         out["labeler"], out["labeler_layer"] = _curve(rows, split, task, metric, decoded), decoded
@@ -238,7 +257,7 @@ def plot_emergence(rows: list[dict], task: str, path: Path, split: str = "test",
         return None
     metric = get_task(task).primary
     fig, ax = plt.subplots(figsize=(9, 5))
-    drawn = [c[k] for k in ("probe", "labeler", "classifier prob", "classifier top-1") if k in c]
+    drawn = [c[k] for k in ("probe", "with_prior", "prior", "labeler", "classifier prob", "classifier top-1") if k in c]
     ts = {s: t for curve in drawn for s, t, _ in curve}
     steps = sorted(ts)
 
@@ -246,6 +265,10 @@ def plot_emergence(rows: list[dict], task: str, path: Path, split: str = "test",
         axis.plot([p[0] for p in c[key]], [p[2] for p in c[key]], style, **kw)
 
     line(ax, "probe", "-o", lw=2.4, ms=4, color="tab:blue", label=c["probe_label"])
+    if "with_prior" in c:
+        line(ax, "with_prior", "-d", lw=1.8, ms=4, color="tab:green", label=c["with_prior_label"])
+    if "prior" in c:
+        line(ax, "prior", "--", lw=1.6, color="grey", label=describe(PRIOR))
     if "labeler" in c:
         line(ax, "labeler", "-s", lw=2.2, ms=4, color="black", label=describe(c["labeler_layer"]))
     ax.set_ylabel(f"{metric} ({split} split)")
@@ -280,6 +303,9 @@ def plot_all(rows: list[dict], out_dir: Path, split: str = "test", title_suffix:
     for task, metric in pairs:
         paths.append(plot_metric_vs_step(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_vs_step.png", title_suffix))
         paths.append(plot_heatmap(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_heatmap.png", title_suffix))
+        if any("gain" in r for r in _select(rows, split=split, task=task, metric=metric)):
+            paths.append(plot_heatmap(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_gain_heatmap.png",
+                                      title_suffix, column="gain"))
     for task in dict.fromkeys(t for t, _ in pairs):
         figure = plot_emergence(rows, task, out_dir / f"emergence_{task}.png", split, title_suffix)
         if figure is not None:

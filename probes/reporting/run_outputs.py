@@ -16,6 +16,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from probes.export.probeset import write_export
+from probes.metrics.per_image import FILE
 from probes.reporting.html import write_report
 from probes.reporting.panels import panel_indices, plot_panel
 from probes.reporting.plots import plot_all
@@ -71,6 +72,8 @@ class RunOutputs(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         rows, best, spec_random = results.rows, results.best, bool(results.summary["is_random"])
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")
+        if results.per_image is not None:
+            self.written["per_image"] = results.per_image.save(out / FILE)
         (out / "summary.json").write_text(json.dumps(results.summary, indent=1, default=str))
         if results.export is not None:
             self.written["probes"] = write_export(results.export, out / "probes")
@@ -91,6 +94,6 @@ class RunOutputs(pl.Callback):
         for logger in loggers:
             log_results = getattr(logger, "log_results", None)
             if callable(log_results):
-                log_results(rows, best, self.written, results.panels)
+                log_results(rows, best, self.written, results.panels, results.per_image)
         print(format_table(rows, spec_random), flush=True)
         print(f"\nOutputs: {out.resolve()}  (report.html, metrics.csv, probes/, plots/, summary.json)", flush=True)

@@ -19,7 +19,9 @@ from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
 from probes.reporting.markup import fmt_timestep, fmt_value
 from probes.tasks import LOWER_IS_BETTER, better
 
-COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value"]
+COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value", "with_prior", "gain"]
+#: the columns read as numbers when present (``with_prior``, ``gain``: empty where a row has none)
+OPTIONAL_NUMBERS = ("with_prior", "gain")
 #: rows of metrics.csv that are not scores (no best head is picked on them)
 NOT_SCORES = {"loss", "ridge_lambda"}
 #: pseudo-layers that are not probes (labeler / classifier on decoded intermediate images, position)
@@ -42,9 +44,17 @@ def write_metrics_csv(rows: Iterable[dict], path: Path) -> Path:
 
 
 def read_metrics_csv(path: Path) -> list[dict]:
+    out = []
     with open(path, newline="") as f:
-        return [{**r, "step": int(r["step"]), "timestep": float(r["timestep"]), "value": float(r["value"])}
-                for r in csv.DictReader(f)]
+        for r in csv.DictReader(f):
+            row = {**r, "step": int(r["step"]), "timestep": float(r["timestep"]), "value": float(r["value"])}
+            for c in OPTIONAL_NUMBERS:
+                if row.get(c) in (None, ""):
+                    row.pop(c, None)
+                else:
+                    row[c] = float(row[c])
+            out.append(row)
+    return out
 
 
 def can_select(rows: list[dict]) -> bool:
@@ -52,11 +62,12 @@ def can_select(rows: list[dict]) -> bool:
     return any(r["split"] == SELECT_SPLIT for r in rows)
 
 
-def best_heads(rows: list[dict], select_split: str = SELECT_SPLIT) -> list[dict]:
+def best_heads(rows: list[dict], select_split: str = SELECT_SPLIT, column: str = "value") -> list[dict]:
     """Per (task, metric): the (layer, step) best on ``select_split`` and its value on every split.
 
     Empty when ``rows`` have no ``select_split`` scores (a run without validation split): nothing
     is picked rather than picking on test. Selecting on ``test`` is refused outright.
+    ``column="with_prior"`` picks among the activation+prior heads (the gain's heads) instead.
     """
     if select_split == "test":
         raise ValueError("best_heads: selecting on the test split is refused (its scores would be biased upwards); "
@@ -77,18 +88,18 @@ def best_heads(rows: list[dict], select_split: str = SELECT_SPLIT) -> list[dict]
                          f"probes; rerun (training stops on them, naming the file and the sample).")
     for task, metric in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES):
         cands = [r for r in rows if r["split"] == select_split and r["task"] == task and r["metric"] == metric
-                 and r["layer"] not in NOT_PROBES]
+                 and r["layer"] not in NOT_PROBES and column in r]
         if not cands:
             continue
         best = cands[0]
         for r in cands[1:]:
-            if better(metric, r["value"], best["value"]):
+            if better(metric, r[column], best[column]):
                 best = r
         entry = {"task": task, "metric": metric, "layer": best["layer"], "step": best["step"],
                  "timestep": best["timestep"], "selected_on": select_split}
         for s in splits:
             hit = index.get((s, task, metric, best["layer"], best["step"]))
-            entry[s] = hit["value"] if hit else float("nan")
+            entry[s] = hit.get(column, float("nan")) if hit else float("nan")
         out.append(entry)
     return out
 

@@ -61,8 +61,9 @@ class WandbLogger(_WandbLogger):
         self.is_offline = offline
 
     def log_results(self, rows: list[dict], best: list[dict], written: dict[str, Any],
-                    panels: dict[str, dict[str, Any]] | None = None) -> None:
-        """Final results: tables, custom charts, plots, prediction panels and the probe artifact."""
+                    panels: dict[str, dict[str, Any]] | None = None, per_image: Any = None) -> None:
+        """Final results: tables, custom charts, plots, prediction panels, the knowledge beyond position
+        (with bootstrap intervals) and the probe artifact."""
         import wandb
 
         from probes.reporting import wandb_tables as wandb_report
@@ -74,6 +75,9 @@ class WandbLogger(_WandbLogger):
             payload["results/best"] = wandb.Table(columns=list(best[0]), data=[
                 [round(v, 1) if k == "timestep" else v for k, v in b.items()] for b in best])
         payload.update(wandb_report.charts(rows))
+        beyond = wandb_report.beyond_position_table(rows, per_image)
+        if beyond is not None:
+            payload["results/beyond_position"] = beyond
         for path in written.get("plots", []):
             payload[f"plots/{Path(path).stem}"] = wandb.Image(str(path))
         for task, panel in (panels or {}).items():

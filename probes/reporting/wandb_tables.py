@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.reporting.beyond_position import summarize
 from probes.reporting.markup import tick_timestep
 from probes.reporting.tables import COLUMNS, NOT_SCORES
 
@@ -23,7 +24,7 @@ ARTIFACT_TYPE = "probes"
 def metrics_table(rows: list[dict]):
     import wandb
 
-    return wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
+    return wandb.Table(columns=COLUMNS, data=[[r.get(c) for c in COLUMNS] for r in rows])
 
 
 def charts(rows: list[dict], split: str = "test") -> dict[str, Any]:
@@ -76,3 +77,33 @@ def probe_artifact(export_dir: Path, name: str):
         "steps": sorted({p["step"] for p in probes}), "num_probes": len(probes), "best": meta.get("best", [])})
     art.add_dir(str(export_dir))
     return art
+
+
+#: columns of ``results/beyond_position``: per task, each estimate with its interval
+BEYOND_COLUMNS = ["task", "metric", "n", "quantity", "head", "estimate", "low", "high", "distinguishable", "text"]
+
+
+def beyond_position_rows(rows: list[dict], per_image: Any = None) -> list[list[Any]]:
+    """Rows of ``results/beyond_position``: probe, prior, plane, differences and the gain, with intervals."""
+    out = []
+    for s in summarize(rows, per_image):
+        heads = {"probe": s["probe_head"], "with_prior": s["gain_head"], "probe − prior": s["probe_head"],
+                 "probe − plane": s["probe_head"], "gain": s["gain_head"]}
+        for name, iv in s["intervals"].items():
+            h = heads.get(name)
+            head = f"{h['layer']} @ {h['step']}" if h else ""
+            if iv is None:
+                point = s["point"].get(name)
+                out.append([s["task"], s["metric"], s["n"], name, head, point, None, None, None, ""])
+            else:
+                out.append([s["task"], s["metric"], iv.n, name, head, iv.estimate, iv.low, iv.high,
+                            iv.distinguishable, str(iv)])
+    return out
+
+
+def beyond_position_table(rows: list[dict], per_image: Any = None):
+    """The knowledge beyond position as a ``wandb.Table`` (None when the run has no position baselines)."""
+    import wandb
+
+    data = beyond_position_rows(rows, per_image)
+    return wandb.Table(columns=BEYOND_COLUMNS, data=data) if data else None

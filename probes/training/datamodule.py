@@ -309,7 +309,9 @@ class ActivationDataModule(pl.LightningDataModule):
             label_size=(store.manifest["generation"]["height"], store.manifest["generation"]["width"]),
             target_stats=stats, model=store.manifest["model"], is_random=bool(store.manifest["model"]["is_random"]),
             store_dir=str(store_dir), data_config=self.config(), streaming=self.streaming,
-            target_norm=self.target_norm)
+            target_norm=self.target_norm,
+            label_spaces={t: lab.space for t, lab in labelers.items()
+                          if lab.space is not None and get_task(t).kind == "regression"})
 
     def loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

@@ -139,3 +139,51 @@ def binary_loss(logits: Tensor, positive_fraction: Tensor) -> Tensor:
     lsm = torch.log_softmax(logits, dim=-1)
     f = positive_fraction.unsqueeze(1).to(lsm.dtype)
     return -(f * lsm[..., 1] + (1 - f) * lsm[..., 0]).mean(-1)
+
+
+def upsample_tokens(q: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Token values ``[..., T]`` -> ``[..., H, W]``, each token filling its block (nearest upsampling)."""
+    h, w = grid
+    hh, ww = size
+    lead = q.shape[:-1]
+    return q.reshape(*lead, h, 1, w, 1).expand(*lead, h, hh // h, w, ww // w).reshape(*lead, hh, ww)
+
+
+class GainBank(ProbeBank):
+    """Activation+prior heads: per (step, layer) a token-wise probe ``C -> 1`` plus the head's own weight
+    ``a`` of the prior map (``prior_weight``, one per step; initialised to 1), predicting
+    ``up(x w) + a * prior`` (:mod:`probes.metrics.offset_heads`)."""
+
+    def __init__(self, layers: Sequence[LayerInfo], num_steps: int, bias: bool = False) -> None:
+        super().__init__(layers, num_steps, 1, bias=bias)
+        self.prior_weight = nn.ParameterDict({layer_key(l.name): nn.Parameter(torch.ones(num_steps))
+                                              for l in self.layers})
+
+    def scale(self, name: str) -> Tensor:
+        """``[S]`` the prior's weight in each step's head of layer ``name``."""
+        return self.prior_weight[layer_key(name)]
+
+
+def offset_pixels(q: Tensor, grid: tuple[int, int], offset: Tensor, scale: Tensor) -> Tensor:
+    """``up(q) + a * offset``: ``q [B, K, T]``, ``offset [H, W]``, ``scale [K]`` -> ``[B, K, H, W]``."""
+    up = upsample_tokens(q, grid, tuple(offset.shape))
+    return up + scale.to(up.dtype)[:, None, None] * offset.to(up.dtype)
+
+
+def offset_binary_loss(logits: Tensor, grid: tuple[int, int], offset: Tensor, scale: Tensor, mask: Tensor) -> Tensor:
+    """Per-image cross-entropy of pixel logits ``up(logits) + a * offset`` against a 0/1 ``mask`` -> ``[B, K]``.
+
+    The offset (the prior's logit minus its threshold's) varies within a token's block, so this is a
+    mean over pixels, not blocks.
+    """
+    z = offset_pixels(logits, grid, offset, scale)
+    y = mask.unsqueeze(1).to(z.dtype)
+    return (torch.nn.functional.softplus(z) - y * z).mean((-2, -1))
+
+
+def offset_regression_loss(pred: Tensor, grid: tuple[int, int], offset: Tensor, scale: Tensor, target: Tensor,
+                           delta: float = 1.0) -> Tensor:
+    """Per-image Huber loss ``[B, K]`` of ``up(pred) + a * offset`` against ``target [B, H, W]``, over pixels."""
+    z = offset_pixels(pred, grid, offset, scale)
+    return torch.nn.functional.huber_loss(z, target.unsqueeze(1).to(z.dtype).expand_as(z), reduction="none",
+                                          delta=delta).mean((-2, -1))

@@ -63,7 +63,8 @@ class MeanDifferenceProbeModule(RidgeProbeModule):
     selects_lambda = False
 
     def __init__(self, tasks: list[str] | None = None, threshold: float = 0.0) -> None:
-        super().__init__(tasks=tasks, lambdas=(0.0,), threshold=threshold)
+        # no activation+prior heads yet: the mean difference of the residual z - P is not fitted here
+        super().__init__(tasks=tasks, lambdas=(0.0,), threshold=threshold, gain=False)
 
     def build(self, spec) -> None:
         ProbeModule.build(self, spec)          # no λ grid to score

@@ -11,6 +11,13 @@ within-block variance is a constant), so this is exact least squares on the prot
 - Foreground: least squares on ``2 f - 1`` (``f`` = a token's share of positive pixels), exported
   as two logits ``[-w/2, w/2]`` so the positive class is ``Xw > 0``, like the SGD probe's argmax.
 
+**Gain over position.** The same pass also keeps, per layer, the per-position sums of the
+activations and, per task, the per-pixel sums of the labels: the sufficient statistics of a ridge
+probe fitted on top of the prior map (the prior as a fixed offset, :mod:`probes.metrics.prior_ridge`).
+Those activation+prior heads get their own λ on validation (by the headline metric, scored at pixel
+level since the prior varies within a token's block; binary heads are thresholded where the prior is,
+at its validation-picked threshold) and report ``score(activations + prior) - score(prior)``.
+
 After the pass, each layer's Gram matrices are eigendecomposed once and ``W(λ)`` is formed for
 every λ of the grid (λ relative to the mean eigenvalue, so one grid fits every layer). Validation
 scores every λ of every head; each head keeps the λ with the best validation headline metric.
@@ -21,13 +28,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from probes.metrics.exact import BlockTargets, HeadMetrics, block_mean
-from probes.tasks import LOWER_IS_BETTER, get_task
+from probes.metrics.offset_heads import OffsetTargets, offset_head_scores, offset_pearson
+from probes.metrics.prior_map import PRIOR, baselines_from_mean
+from probes.metrics.prior_ridge import solve_prior_ridge
+from probes.tasks import LOWER_IS_BETTER, Task, get_task
 from probes.training.heads import layer_key
 from probes.training.module import ProbeModule, check_binary_fraction
+from probes.training.per_image import all_ranks
 
 DEFAULT_LAMBDAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -44,28 +56,60 @@ class RidgeProbeModule(ProbeModule):
     :param tasks: tasks to probe; default every task the data has labels for.
     :param lambdas: ridge strengths, relative to the mean eigenvalue of each head's ``XᵀX``.
     :param threshold: a binary task's label is positive where ``label > threshold``.
+    :param gain: also fit every head on top of the prior map, from the same pass (module docstring).
     """
 
     binary_fit_loss = "squared"      # least squares on 2f - 1
+    gain_before_fit = False          # the prior map is accumulated in the pass itself
     #: whether the probes get a bias (subclasses fitting an offset set it)
     probe_bias = False
     #: whether fitting picks something (λ) on the validation split, so that it needs one
     selects_lambda = True
 
     def __init__(self, tasks: list[str] | None = None, lambdas: tuple[float, ...] = DEFAULT_LAMBDAS,
-                 threshold: float = 0.0) -> None:
-        super().__init__(tasks=tasks, lr=None, bias=self.probe_bias, threshold=threshold, selection="last")
+                 threshold: float = 0.0, gain: bool = True) -> None:
+        super().__init__(tasks=tasks, lr=None, bias=self.probe_bias, threshold=threshold, selection="last", gain=gain)
         self.save_hyperparameters()
         self.hparams.update(lr=None, bias=self.probe_bias, huber_delta=1.0, selection="last")  # the base class reads these
         self.automatic_optimization = False
         self._sums: dict[str, Tensor] = {}
         self._candidates: dict[str, dict[str, Tensor]] = {}
         self.chosen_lambda: dict[str, Tensor] = {}
+        #: activation+prior candidates per task and layer: weights ``[K, S, C]``, the prior's weights ``[K, S]``,
+        #: and the train mean maps (target space)
+        self._gain_candidates: dict[str, dict[str, Tensor]] = {}
+        self._gain_scales: dict[str, dict[str, Tensor]] = {}
+        self._means: dict[str, np.ndarray] = {}
+        self.chosen_gain_lambda: dict[str, Tensor] = {}
+        #: validation outputs of every activation+prior candidate and the validation targets, kept until the
+        #: end of validation: a binary head is cut at the prior's threshold, picked on *all* validation masks
+        self._val_stash: dict[str, dict[str, list[Tensor]]] = {}
+        self._val_targets: dict[str, list[Tensor]] = {}
+
+    @property
+    def fits_gain(self) -> bool:
+        return bool(self.hparams.get("gain", False)) and bool(self.gain_banks)
 
     def build(self, spec) -> None:
         super().build(spec)
         heads = len(spec.layers) * len(spec.steps) * len(self.hparams.lambdas)
         self.ridge_val = torch.nn.ModuleDict({t: HeadMetrics(list(get_task(t).metrics), heads) for t in self.banks})
+
+    def gain_metric_names(self, task: Task) -> list[str]:
+        return list(task.metrics)       # nothing is selected by a loss: no loss column
+
+    def _gain_loss(self, task, g, y, grid, offset, residual_blocks):
+        return None                     # fitted in closed form: no loss at test
+
+    def gain_offset(self, task: Task) -> Tensor:
+        """Regression: the prior in z-units. Binary: the prior's positive frequency minus its validation
+        threshold; the bank holds ``w/2`` (the ``2f - 1`` fit halved, in frequency units), so a head is
+        positive where ``x w/2 + a (P - τ) > 0``: with ``w = 0`` exactly where the prior is."""
+        prior = self.position[task.name][PRIOR]
+        m = torch.from_numpy(np.asarray(prior.map, dtype=np.float64))
+        if task.kind != "binary":
+            return m
+        return m - (prior.threshold if prior.threshold != float("-inf") else -1.0)   # -inf: every pixel positive
 
     def configure_optimizers(self) -> None:
         return None
@@ -98,6 +142,8 @@ class RidgeProbeModule(ProbeModule):
                 self._add(f"count/{layer.name}", torch.tensor(float(x.shape[0] * x.shape[2]), device=x.device))
                 sx = x.sum(dim=(0, 2))                                                   # [S, C]
                 self._add(f"sumx/{layer.name}", sx)
+                if self.fits_gain:
+                    self._add(f"sumxpos/{layer.name}", x.sum(0))                          # [S, T, C]
                 finite[("*", layer.name)] = torch.isfinite(sx).all(-1)   # a sum is finite iff its terms are
             for t in self.banks:
                 task = get_task(t)
@@ -106,6 +152,9 @@ class RidgeProbeModule(ProbeModule):
                 for layer in self.spec.layers:
                     finite[(t, layer.name)] = ok.expand(len(self.spec.steps))
                 y = (raw > self.hparams.threshold).to(torch.float64) if task.kind == "binary" else raw
+                if self.fits_gain:
+                    self._add(f"ypix/{t}", y.sum(0))                                       # [H, W]
+                    self._add(f"nimages/{t}", torch.tensor(float(y.shape[0]), device=y.device))
                 if task.kind == "regression":
                     self._add(f"ysum/{t}", raw.sum())
                     self._add(f"ysq/{t}", (raw * raw).sum())
@@ -158,6 +207,65 @@ class RidgeProbeModule(ProbeModule):
                         bank.weight[layer_key(layer.name)].copy_(as_bank_weight(w, kind))
                     self.chosen_lambda[t] = torch.full((len(self.spec.layers), steps), self.hparams.lambdas[mid])
 
+    # -- activation+prior heads: λ per head on validation ----------------------------------
+    def _select_gain(self, rows: list[dict[str, Any]]) -> None:
+        """Fit the position baselines (binary thresholds on all validation masks), pick every activation+prior
+        head's λ on validation, write the gain banks, and add the chosen heads' validation scores to ``rows``
+        (column ``with_prior``).
+
+        λ is picked by Dice for binary heads (cut at the prior's threshold) and by Pearson for regression
+        heads: exact at pixel level from block statistics, where Spearman would rank every pixel of every
+        candidate; the chosen heads are then scored with every metric, Spearman included.
+        """
+        steps, nl, k = len(self.spec.steps), len(self.spec.layers), len(self.hparams.lambdas)
+        lambdas = torch.tensor(self.hparams.lambdas, dtype=torch.float64)
+        index = {(r["task"], r["layer"], r["step"], r["metric"]): r for r in rows}
+        for t, bank in self.gain_banks.items():
+            task = get_task(t)
+            parts = self._val_targets.pop(t, [])
+            y = torch.cat(parts) if parts else torch.zeros(0, *self.spec.label_size)
+            if task.kind == "binary":
+                masks = torch.cat([m for m in all_ranks(y > 0.5) if len(m)])
+                self.position[t] = baselines_from_mean(self._means[t], masks.numpy(), binary=True)
+            else:
+                self.position[t] = baselines_from_mean(self._means[t], None, binary=False)
+            offset = self.gain_offset(task)
+            chosen = torch.zeros(nl, steps, dtype=torch.long)
+            for li, layer in enumerate(self.spec.layers):
+                grid = tuple(layer.grid)
+                stash = self._val_stash.get(t, {}).get(layer.name, [])
+                q = torch.cat(stash) if stash else torch.zeros(0, k, steps, layer.grid[0] * layer.grid[1])
+                flat = q.reshape(q.shape[0], k * steps, -1)
+                a = self._gain_scales[t][layer.name].cpu()                                  # [K, S]
+                if task.kind == "binary":
+                    sel = offset_head_scores(task, flat, grid, offset, y, a.reshape(-1))[..., 0]
+                else:
+                    sel = offset_pearson(flat, OffsetTargets.build(y, grid, offset), a.reshape(-1))
+                best = self._reduce_mean(sel, len(y)).reshape(k, steps).nan_to_num(nan=float("-inf")).argmax(0)
+                chosen[li] = best
+                pick = (best, torch.arange(steps))
+                heads = q[:, pick[0], pick[1]]                                              # [N, S, T]
+                full = self._reduce_mean(offset_head_scores(task, heads, grid, offset, y, a[pick]), len(y))  # [S, M]
+                w = self._gain_candidates[t][layer.name]
+                with torch.no_grad():
+                    bank.weight[layer_key(layer.name)].copy_(w[best.to(w.device), torch.arange(steps, device=w.device)]
+                                                             .unsqueeze(-1))
+                    bank.prior_weight[layer_key(layer.name)].copy_(a[pick])
+                for si, step in enumerate(self.spec.steps):
+                    for mi, m in enumerate(task.metrics):
+                        index[(t, layer.name, step, m)]["with_prior"] = float(full[si, mi])
+                    index[(t, layer.name, step, "ridge_lambda")]["with_prior"] = float(lambdas[best[si]])
+            self.chosen_gain_lambda[t] = lambdas[chosen]
+        self._val_stash.clear()
+        self.gain_active = True
+
+    def _reduce_mean(self, values: Tensor, n: int) -> Tensor:
+        """Mean over the images of every rank of per-image ``values [n, ...]``."""
+        total = self.trainer.strategy.reduce(values.to(torch.float64).sum(0).to(self.device), reduce_op="sum")
+        count = self.trainer.strategy.reduce(torch.tensor(float(n), dtype=torch.float64, device=self.device),
+                                             reduce_op="sum")
+        return (total / count.clamp_min(1)).cpu()
+
     def target_stats_from(self, sums: dict[str, Tensor]) -> dict[str, dict[str, float]]:
         """Regression tasks' train-split pixel mean and std, from the pass's (all-reduced) sums."""
         stats = {}
@@ -200,7 +308,31 @@ class RidgeProbeModule(ProbeModule):
                 proj = torch.einsum("scd,sc->sd", evecs, rhs)                               # Qᵀ b
                 w = torch.einsum("sdc,ksc->ksd", evecs, proj[None] / (evals[None] + scale))  # [K, S, C]
                 self._candidates.setdefault(t, {})[layer.name] = w.to(torch.float32)
+        if self.fits_gain:
+            self._solve_gain(sums, lambdas)
         self._sums.clear()
+
+    def _solve_gain(self, sums: dict[str, Tensor], lambdas: Tensor) -> None:
+        """Every head on top of the prior map, for every λ, from the pass's sums: the prior is an extra,
+        unpenalised input with its own weight (``mode="input"``), so a head is never worse on train than
+        the prior alone nor than the activations alone."""
+        for t in self.banks:
+            task = get_task(t)
+            n = int(round(float(sums[f"nimages/{t}"])))
+            if task.kind == "binary":
+                shift, scale = 0.5, 0.5                                  # z = 2f - 1
+            else:
+                st = self.spec.target_stats[t]
+                shift, scale = st["mean"], st["std"]
+            for layer in self.spec.layers:
+                sol = solve_prior_ridge(sums[f"gram/{layer.name}"], sums[f"sumxpos/{layer.name}"],
+                                        sums[f"xy/{t}/{layer.name}"], sums[f"ypix/{t}"], n, tuple(layer.grid),
+                                        tuple(float(v) for v in lambdas), "input", shift=shift, scale=scale)
+                w = sol.w / 2 if task.kind == "binary" else sol.w                  # binary: frequency units
+                self._gain_candidates.setdefault(t, {})[layer.name] = w.to(torch.float32)
+                self._gain_scales.setdefault(t, {})[layer.name] = sol.prior_coef.to(torch.float32)   # [K, S]
+            mean = sums[f"ypix/{t}"] / n
+            self._means[t] = (mean if task.kind == "binary" else (mean - shift) / scale).cpu().numpy()
 
     # -- λ selection on validation ---------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -229,6 +361,12 @@ class RidgeProbeModule(ProbeModule):
                 for ki in range(k):
                     start = (ki * nl + li) * steps
                     self.ridge_val[t].update(vals[:, ki], slice(start, start + steps))
+                if self._gain_candidates:
+                    q = torch.einsum("bstc,ksc->bkst", acts[layer.name].to(torch.float32),
+                                     self._gain_candidates[t][layer.name])
+                    self._val_stash.setdefault(t, {}).setdefault(layer.name, []).append(q.cpu())
+            if self._gain_candidates:
+                self._val_targets.setdefault(t, []).append(y.cpu())
         self._check_finite(finite, "val", batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -257,6 +395,8 @@ class RidgeProbeModule(ProbeModule):
                         for mi, m in enumerate(task.metrics):
                             rows.append({**base, "metric": m, "value": float(vals[mi, best[li, si], li, si])})
                         rows.append({**base, "metric": "ridge_lambda", "value": float(self.chosen_lambda[t][li, si])})
+        if self._gain_candidates:
+            self._select_gain(rows)
         self.results["val"] = rows
         self.log_dict({f"val/{r['task']}/{r['metric']}/{r['layer']}/step_{r['step']:02d}": r["value"] for r in rows},
                       rank_zero_only=True)

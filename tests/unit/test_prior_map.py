@@ -73,7 +73,9 @@ def test_the_binary_threshold_is_picked_on_val_not_on_test():
     def best_on(masks):
         return max(np.unique(prior), key=lambda c: dice(np.broadcast_to(prior > c, masks.shape), masks).mean())
 
-    assert base[PRIOR].threshold == pytest.approx(best_on(val))
+    tau = base[PRIOR].threshold
+    assert np.array_equal(prior > tau, prior > best_on(val))          # the same cut, placed mid-gap
+    assert not np.isin(tau, prior)                                    # no pixel sits on it
     assert best_on(test) != pytest.approx(best_on(val))              # the two splits disagree here
     assert base[PLANE].threshold is not None
     assert "test" not in inspect.signature(fit_position_baselines).parameters
