@@ -19,6 +19,7 @@ ORDER: tuple[str, ...] = (
     "probes.diffusion",    # the diffusion model: loading, tokenizer, layer registry, hooks
     "probes.generation",   # sampling + capture hooks
     "probes.store",        # the activation store, the stage that fills it, its disk estimate
+    "probes.replay",       # another U-Net run on a recorded trajectory (the same-image controls)
     "probes.labels",       # pseudo-labelers, the label cache, the labelling stage
     "probes.contract",     # what the data side hands the probes (ProbeSpec)
     "probes.training",     # data module, datasets, probe banks, SGD/ridge/mean-difference modules

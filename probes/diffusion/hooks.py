@@ -29,12 +29,19 @@ class ModuleHooks:
         """``(module path, forward pre-hook)`` pairs (``""`` is the U-Net itself)."""
         return ()
 
+    def kwarg_pre_hooks(self) -> Iterable[tuple[str, Callable[..., Any]]]:
+        """``(module path, forward pre-hook)`` pairs whose hook also receives the call's keyword arguments
+        (``hook(module, args, kwargs)``): what a recorder of the U-Net's inputs needs."""
+        return ()
+
     def __enter__(self):
         self._handles: list[Any] = []
         for path, fn in self.hooks():
             self._handles.append(self.unet.get_submodule(path).register_forward_hook(fn))
         for path, fn in self.pre_hooks():
             self._handles.append(self.unet.get_submodule(path).register_forward_pre_hook(fn))
+        for path, fn in self.kwarg_pre_hooks():
+            self._handles.append(self.unet.get_submodule(path).register_forward_pre_hook(fn, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:

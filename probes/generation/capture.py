@@ -41,11 +41,15 @@ class ActivationCapture(ModuleHooks):
     :param halves: ``cond`` (the conditional half of the CFG batch, as the protocol) or ``both``.
     :param dtype: storage dtype of captured activations.
     :param guidance: whether the batch is a CFG batch (uncond half first, then cond).
+    :param record_inputs: also record the U-Net's inputs at each selected step (:meth:`collect_inputs`):
+        the latent model input ``x_t`` (one copy: the two CFG halves are the same latent), the
+        timestep and the text embeddings (both CFG halves), the trajectory ``probes.replay`` runs
+        another U-Net on.
     """
 
     def __init__(self, unet: nn.Module, layers: Sequence[LayerInfo], num_steps: int,
                  steps: Sequence[int] | None = None, halves: str = "cond",
-                 dtype: torch.dtype = torch.float16, guidance: bool = True) -> None:
+                 dtype: torch.dtype = torch.float16, guidance: bool = True, record_inputs: bool = False) -> None:
         if halves not in HALVES:
             raise ValueError(f"capture halves must be one of {sorted(HALVES)}, got {halves!r}")
         if halves == "both" and not guidance:
@@ -61,7 +65,7 @@ class ActivationCapture(ModuleHooks):
         if bad:
             raise ValueError(f"capture steps {bad} out of range 0..{num_steps - 1}")
         self._slot = {s: k for k, s in enumerate(self.steps)}
-        self.halves, self.dtype, self.guidance = halves, dtype, guidance
+        self.halves, self.dtype, self.guidance, self.record_inputs = halves, dtype, guidance, record_inputs
         #: batched U-Net forward calls (one per step with K-LMS, whatever the batch size); the guided
         #: calls users see in the progress bar and summary are this times the images in the batch
         self.unet_calls = 0
@@ -75,16 +79,58 @@ class ActivationCapture(ModuleHooks):
     def pre_hooks(self):
         return [("", self._count_call)]
 
+    def kwarg_pre_hooks(self):
+        return [("", self._record_inputs)] if self.record_inputs else []
+
     def reset(self) -> None:
         """Forget the previous batch (buffers are reallocated lazily at the right size)."""
         self._step = 0
         self._buffers: list[torch.Tensor | None] = [None] * len(self.layers)
         self._fired = [[0] * self.num_steps for _ in self.layers]
         self.timesteps: list[float | None] = [None] * self.num_steps
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._input_t: list[torch.Tensor | None] = [None] * len(self.steps)
 
     # -- hooks -----------------------------------------------------------------------------
     def _count_call(self, module: nn.Module, args: Any) -> None:
         self.unet_calls += 1
+
+    def _record_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The U-Net's ``(sample, timestep, encoder_hidden_states)`` at a selected step (the last call of
+        the step wins, as for the activations)."""
+        slot = self._slot.get(self._step)
+        if slot is None:
+            return
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if text is None or kwargs.get("added_cond_kwargs") or kwargs.get("timestep_cond") is not None:
+            raise NotImplementedError("recording the denoiser's inputs covers U-Nets conditioned on text embeddings "
+                                      "alone (SD 1.x / 2.x); this model passes other conditioning too "
+                                      "(data.capture.record_inputs needs it): set record_inputs: false")
+        n = sample.shape[0]
+        if self.guidance:
+            halves = sample.detach().view(2, n // 2, *sample.shape[1:])
+            if not torch.equal(halves[0], halves[1]):
+                raise RuntimeError("the two classifier-free-guidance halves of the U-Net's input differ: the "
+                                   "recorded latent would not be the one the conditional half saw")
+            x, emb = halves[1], text.detach().view(2, n // 2, *text.shape[1:]).transpose(0, 1)   # [B, 2, L, D]
+        else:
+            x, emb = sample.detach(), text.detach().unsqueeze(1)
+        if not self._inputs:
+            self._inputs = {"latents": torch.empty((x.shape[0], len(self.steps), *x.shape[1:]), dtype=x.dtype,
+                                                   device=x.device),
+                            "text": emb.clone()}
+        self._inputs["latents"][:, slot].copy_(x)
+        self._input_t[slot] = torch.as_tensor(t).detach().reshape(-1)[:1].clone()
+
+    def at_step(self, step: int, t: float) -> None:
+        """Say that the next U-Net call is denoising step ``step`` at timestep ``t`` (a replay calls the U-Net
+        itself, step by step, with no sampler callback)."""
+        if not 0 <= step < self.num_steps:
+            raise ValueError(f"step {step} out of range 0..{self.num_steps - 1}")
+        self._step = step
+        self.timesteps[step] = float(t)
 
     def on_step_end(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
         """``callback_on_step_end`` of diffusers pipelines: records the step's timestep, and reads
@@ -152,6 +198,15 @@ class ActivationCapture(ModuleHooks):
             missing = [s for s in self.steps if fired[s] == 0]
             if missing:
                 raise HookNeverFired(f"layer {layer.name} did not fire at steps {missing}")
+
+    def collect_inputs(self, device: torch.device | str | None = "cpu") -> dict[str, torch.Tensor]:
+        """``{"latents": [B, S_sel, C, h, w], "text": [B, halves, L, D], "timesteps": [S_sel]}``: the U-Net's
+        inputs at every selected step, in the dtypes it received them (``timesteps`` keeps the timestep's)."""
+        missing = [s for s, t in zip(self.steps, self._input_t) if t is None]
+        if not self._inputs or missing:
+            raise HookNeverFired(f"the U-Net's inputs were not recorded at steps {missing or self.steps}")
+        out = {**self._inputs, "timesteps": torch.cat(self._input_t)}
+        return out if device is None else {k: v.to(device) for k, v in out.items()}
 
     def collect(self, device: torch.device | str | None = "cpu") -> dict[str, torch.Tensor]:
         """``{layer name: [batch, n_selected_steps, n_halves, tokens, channels]}``, checked."""

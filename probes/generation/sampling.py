@@ -94,12 +94,18 @@ class CaptureSpec:
     :param steps: step indices 0..S-1 to keep; ``None`` keeps every step.
     :param halves: ``cond`` (the protocol) or ``both`` (unconditional and conditional).
     :param dtype: storage dtype (``float16``).
+    :param record_inputs: also store the denoiser's inputs at every captured step (the latent
+        model input ``x_t`` as the U-Net received it, the timestep, and the text embeddings): the
+        trajectory another U-Net can be run on exactly (``probes.replay``: the same-image controls).
+        Small next to the activations (``C x h x w`` numbers per step and image, plus one
+        ``halves x 77 x D`` embedding per image).
     """
 
     layers: list[str] = field(default_factory=lambda: ["*"])
     steps: list[int] | None = None
     halves: str = "cond"
     dtype: str = "float16"
+    record_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in {"float16", "float32"}:
@@ -210,6 +216,9 @@ class GeneratedBatch:
     guided_calls: int                  # per-image guided calls: unet_calls x images in the chunk
     #: the samples of ``indices`` whose intermediate images were decoded (rows of ``decoded_images``, in order)
     decoded_indices: list[int] = field(default_factory=list)
+    #: with ``capture.record_inputs``: the U-Net's inputs per captured step (:meth:`ActivationCapture.collect_inputs`),
+    #: rows of ``indices``; None otherwise
+    inputs: dict[str, torch.Tensor] | None = None
 
 
 class StepProgress:
@@ -270,7 +279,7 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
     guidance = spec.guidance_scale > 1.0
     bar = StepProgress(len(chunks), spec.steps, len(todo_set), desc, progress)
     cap = ActivationCapture(pipe.unet, layers, spec.steps, capture.steps, capture.halves,
-                            getattr(torch, capture.dtype), guidance)
+                            getattr(torch, capture.dtype), guidance, record_inputs=capture.record_inputs)
     cap_steps = set(cap.steps)
     guided_before = 0
     with cap:
@@ -309,6 +318,7 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
                         decoded = decode_latents(pipe, lat.flatten(0, 1)).reshape(len(rows), len(cap.steps),
                                                                                    height, width, 3)
             acts = cap.collect(acts_device)
+            inputs = cap.collect_inputs("cpu") if capture.record_inputs else None
             images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
             sel = torch.tensor(keep)
             unet_calls = cap.unet_calls - calls0
@@ -316,7 +326,9 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
                                    acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
                                    timesteps=[float(t) for t in cap.timesteps], decoded_images=decoded,
                                    unet_calls=unet_calls, guided_calls=unet_calls * len(chunk),
-                                   decoded_indices=[chunk[k] for k in rows])
+                                   decoded_indices=[chunk[k] for k in rows],
+                                   inputs=None if inputs is None else {
+                                       k: v if k == "timesteps" else v[sel] for k, v in inputs.items()})
             guided_before += batch.guided_calls
             bar.batch_done(len(keep))
             yield batch

@@ -8,6 +8,8 @@ Layout of a store folder::
     noisy_images.npy       [N, S, H, W, 3] uint8, generation.decode=noisy: the noisy latent x_{t-1}
                            decoded at every captured step (test rows only; x0_images.npy for decode=x0)
     acts/<layer>.npy       [N, S, halves, tokens, channels], fp16 by default
+    inputs/latents.npy     [N, S, C, h, w] float32, capture.record_inputs: the U-Net's latent input x_t per step
+    inputs/text.npy        [N, halves, L, D] float32, capture.record_inputs: its text embeddings (uncond, cond)
     commits/<index>.json   one marker per committed sample (its prompt, seed, timesteps)
     labels/                the label cache (probes.labels.cache)
     .lock                  taken by a run creating or filling the store (probes.store.locks)
@@ -21,6 +23,10 @@ Ranks write disjoint samples into the same files, so shards never race.
 Opening a store validates it (manifest, every array's shape and size, every marker's sample and
 prompt), so a damaged or foreign file is named with its fix before any work starts; and a folder
 that still holds markers or labels but lost its manifest is never recreated over.
+
+A store whose manifest names ``images_from`` (a replay store, :mod:`probes.replay`: another U-Net run
+on this store's recorded inputs) holds activations only: its images, decoded images and labels are
+those of the store it names.
 """
 from __future__ import annotations
 
@@ -293,13 +299,23 @@ class ActivationStore:
             raise FileNotFoundError(f"no activation store at {self.root} (manifest.json missing)")
         self.manifest: dict[str, Any] = read_manifest(mpath)
         layout = self.layout(self.manifest)
-        self.images = self._open_array("images", layout)
-        #: which latent the intermediate images decode: ``none``, ``noisy`` (x_{t-1}) or ``x0``
-        self.decoded = decoded_latent(self.manifest["generation"])
-        #: the intermediate images per captured step (``generation.decode``; test rows only)
-        name = f"{self.decoded}_images"
-        self.decoded_images = self._open_array(name, layout) if name in layout else None
+        #: the store whose images (and labels) this one shares, for a replay store; else None
+        self.source: ActivationStore | None = None
+        if self.manifest.get("images_from"):
+            self.source = ActivationStore(self.manifest["images_from"])
+            self.images, self.decoded = self.source.images, self.source.decoded
+            self.decoded_images = self.source.decoded_images
+        else:
+            self.images = self._open_array("images", layout)
+            #: which latent the intermediate images decode: ``none``, ``noisy`` (x_{t-1}) or ``x0``
+            self.decoded = decoded_latent(self.manifest["generation"])
+            #: the intermediate images per captured step (``generation.decode``; test rows only)
+            name = f"{self.decoded}_images"
+            self.decoded_images = self._open_array(name, layout) if name in layout else None
         self.acts = {name[len("acts/"):]: self._open_array(name, layout) for name in layout if name.startswith("acts/")}
+        #: the denoiser's recorded inputs (``capture.record_inputs``): ``latents`` and ``text``
+        self.inputs = {name[len("inputs/"):]: self._open_array(name, layout) for name in layout
+                       if name.startswith("inputs/")}
         self.commits = CommitLog(self.root / "commits", self.num_samples)
         self._check_commits()
 
@@ -335,10 +351,15 @@ class ActivationStore:
         n = manifest["num_samples"]
         h, w = manifest["generation"]["height"], manifest["generation"]["width"]
         cap = manifest["capture"]
-        out = {"images": ((n, h, w, 3), "uint8")}
-        decoded = decoded_latent(manifest["generation"])
-        if decoded != "none":   # the file is named after its latent: noisy_images.npy, x0_images.npy
-            out[f"{decoded}_images"] = ((n, len(manifest["capture"]["steps"]), h, w, 3), "uint8")
+        out = {}
+        if not manifest.get("images_from"):   # a replay store reads its source's images
+            out["images"] = ((n, h, w, 3), "uint8")
+            decoded = decoded_latent(manifest["generation"])
+            if decoded != "none":   # the file is named after its latent: noisy_images.npy, x0_images.npy
+                out[f"{decoded}_images"] = ((n, len(manifest["capture"]["steps"]), h, w, 3), "uint8")
+            if cap.get("inputs"):
+                out["inputs/latents"] = ((n, len(cap["steps"]), *cap["inputs"]["latent_shape"]), "float32")
+                out["inputs/text"] = ((n, *cap["inputs"]["text_shape"]), "float32")
         for layer in cap["layers"] if cap.get("store_activations", True) else []:
             t = layer["grid"][0] * layer["grid"][1]
             out[f"acts/{layer['name']}"] = ((n, len(cap["steps"]), len(cap["halves"]), t, layer["channels"]),
@@ -398,18 +419,30 @@ class ActivationStore:
         return [int(i) for i in idx if not mask[i]]
 
     # -- writing ---------------------------------------------------------------------------
-    def write_batch(self, indices: list[int], images: np.ndarray, acts: Mapping[str, np.ndarray],
+    def write_batch(self, indices: list[int], images: np.ndarray | None, acts: Mapping[str, np.ndarray],
                     records: list[dict[str, Any]], decoded_images: np.ndarray | None = None,
-                    decoded_indices: list[int] | None = None) -> None:
+                    decoded_indices: list[int] | None = None, inputs: Mapping[str, np.ndarray] | None = None) -> None:
         """Write a batch of samples in place, sync, then commit each (markers last).
 
         ``decoded_images`` rows belong to ``decoded_indices`` (default: all of ``indices``): only the
         test split's intermediate images are decoded, the other rows of the array stay unwritten.
+        ``inputs`` (``latents``, ``text``) are written exactly when the store records them; a replay
+        store (``images_from``) takes no images.
         """
         unknown = set(acts) - set(self.acts)
         if unknown or len(acts) != len(self.acts):
             raise KeyError(f"activations for layers {sorted(acts)} do not match the store's {self.layer_names}")
-        if (decoded_images is None) != (self.decoded_images is None):
+        if (images is None) != (self.source is not None):
+            raise ValueError("images are written exactly when the store holds its own (a replay store reads its "
+                             "source's)")
+        want = set(self.inputs)
+        if set(inputs or {}) - {"timesteps"} != want:
+            raise ValueError(f"the store records the denoiser's inputs {sorted(want) or 'not at all'}; the batch "
+                             f"brings {sorted(set(inputs or {}) - {'timesteps'}) or 'none'} (data.capture.record_inputs)")
+        for name in want:
+            for k, i in enumerate(indices):
+                self.inputs[name].write_row(i, np.asarray(inputs[name][k], dtype=np.float32))
+        if (decoded_images is None) != (self.decoded_images is None or self.source is not None):
             raise ValueError(f"decoded intermediate images must be written exactly when the store has them "
                              f"(this store: generation.decode={self.decoded})")
         if decoded_images is not None:
@@ -419,22 +452,25 @@ class ActivationStore:
             for k, i in enumerate(rows):
                 self.decoded_images.write_row(i, decoded_images[k])
         for k, i in enumerate(indices):
-            self.images.write_row(i, images[k])
+            if images is not None:
+                self.images.write_row(i, images[k])
             for name, arr in acts.items():
                 self.acts[name].write_row(i, arr[k])
-        self.images.sync()
-        if self.decoded_images is not None:
-            self.decoded_images.sync()
-        for arr in self.acts.values():
+        if self.source is None:
+            self.images.sync()
+            if self.decoded_images is not None:
+                self.decoded_images.sync()
+        for arr in [*self.acts.values(), *self.inputs.values()]:
             arr.sync()
         for i, rec in zip(indices, records):
             self.commits.mark(i, rec)
 
     def close(self) -> None:
-        self.images.close()
-        if self.decoded_images is not None:
-            self.decoded_images.close()
-        for a in self.acts.values():
+        if self.source is None:
+            self.images.close()
+            if self.decoded_images is not None:
+                self.decoded_images.close()
+        for a in [*self.acts.values(), *self.inputs.values()]:
             a.close()
 
     # -- reading ---------------------------------------------------------------------------

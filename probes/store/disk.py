@@ -23,7 +23,7 @@ from probes.diffusion.loading import DiffusionSpec, load_architecture
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, InsufficientDisk, decoded_latent, human_bytes
-from probes.store.manifest import capture_section, resolve_capture
+from probes.store.manifest import capture_section, inputs_section, resolve_capture
 
 
 def unet_config(diffusion: DiffusionSpec) -> tuple[dict[str, Any], int] | None:
@@ -77,8 +77,10 @@ def planned_layout(diffusion: DiffusionSpec, generation: GenerationSpec, capture
     if vae is not None and vae.get("mid_block_add_attention", True):   # vae.mid: the decoder's mid-block width
         registry.register(vae_mid_layer(int(vae["block_out_channels"][-1]), (h // f, w // f)))
     layers, steps = resolve_capture(registry, capture, generation)
+    inputs = inputs_section(int(cfg.get("in_channels", 4)), (h // f, w // f), generation.guidance_scale > 1, 77,
+                            int(cfg.get("cross_attention_dim", 768))) if capture.record_inputs else None
     return {"num_samples": num_samples, "generation": dict(asdict(generation), height=h, width=w),
-            "capture": capture_section(layers, steps, capture, store_activations)}
+            "capture": capture_section(layers, steps, capture, store_activations, inputs=inputs)}
 
 
 def _row_bytes(shape: Sequence[int], dtype: str) -> int:

@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.generation.sampling import CaptureSpec, GenerationSpec, batches, generate
 from probes.prompts.sets import PromptRecord
@@ -86,11 +88,25 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def commit_records(records: Sequence[PromptRecord], batch, rank: int) -> list[dict[str, Any]]:
     """What each sample's commit marker records: its prompt and seed, its U-Net calls, its rank,
-    and whether its decoded intermediate images were stored (only the test split's are: see
-    ``decoded_missing``)."""
+    whether its decoded intermediate images were stored (only the test split's are: see
+    ``decoded_missing``), and with recorded inputs the dtypes and timesteps the U-Net received (a
+    replay casts the stored float32 values back to them)."""
     decoded = set(batch.decoded_indices)
-    return [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank, decoded=i in decoded)
+    extra: dict[str, Any] = {}
+    inputs = getattr(batch, "inputs", None)
+    if inputs is not None:
+        extra["inputs"] = {"dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in inputs.items()},
+                           "timesteps": [float(t) for t in inputs["timesteps"]]}
+    return [dict(asdict(records[i]), guided_calls=batch.unet_calls, rank=rank, decoded=i in decoded, **extra)
             for i in batch.indices]
+
+
+def input_rows(batch) -> dict[str, Any] | None:
+    """The batch's recorded denoiser inputs as the store keeps them (float32 arrays), or None."""
+    inputs = getattr(batch, "inputs", None)
+    if inputs is None:
+        return None
+    return {k: v.to(torch.float32).numpy() for k, v in inputs.items() if k != "timesteps"}
 
 
 def decoded_missing(store: ActivationStore, indices: Sequence[int]) -> list[int]:
@@ -117,7 +133,8 @@ def decoded_missing(store: ActivationStore, indices: Sequence[int]) -> list[int]
 
 def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: DiffusionSpec,
                  generation: GenerationSpec, capture: CaptureSpec, device: str, rank: int = 0, world: int = 1,
-                 barrier: Callable[[], None] = lambda: None, progress: bool = True) -> ActivationStore:
+                 barrier: Callable[[], None] = lambda: None, progress: bool = True,
+                 store_activations: bool = True) -> ActivationStore:
     """Create the store if needed and generate the samples of this rank's shard that are missing.
 
     A single-process run holds the store's lock while it generates, so a second run started on
@@ -126,21 +143,25 @@ def ensure_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Di
     while rank 0 creates the store.
     """
     with store_lock(store_dir) if world == 1 else nullcontext():
-        return fill_store(store_dir, records, diffusion, generation, capture, device, rank, world, barrier, progress)
+        return fill_store(store_dir, records, diffusion, generation, capture, device, rank, world, barrier, progress,
+                          store_activations)
 
 
 def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: DiffusionSpec,
                generation: GenerationSpec, capture: CaptureSpec, device: str, rank: int = 0, world: int = 1,
-               barrier: Callable[[], None] = lambda: None, progress: bool = True) -> ActivationStore:
-    """The body of :func:`ensure_store`, without its lock."""
-    store, pipe = open_store(store_dir, records, diffusion, generation, capture, device, rank, barrier)
+               barrier: Callable[[], None] = lambda: None, progress: bool = True,
+               store_activations: bool = True) -> ActivationStore:
+    """The body of :func:`ensure_store`, without its lock (``store_activations=False``: the images-only store of
+    a streamed run, filled ahead of time, e.g. for a replay of its recorded inputs)."""
+    store, pipe = open_store(store_dir, records, diffusion, generation, capture, device, rank, barrier,
+                             store_activations)
     test = [r.index for r in records if r.split == "test"]    # the only split whose decoded images are used
     todo = shard_of(sorted(set(store.missing()) | set(decoded_missing(store, test))), generation.batch_size, rank, world)
     if todo:
         check_disk(store_dir, ActivationStore.required_bytes(store.manifest, len(todo)), f"generating {len(todo)} samples")
         if pipe is None:
             pipe = load_pipeline(diffusion, device)
-        layers = store.layers
+        layers = store.layers if store.acts else []     # an images-only store: nothing to capture
         calls = 0
         for batch in generate(pipe, records, todo, generation, layers, capture, progress=progress,
                               desc=f"generating (rank {rank})" if world > 1 else "generating", decode=test):
@@ -149,7 +170,8 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
                                    f"{store.manifest['capture']['all_timesteps']}")
             acts = {n: a.numpy() for n, a in batch.acts.items()}
             recs = commit_records(records, batch, rank)
-            store.write_batch(batch.indices, batch.images, acts, recs, batch.decoded_images, batch.decoded_indices)
+            store.write_batch(batch.indices, batch.images, acts, recs, batch.decoded_images, batch.decoded_indices,
+                              input_rows(batch))
             calls += batch.guided_calls
         store.close()
         extra = ("; a sample is regenerated in its whole batch, bit-identically"

@@ -40,7 +40,10 @@ def store_request(diffusion: DiffusionSpec, generation: GenerationSpec, capture:
     gen["decode_x0"] = decode == "x0"
     if decode == "noisy":
         gen["decode"] = decode
-    req = {"model": diffusion.identity(), "generation": gen, "capture": asdict(capture),
+    cap = asdict(capture)
+    if not cap["record_inputs"]:      # stores made before record_inputs existed keep their fingerprints
+        cap.pop("record_inputs")
+    req = {"model": diffusion.identity(), "generation": gen, "capture": cap,
            "prompts": prompts_fingerprint(records), "num_samples": len(records)}
     if not store_activations:
         req["images_only"] = True
@@ -66,14 +69,29 @@ def resolve_capture(registry: LayerRegistry, capture: CaptureSpec,
 
 
 def capture_section(layers: Sequence[LayerInfo], steps: Sequence[int], capture: CaptureSpec, store_activations: bool,
-                    timesteps: Sequence[float] | None = None) -> dict[str, Any]:
-    """The manifest's ``capture`` section (without timesteps: the part a disk estimate needs)."""
+                    timesteps: Sequence[float] | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's ``capture`` section (without timesteps: the part a disk estimate needs); ``inputs``
+    (:func:`inputs_section`) with ``capture.record_inputs``."""
     section: dict[str, Any] = {"layers": [layer.to_dict() for layer in layers], "steps": list(steps)}
     if timesteps is not None:
         section.update(timesteps=[timesteps[s] for s in steps], all_timesteps=list(timesteps))
     section.update(halves=["cond"] if capture.halves == "cond" else ["uncond", "cond"], dtype=capture.dtype,
                    hook="attn1.to_out.0 output (before dropout and residual)", store_activations=store_activations)
+    if capture.record_inputs:
+        if inputs is None:
+            raise ValueError("capture.record_inputs needs the shapes of the denoiser's inputs (inputs_section)")
+        section["inputs"] = inputs
     return section
+
+
+def inputs_section(in_channels: int, latent_hw: tuple[int, int], guidance: bool, text_len: int, text_dim: int,
+                   dtypes: dict[str, str] | None = None) -> dict[str, Any]:
+    """What ``capture.record_inputs`` stores per sample: the latent model input at every captured step
+    ``[S, C, h, w]`` and the text embeddings ``[halves, L, D]`` (uncond, cond), kept as float32 (exact for
+    fp16 and fp32 values) with the dtypes the U-Net received them in, so a replay casts them back exactly."""
+    return {"latent_shape": [int(in_channels), int(latent_hw[0]), int(latent_hw[1])],
+            "text_shape": [2 if guidance else 1, int(text_len), int(text_dim)], "stored_as": "float32",
+            "dtypes": dict(dtypes or {})}
 
 
 def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
@@ -89,6 +107,10 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
     request = store_request(diffusion, generation, capture, records, store_activations)
     model = dict(diffusion.identity(), resolved_revision=resolved_revision(pipe), is_random=diffusion.is_random,
                  dtype=str(pipe.unet.dtype).replace("torch.", ""))
+    inputs = None
+    if capture.record_inputs:
+        inputs = inputs_section(pipe.unet.config.in_channels, (height // f, width // f), generation.guidance_scale > 1,
+                                pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)
     return {
         "fingerprint": request_fingerprint(request),
         "request": request,
@@ -96,7 +118,7 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
         "model": model,
         "generation": dict(asdict(generation), height=height, width=width,
                            latent_init="torch.manual_seed(seed); torch.randn(1, C, H/8, W/8) on CPU, unscaled"),
-        "capture": capture_section(layers, steps, capture, store_activations, timesteps),
+        "capture": capture_section(layers, steps, capture, store_activations, timesteps, inputs),
         "num_samples": len(records),
         "prompts": [asdict(r) for r in records],
     }

@@ -31,12 +31,21 @@ from probes.labels import stage as labels_stage
 from probes.labels.cache import LabelCache
 from probes.labels.stage import build_labelers
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_indices
+from probes.replay.run import ReplaySpec, ensure_replay_store, replay_pipeline
+from probes.replay.trajectory import StoreTrajectory
 from probes.store.activations import ActivationStore, decoded_latent
 from probes.store.disk import check_budget, label_bytes, planned_layout, records_split, store_bytes
 from probes.store.fill import ensure_store, open_store, shard_of
 from probes.store.manifest import request_fingerprint, store_request
 from probes.tasks import check_target_norm, get_task, resolve_target_stats
-from probes.training.datasets import ActivationDataset, StreamingDataset, StreamSource, UnpaddedShardSampler, collated
+from probes.training.datasets import (
+    ActivationDataset,
+    ReplayStream,
+    StreamingDataset,
+    StreamSource,
+    UnpaddedShardSampler,
+    collated,
+)
 from probes.training.finite import describe_sample
 from probes.training.target_stats import scan_caches
 
@@ -88,6 +97,11 @@ class ActivationDataModule(pl.LightningDataModule):
         (``{shading: {mean: 15.740597, std: 9.281932}}``, the replication's recipe); see
         ``probes.tasks.check_target_norm``.
 
+    :param replay: a same-image control (``probes.replay``): the images, labels and recorded
+        denoiser inputs are those of ``diffusion`` (the trained model's store, reused when it exists),
+        the activations those of the U-Net ``replay`` names (``weights: permuted`` or ``random``) run on
+        exactly those inputs. Needs ``capture.record_inputs: true``.
+
     Experiments that read this data (the classifier on decoded images) are callbacks of the
     trainer; one that has a ``check_data(dm)`` is asked, before any compute, whether it can run.
     """
@@ -97,8 +111,12 @@ class ActivationDataModule(pl.LightningDataModule):
                  labels: dict[str, dict[str, Any]] | Path_fr | None = None, mode: str = "cached",
                  store_dir: str | None = None, store_root: str = "outputs/stores", batch_size: int = 4,
                  num_workers: int = 0, device: str = "auto", progress: bool = True,
-                 exact_train_shards: bool = False, target_norm: dict[str, Any] | None = None) -> None:
+                 exact_train_shards: bool = False, target_norm: dict[str, Any] | None = None,
+                 replay: ReplaySpec | None = None) -> None:
         super().__init__()
+        if replay is not None and not capture.record_inputs:
+            raise ValueError(f"data.replay ({replay.weights} U-Net on the trained model's trajectory) needs the "
+                             f"trajectory: set data.capture.record_inputs: true")
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {mode!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -116,6 +134,7 @@ class ActivationDataModule(pl.LightningDataModule):
             get_task(task)                 # checked now, before any compute: unknown names list the valid ones
             check_labeler(cfg["name"])
         self.target_norm = check_target_norm(target_norm, tuple(self.labels))  # before any compute
+        self.replay = replay
         self.mode, self.store_dir, self.store_root = mode, store_dir, store_root
         self.batch_size, self.num_workers, self.device, self.progress = batch_size, num_workers, device, progress
         self.store: ActivationStore | None = None
@@ -145,7 +164,7 @@ class ActivationDataModule(pl.LightningDataModule):
                 "generation": asdict(self.generation), "capture": asdict(self.capture),
                 "labels": self.labels, "mode": self.mode, "store_dir": str(self.resolved_store_dir()),
                 "batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device,
-                "target_norm": self.target_norm}
+                "target_norm": self.target_norm, **({"replay": asdict(self.replay)} if self.replay else {})}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> ActivationDataModule:
@@ -155,7 +174,8 @@ class ActivationDataModule(pl.LightningDataModule):
                    labels=cfg["labels"], mode=cfg.get("mode", "cached"), store_dir=cfg.get("store_dir"),
                    batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
                    device=cfg.get("device", "auto"), progress=cfg.get("progress", True),
-                   target_norm=cfg.get("target_norm"))
+                   target_norm=cfg.get("target_norm"),
+                   replay=ReplaySpec(**cfg["replay"]) if cfg.get("replay") else None)
 
     def records(self) -> list[PromptRecord]:
         if not hasattr(self, "_records"):
@@ -238,6 +258,12 @@ class ActivationDataModule(pl.LightningDataModule):
         if needs is not None:
             check_budget(needs, self.resolved_store_dir())
 
+    def replay_pipe(self):
+        """The pipeline whose U-Net a streamed same-image control replays (loaded once)."""
+        if self._pipe is None:
+            self._pipe = replay_pipeline(self.replay, self.diffusion, self._device())
+        return self._pipe
+
     def pipeline(self):
         """The diffusion pipeline (streaming mode keeps it loaded for the whole run)."""
         if self._pipe is None:
@@ -275,7 +301,10 @@ class ActivationDataModule(pl.LightningDataModule):
         self.check_disk_budget()           # every rank (same answer): a rank that raised alone would hang a barrier
         store_dir = self.resolved_store_dir()
         progress = self.progress and (rank == 0 or world > 1)
-        if self.streaming:
+        if self.replay is not None:    # the trained model's images, labels and trajectory, made if missing
+            store = ensure_store(store_dir, records, self.diffusion, self.generation, self.capture, self._device(),
+                                 rank, world, barrier, progress, store_activations=not self.streaming)
+        elif self.streaming:
             store, self._pipe = open_store(store_dir, records, self.diffusion, self.generation, self.capture,
                                            self._device(), rank, barrier, store_activations=False)
         else:
@@ -284,7 +313,28 @@ class ActivationDataModule(pl.LightningDataModule):
         self.store = store
         labelers = build_labelers(self.labels)
         splits = split_indices(records)
-        if self.streaming:   # labelled while streamed (the datasets fill the caches)
+        model = store.manifest["model"]
+        if self.replay is not None:
+            batch = self.generation.batch_size
+            self.label_caches, self.decoded_label_caches = labels_stage.label_store(
+                store, labelers, shard_of(range(store.num_samples), batch, rank, world),
+                shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier)
+            stats, self.label_ranges = scan_caches(self.label_caches, store.num_samples, splits["train"],
+                                                   lambda i: describe_sample(self, i))
+            if self.streaming:
+                source = StoreTrajectory(store)
+                self.datasets = {s: ReplayStream(lambda: self.replay_pipe(), source, s, idx, store.layers, self.capture,
+                                                 self.generation.steps, self.replay.batch_size or batch,
+                                                 self.label_caches, lambda: self.dist()[:2], self.progress)
+                                 for s, idx in splits.items() if idx}
+                model = dict(model, replay=self.replay.identity(), replay_name=self.replay.name)
+            else:
+                self.store = ensure_replay_store(store, self.replay, self.diffusion, self.capture, batch,
+                                                 self._device(), rank, world, barrier, progress)
+                self.datasets = {s: ActivationDataset(self.store, idx, self.label_caches)
+                                 for s, idx in splits.items() if idx}
+                model, store_dir = self.store.manifest["model"], self.store.root
+        elif self.streaming:   # labelled while streamed (the datasets fill the caches)
             self.label_caches = labels_stage.label_caches(store, labelers)
             self.decoded_label_caches = labels_stage.label_caches(store, labelers, "decoded")
             source = StreamSource(pipeline=self.pipeline, records=records, generation=self.generation,
@@ -307,7 +357,7 @@ class ActivationDataModule(pl.LightningDataModule):
             layers=store.layers, steps=list(cap["steps"]),
             timesteps=list(cap["timesteps"]), tasks=list(self.labels),
             label_size=(store.manifest["generation"]["height"], store.manifest["generation"]["width"]),
-            target_stats=stats, model=store.manifest["model"], is_random=bool(store.manifest["model"]["is_random"]),
+            target_stats=stats, model=model, is_random=bool(store.manifest["model"]["is_random"]),
             store_dir=str(store_dir), data_config=self.config(), streaming=self.streaming,
             target_norm=self.target_norm,
             label_spaces={t: lab.space for t, lab in labelers.items()

@@ -13,7 +13,7 @@ from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
 from probes.labels.cache import LabelCache
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore
-from probes.store.fill import commit_records, decoded_missing
+from probes.store.fill import commit_records, decoded_missing, input_rows
 
 
 class ActivationDataset(Dataset):
@@ -106,7 +106,8 @@ class StreamingDataset(IterableDataset):
             idx = batch.indices
             if store.missing(idx) or (self.split == "test" and decoded_missing(store, idx)):
                 recs = commit_records(src.records, batch, rank)
-                store.write_batch(idx, batch.images, {}, recs, batch.decoded_images, batch.decoded_indices)
+                store.write_batch(idx, batch.images, {}, recs, batch.decoded_images, batch.decoded_indices,
+                                  input_rows(batch))
             labels = {}
             for task, cache in src.label_caches.items():
                 cache.ensure(idx, device=src.device(), progress=False)
@@ -116,6 +117,34 @@ class StreamingDataset(IterableDataset):
             self.guided_calls += batch.guided_calls
             yield {"index": torch.tensor(idx), "acts": {n: a[:, :, cond] for n, a in batch.acts.items()},
                    "labels": labels}
+
+
+class ReplayStream(IterableDataset):
+    """A streamed same-image control: each batch of a split replayed (``probes.replay``) and consumed, its
+    activations never stored; labels come from the source store's label caches (labelled beforehand).
+
+    :param pipeline: returns the pipeline whose U-Net is replayed (loaded once, on first use).
+    :param dist: returns ``(rank, world)`` at iteration time.
+    """
+
+    def __init__(self, pipeline: Callable[[], Any], source, split: str, indices: Sequence[int], layers, capture,
+                 num_steps: int, batch_size: int, label_caches: dict[str, LabelCache],
+                 dist: Callable[[], tuple[int, int]], progress: bool = True) -> None:
+        self.pipeline, self.source, self.split, self.indices = pipeline, source, split, list(indices)
+        self.layers, self.capture, self.num_steps, self.batch_size = list(layers), capture, num_steps, batch_size
+        self.label_caches, self.dist, self.progress = label_caches, dist, progress
+
+    def __iter__(self):
+        from probes.replay.run import replay
+
+        rank, world = self.dist()
+        mine = self.indices[rank::world]
+        cond = ["uncond", "cond"].index("cond") if self.capture.halves == "both" else 0
+        for idx, acts in replay(self.pipeline(), self.source, mine, self.layers, self.capture, self.num_steps,
+                                self.batch_size, acts_device=None, progress=self.progress,
+                                desc=f"replaying {self.split}"):
+            labels = {t: torch.from_numpy(np.array(c.array()[idx])) for t, c in self.label_caches.items()}
+            yield {"index": torch.tensor(idx), "acts": {n: a[:, :, cond] for n, a in acts.items()}, "labels": labels}
 
 
 class UnpaddedShardSampler(DistributedSampler):
