@@ -1,25 +1,54 @@
-"""``make demo``: the protocol on the toy world's trained model and on its permuted control, side by side.
+"""``make demo``: the protocol on the toy world's trained model and on its controls, side by side.
 
-Both runs are ordinary ``train.py fit`` runs (``configs/toy/demo.yaml`` and ``control.yaml``);
-this only chains them and puts the answer to "does the model know?" in one place: sample quality
-(do the samples look like the world), the model's best heads against the permuted-weights
-control and the position-only baseline, and the emergence steps, then a comparison report.
+Every run is an ordinary ``train.py fit`` run: the model (``configs/toy/demo.yaml``), the protocol's
+permuted-weights control on its own images (``control_permuted_own_images``), and the two
+same-image controls, a permuted and a freshly initialised U-Net replayed on the model's own
+trajectory and probed against the model's labels (``control_permuted_same_images``,
+``control_random_same_images``). This chains them and puts the answer to "does the model know
+more than where things usually are?" in one place (``comparison.md`` and ``report/``), per task:
+the best probe, the prior map and the plane, the gain over position, every run against its own
+baselines and the model against each control (paired bootstrap intervals over test images),
+aligned depth metrics, and emergence relative to the prior map. ``configs/toy/experiment.yaml`` is
+the same on 500 test and 200 validation scenes.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from probes.paths import REPO_ROOT
 from probes.reporting.markup import fmt_cell
 
-RUNS = (("toy model", "model", "configs/toy/demo.yaml"),
-        ("permuted weights", "control", "configs/toy/control.yaml"))
+RUNS = (("model", "model", "configs/toy/demo.yaml"),
+        ("control_permuted_own_images", "control_permuted_own_images", "configs/toy/control_permuted_own_images.yaml"),
+        ("control_permuted_same_images", "control_permuted_same_images",
+         "configs/toy/control_permuted_same_images.yaml"),
+        ("control_random_same_images", "control_random_same_images", "configs/toy/control_random_same_images.yaml"))
+#: what each run is, in a sentence (comparison.md's legend)
+LEGEND = {
+    "model": "the trained toy model: its images, its labels, its activations",
+    "control_permuted_own_images": "the protocol's control: U-Net weights permuted, generating (and so labelling) "
+                                   "its own images",
+    "control_permuted_same_images": "the permuted U-Net run on the model's own trajectory (same x_t, timesteps and "
+                                    "text embeddings), probed against the model's labels",
+    "control_random_same_images": "a freshly initialised U-Net run on the model's own trajectory, probed against "
+                                  "the model's labels",
+}
 #: the replication's classifier experiment, run beside the comparison (not a control: its prompts are
 #: one-object scenes with a class, which the classifier is scored against): (label, folder, config)
 CLASSIFIER_RUN = ("toy model, one-object prompts with a class", "classifier", "configs/toy/classifier.yaml")
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load, for the timings' context (shared machines)."""
+    try:
+        return "/".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequence[tuple[str, str, str]] = RUNS,
@@ -34,61 +63,143 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     """
     from probes.cli.evaluate import report
     from probes.cli.train import train_main
-    from probes.experiments.toy.sample_quality import store_sample_quality
-    from probes.reporting.baselines import compare_runs, comparison_markdown
-    from probes.reporting.tables import emergence, read_metrics_csv
-    from probes.store.activations import ActivationStore
 
     out_dir = Path(out)
-    seconds = {}
+    seconds, loads = {}, {"start": load_average()}
     for _, folder, config in runs:
         t0 = time.perf_counter()
         train_main(["fit", "--config", str(REPO_ROOT / config), "--run_dir", str(out_dir / folder), *overrides])
         seconds[folder] = time.perf_counter() - t0
     classifier_lines: list[str] = []
     if classifier_run is not None:
-        label, folder, config = classifier_run
         t0 = time.perf_counter()
-        train_main(["fit", "--config", str(REPO_ROOT / config), "--run_dir", str(out_dir / folder), *overrides])
-        seconds[folder] = time.perf_counter() - t0
-        clf = [r for r in read_metrics_csv(out_dir / folder / "metrics.csv") if r["task"] == "classification"]
-        per_step = {(r["metric"], r["step"]): r["value"] for r in clf}
-        steps = sorted({r["step"] for r in clf})
-        classifier_lines = [
-            f"## The classifier on decoded images ({label}: `{config}`)", "",
-            f"The toy shape classifier on the image decoded after each step ({clf[0]['layer'] if clf else '-'}), "
-            f"test split, against the prompt's shape (chance top-1: 0.25). Emergence figures: "
-            f"`{folder}/report.html`.", "",
-            "| step | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps),
-            *[f"| {m} | " + " | ".join(fmt_cell(per_step.get((m, s))) for s in steps) + " |" for m in ("top1", "prob")], ""]
-    rows = {label: read_metrics_csv(out_dir / folder / "metrics.csv") for label, folder, _ in runs}
-    labels = [label for label, _, _ in runs]
-    comparison = compare_runs(rows)
-    qualities = {label: store_sample_quality(ActivationStore((out_dir / folder / "store").resolve()))
-                 for label, folder, _ in runs}
-    quality = qualities[labels[0]]
-    em = emergence(rows[labels[0]])
-    lines = [f"# Demo: {labels[0]} vs {', '.join(labels[1:])}", "",
-             "## Do the samples look like the world?", "",
-             f"Images generated per model: {int(quality['images'])}. Measured with the toy world's own models "
-             "(trained on renders): does the foreground labeler find an object (>= 8 pixels), and is the "
-             "classifier's most confident shape one the caption names?", "",
-             "| model | object found | top class named in caption |", "|---|---|---|",
-             *[f"| {label} | {q['object_found']:.1%} | {q['class_named']:.1%} |" for label, q in qualities.items()], "",
-             "## Best heads (picked on validation, scored on test) against the controls", "",
-             comparison_markdown(comparison, labels), "",
-             "## Emergence (first step reaching 90 % of the final score, test)", "",
-             "| task | metric | curve | step | score there | final | note |", "|---|---|---|---|---|---|---|",
-             *[f"| {e['task']} | {e['metric']} | {e['curve']} | {fmt_cell(e.get('step'))} | {fmt_cell(e.get('value'))} | "
-               f"{fmt_cell(e.get('final'))} | {e.get('note', '')} |" for e in em], "",
-             *classifier_lines,
-             "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+        train_main(["fit", "--config", str(REPO_ROOT / classifier_run[2]), "--run_dir",
+                    str(out_dir / classifier_run[1]), *overrides])
+        seconds[classifier_run[1]] = time.perf_counter() - t0
+        classifier_lines = classifier_section(out_dir, classifier_run)
+    loads["end"] = load_average()
+    t0 = time.perf_counter()
+    lines, summary = comparison(out_dir, runs)
+    lines += classifier_lines
+    lines += [f"Wall time (s): {', '.join(f'{k} {v:.0f}' for k, v in seconds.items())}; comparison "
+              f"{time.perf_counter() - t0:.0f}. Load average (1/5/15 min) at start {loads['start']}, at the end "
+              f"{loads['end']} (a shared machine: timings move with it).", ""]
     (out_dir / "comparison.md").write_text("\n".join(lines))
-    (out_dir / "summary.json").write_text(json.dumps(
-        {"sample_quality": qualities, "comparison": comparison, "emergence": em, "seconds": seconds}, indent=1, default=str))
-    report([str(out_dir / folder) for _, folder, _ in runs], labels, str(out_dir / "report"))
+    (out_dir / "summary.json").write_text(json.dumps({**summary, "seconds": seconds, "load": loads}, indent=1,
+                                                     default=str))
+    report([str(out_dir / folder) for _, folder, _ in runs], [label for label, _, _ in runs], str(out_dir / "report"))
     print("\n".join(lines), flush=True)
     print(f"Demo outputs: {out_dir.resolve()} (comparison.md, report/report.html, one run folder per model)")
     return out_dir
 
+
+def classifier_section(out_dir: Path, run: tuple[str, str, str]) -> list[str]:
+    """The classifier on decoded images, per step (the replication's experiment)."""
+    from probes.reporting.tables import read_metrics_csv
+
+    label, folder, config = run
+    clf = [r for r in read_metrics_csv(out_dir / folder / "metrics.csv") if r["task"] == "classification"]
+    per_step = {(r["metric"], r["step"]): r["value"] for r in clf}
+    steps = sorted({r["step"] for r in clf})
+    return [f"## The classifier on decoded images ({label}: `{config}`)", "",
+            f"The toy shape classifier on the image decoded after each step ({clf[0]['layer'] if clf else '-'}), "
+            f"test split, against the prompt's shape (chance top-1: 0.25). Emergence figures: "
+            f"`{folder}/report.html`.", "",
+            "| step | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps),
+            *[f"| {m} | " + " | ".join(fmt_cell(per_step.get((m, s))) for s in steps) + " |" for m in ("top1", "prob")],
+            ""]
+
+
+def own_images(folder: Path) -> bool:
+    """Whether a run generated its own images (a same-image control reads the model's)."""
+    from probes.store.activations import read_manifest
+
+    return not read_manifest((folder / "store").resolve() / "manifest.json").get("images_from")
+
+
+def sample_quality_lines(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> tuple[list[str], dict[str, Any]]:
+    """Do the samples look like the world? Each run with images of its own, "class named" against its chance
+    rate with intervals; "object found" with the control's rate beside it (it separates nothing alone)."""
+    from probes.experiments.toy.sample_quality import store_quality_per_image
+    from probes.metrics.bootstrap import difference_interval, format_interval, mean_interval
+    from probes.store.activations import ActivationStore
+
+    rows, record = [], {}
+    for label, folder, _ in runs:
+        if not own_images(out_dir / folder):
+            continue
+        q = store_quality_per_image(ActivationStore((out_dir / folder / "store").resolve()))
+        named = mean_interval(q["class_named"])
+        over = difference_interval(q["class_named"], q["chance"])
+        record[label] = {"images": int(q["chance"].size), "object_found": float(q["object_found"].mean()),
+                         "class_named": named.estimate, "class_named_interval": [named.low, named.high],
+                         "chance": float(q["chance"].mean()), "above_chance": over.estimate,
+                         "above_chance_interval": [over.low, over.high], "above_chance_text": format_interval(over)}
+        rows.append(f"| {label} | {q['object_found'].mean():.1%} | {format_interval(named)} | "
+                    f"{q['chance'].mean():.1%} | {format_interval(over)} |")
+    lines = ["## Do the samples look like the world?", "",
+             "Every image of the runs that generate their own (the same-image controls use the model's). Measured "
+             "with the toy world's own models: does the foreground labeler find an object (>= 8 pixels; the "
+             "permuted control's rate beside the model's shows that this alone separates nothing), and is the "
+             "classifier's most confident shape one the caption names, against the rate a shape drawn at random "
+             "would have (the share of the 4 shapes the caption names), with 95 % bootstrap intervals over images.",
+             "", "| run | object found | top class named in caption | chance | named − chance |",
+             "|---|---|---|---|---|", *rows, ""]
+    return lines, record
+
+
+def comparison(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> tuple[list[str], dict[str, Any]]:
+    """``comparison.md``'s body and ``summary.json``'s content (module docstring)."""
+    from probes.metrics.baseline_rows import PRIOR
+    from probes.reporting.beyond_position import (
+        INTRO,
+        aligned_table,
+        compare,
+        emergence_table,
+        load_run,
+        summary_record,
+        summary_table,
+        task_summary,
+    )
+    from probes.reporting.markup import MISSING
+    from probes.tasks import get_task
+
+    loaded = {label: load_run(out_dir / folder) for label, folder, _ in runs}
+    labels = [label for label, _, _ in runs]
+    model = labels[0]
+    n = loaded[model][1].index.size if loaded[model][1] is not None else None
+    lines = [f"# Demo: {model} vs {', '.join(labels[1:])}", "",
+             *[f"- **{label}**: {LEGEND.get(label, folder)} (`{config}`)" for label, folder, config in runs], ""]
+    quality, q_record = sample_quality_lines(out_dir, runs)
+    lines += quality
+    lines += ["## Knowledge beyond position", "", INTRO + f" Test images: {n}.", ""]
+    record: dict[str, Any] = {"sample_quality": q_record, "tasks": {}}
+    tasks = list(dict.fromkeys(r["task"] for r in loaded[model][0] if r["layer"] == PRIOR))
+    for task in tasks:
+        sums = {label: task_summary(rows, pi, task) for label, (rows, pi) in loaded.items()}
+        metric = get_task(task).primary
+        m, _ = summary_table(sums)
+        lines += [f"### {task} ({metric})", "", f"**{model}: {sums[model]['verdict']}.**", "", m, ""]
+        diffs = []
+        for other in labels[1:]:
+            d = compare(loaded[model], loaded[other], task)
+            cells = [str(d[k]) if d[k] is not None else MISSING for k in ("probe", "gain")]
+            diffs.append(f"| {model} − {other} | {cells[0]} | {cells[1]} |")
+        lines += ["Model minus each control, paired by test image (the same images for a same-image control; the "
+                  "same prompt and seed for the control that draws its own):", "",
+                  "| difference | best probe | gain over position |", "|---|---|---|", *diffs, ""]
+        al = aligned_table(sums)
+        if al:
+            lines += ["Aligned depth metrics (per-image least-squares scale and shift, the label's own space):", "",
+                      al[0], ""]
+        elif get_task(task).kind == "regression" and task == "depth":
+            lines += ["Aligned depth metrics (AbsRel, RMSE, δ<1.25): not defined for these labels. The toy depth "
+                      "labeler outputs per-image z-scored inverse depth, which has no zero (neither \"at the camera\" "
+                      "nor \"infinitely far\"), and generated images have no renderer depth; they are computed where "
+                      "the labeler names its space (`space`: MiDaS' raw disparity on SD, exact depth from files).",
+                      ""]
+        m, _ = emergence_table(sums[model])
+        lines += [f"Emergence of {model}'s curves relative to its prior map:", "", m, ""]
+        record["tasks"][task] = {label: summary_record(s) for label, s in sums.items()}
+    return lines, record
 

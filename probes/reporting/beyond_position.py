@@ -37,8 +37,8 @@ from probes.metrics.bootstrap import (
 from probes.metrics.emergence import relative_emergence
 from probes.metrics.per_image import FILE, PerImageScores, align
 from probes.reporting.markup import MISSING, fmt_value, table
-from probes.reporting.tables import LOWER_IS_BETTER, best_heads, read_metrics_csv, reported_heads
-from probes.tasks import get_task
+from probes.reporting.tables import best_heads, read_metrics_csv, reported_heads
+from probes.tasks import LOWER_IS_BETTER, get_task
 
 #: aligned depth metrics and whether higher is better
 ALIGNED = (("abs_rel", "AbsRel", False), ("rmse", "RMSE", False), ("delta1", "δ<1.25", True))

@@ -27,7 +27,6 @@ from probes.reporting.beyond_position import markdown_section, summary_table, ta
 from probes.reporting.markup import MISSING, embed_png, fmt_timestep, fmt_value, html_page, table, tick_timestep  # noqa: E402
 from probes.reporting.plots import HIGHLIGHT  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
-    LOWER_IS_BETTER,
     NO_SELECTION,
     NOT_SCORES,
     RANDOM_WARNING,
@@ -39,7 +38,7 @@ from probes.reporting.tables import (  # noqa: E402
     read_metrics_csv,
     reported_heads,
 )
-from probes.tasks import get_task  # noqa: E402
+from probes.tasks import LOWER_IS_BETTER, get_task  # noqa: E402
 
 #: the decoded latent as a caption names it
 LATENT_PHRASES = {"noisy": "the noisy latent x_{t-1} (as the 2024 replication)",

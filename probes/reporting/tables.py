@@ -14,10 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from probes.common.csv_rows import write_csv
-from probes.metrics.baseline_rows import DECODED, describe
 from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
 from probes.reporting.markup import fmt_timestep, fmt_value
-from probes.tasks import LOWER_IS_BETTER, better
+from probes.tasks import better
 
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value", "with_prior", "gain"]
 #: the columns read as numbers when present (``with_prior``, ``gain``: empty where a row has none)
@@ -204,25 +203,3 @@ def emergence_step(curve: list[tuple[int, float, float]], fraction: float = 0.9,
         if ok:
             return dict(out, step=step, timestep=t, value=v, note=f"step {step}")
     return None
-
-
-def emergence(rows: list[dict], split: str = "test", fraction: float = 0.9) -> list[dict]:
-    """Per task and headline-like metric: emergence step of the best layer (picked on val), of the
-    layer best on val at each step, and of the decoded-image baselines. Without a validation split
-    nothing is picked: the pre-declared ``REFERENCE_LAYER`` stands in for the best layer."""
-    out = []
-    if can_select(rows):
-        heads = [(b["task"], b["metric"], [("best layer " + b["layer"], b["layer"]),
-                                           ("best layer at each step (picked on val)", None)])
-                 for b in best_heads(rows)]
-    else:
-        heads = [(t, m, [(f"pre-declared layer {REFERENCE_LAYER} (no selection)", REFERENCE_LAYER)])
-                 for t, m in dict.fromkeys((r["task"], r["metric"]) for r in rows if r["metric"] not in NOT_SCORES)]
-    for task, metric, curves in heads:
-        if metric in LOWER_IS_BETTER:  # "90 % of the final score" is defined for scores, not errors
-            continue
-        for which, layer in [*curves, *[(describe(layer), layer) for layer in DECODED.values()]]:
-            e = emergence_step(_curve(rows, split, task, metric, layer), fraction)
-            if e:
-                out.append({"task": task, "metric": metric, "curve": which, **e})
-    return out

@@ -66,14 +66,18 @@ def demo_run(tmp_path_factory):
 
 def test_demo_writes_every_output(demo_run):
     run, stdout = demo_run
-    for name in ("config.yaml", "metrics.csv", "summary.json", "probes/probes.json", "probes/probes.safetensors"):
+    for name in ("config.yaml", "metrics.csv", "summary.json", "probes/probes.json", "probes/probes.safetensors",
+                 "per_image.npz"):
         assert (run / name).is_file(), name
     assert (run / "store" / "manifest.json").is_file()  # link to the activation store
     pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert "test_depth_spearman_vs_step.png" in pngs and "test_foreground_dice_heatmap.png" in pngs
-    assert len([p for p in pngs if p.startswith("test_")]) == 2 * (1 + 3 + 3)
+    assert len([p for p in pngs if p.startswith("test_")]) == 3 * (1 + 3 + 3)   # vs step, heatmap, gain heatmap
+    assert "test_depth_spearman_gain_heatmap.png" in pngs
     assert list((run / "wandb").glob("offline-run-*")), "W&B should log offline when no API key is set"
-    assert (run / "report.html").is_file() and "Emergence" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert (run / "report.html").is_file() and "Knowledge beyond position" in report and "gain over position" in report
+    assert "Emergence relative to the prior map" in report
     assert {"panel_depth.png", "panel_foreground.png", "panel_shading.png"} <= set(pngs)
     # probe vs labeler on decoded noisy images (no classifier configured), one per task
     assert {"emergence_depth.png", "emergence_foreground.png", "emergence_shading.png"} <= set(pngs)
@@ -86,14 +90,18 @@ def test_metrics_csv_is_long_form_and_complete(demo_run):
     run, _ = demo_run
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["split", "task", "layer", "step", "timestep", "metric", "value"]
+    assert list(rows[0]) == ["split", "task", "layer", "step", "timestep", "metric", "value", "with_prior", "gain"]
     per_split = {"foreground": 2, "depth": 4, "shading": 4}  # metrics + loss
-    probe_rows = [r for r in rows if r["layer"] not in ("decoded_noisy", "position")]
+    probe_rows = [r for r in rows if r["layer"] not in ("decoded_noisy", "prior", "plane")]
     assert len(probe_rows) == 2 * N_HEADS * sum(per_split.values())
+    # every probe head also has its activation+prior head's score and its gain over the prior map
+    scored = [r for r in probe_rows if r["metric"] != "loss"]
+    assert all(r["with_prior"] and r["gain"] for r in scored)
     decoded = [r for r in rows if r["layer"] == "decoded_noisy"]  # labelers on decoded noisy latents (demo has it on)
     assert len(decoded) == 15 * (1 + 3 + 3) and {r["split"] for r in decoded} == {"test"}
-    position = [r for r in rows if r["layer"] == "position"]   # the position-only baseline, one value per step
-    assert len(position) == 15 * (1 + 3 + 3) and {r["split"] for r in position} == {"test"}
+    for name in ("prior", "plane"):     # the position baselines, one value per step, val and test
+        position = [r for r in rows if r["layer"] == name]
+        assert len(position) == 2 * 15 * (1 + 3 + 3) and {r["split"] for r in position} == {"val", "test"}
     r = next(r for r in rows if r["layer"] == "up3.0" and r["step"] == "3" and r["split"] == "test")
     assert float(r["timestep"]) == pytest.approx(784.93, abs=0.01)
     assert all(np.isfinite(float(r["value"])) for r in rows)
@@ -105,7 +113,10 @@ def test_offline_wandb_run_holds_tables_charts_panels_and_the_artifact(demo_run)
     media = wb / "files" / "media"
     (metrics,) = list((media / "table" / "results").glob("metrics_*.table.json"))
     table = json.loads(metrics.read_text())
-    assert table["columns"] == ["split", "task", "layer", "step", "timestep", "metric", "value"]
+    assert table["columns"] == ["split", "task", "layer", "step", "timestep", "metric", "value", "with_prior", "gain"]
+    (beyond,) = list((media / "table" / "results").glob("beyond_position_*.table.json"))
+    quantities = {row[3] for row in json.loads(beyond.read_text())["data"]}
+    assert {"probe", "prior", "plane", "gain", "probe − prior"} <= quantities
     with open(run / "metrics.csv") as f:
         assert len(table["data"]) == sum(1 for _ in f) - 1  # the same rows as metrics.csv
     charts = {p.name.split("_")[0] for p in (media / "table" / "charts" / "test" / "depth" / "spearman").glob("*.json")}

@@ -8,8 +8,8 @@ import pytest
 import pytorch_lightning as pl
 
 from probes.bench.planted import synthetic_datamodule, upsample_tokens
-from probes.metrics.bootstrap import difference_interval
 from probes.diffusion.layers import LayerInfo
+from probes.metrics.bootstrap import difference_interval
 from probes.metrics.prior_map import PLANE, PRIOR
 from probes.reporting.results import collect_results
 from probes.training.module import ProbeModule

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from probes.reporting.html import write_report
-from probes.reporting.tables import best_heads, emergence, emergence_step, write_metrics_csv
+from probes.reporting.tables import best_heads, emergence_step, write_metrics_csv
 
 
 def fake_rows(shift: float = 0.0) -> list[dict]:
@@ -31,9 +31,6 @@ def test_emergence_step_is_first_step_at_90_percent_of_final():
     curve = [(0, 999, 0.1), (1, 800, 0.5), (2, 600, 0.95), (3, 400, 1.0)]
     assert emergence_step(curve)["step"] == 2
     assert emergence_step(curve, fraction=0.5)["step"] == 1
-    em = emergence(fake_rows())
-    best_layer = next(e for e in em if e["curve"] == "best layer up3.0")
-    assert best_layer["step"] == 2 and best_layer["final"] == pytest.approx(0.8)  # 0.75 >= 0.72
 
 
 def test_best_heads_are_picked_on_val_and_report_test():
@@ -59,7 +56,7 @@ def test_report_is_self_contained_and_compares_runs(tmp_path):
     md, html = write_report(real, fake_rows(), is_random=True, compare=[control], labels=["real", "permuted"])
     text = md.read_text()
     assert "## Best (layer, step) per task and metric" in text and "| depth | spearman | up3.0 | 3 |" in text
-    assert "## Emergence" in text and "## Runs compared" in text and "permuted (layer, step)" in text
+    assert "## Knowledge beyond position" in text and "## Runs compared" in text and "permuted (layer, step)" in text
     assert "RANDOM WEIGHTS" in text
     page = html.read_text()
     assert page.count("data:image/png;base64,") >= 3 and "src='plots/" not in page  # images embedded
@@ -84,8 +81,9 @@ def test_wandb_tables_and_charts_hold_the_right_rows():
 
     rows = fake_rows()
     table = wandb_report.metrics_table(rows)
-    assert table.columns == ["split", "task", "layer", "step", "timestep", "metric", "value"]
+    assert table.columns == ["split", "task", "layer", "step", "timestep", "metric", "value", "with_prior", "gain"]
     assert len(table.data) == len(rows) and table.data[0][:3] == ["val", "depth", "up3.0"]
+    assert table.data[0][-2:] == [None, None]       # these rows have no activation+prior heads
     charts = wandb_report.charts(rows)
     assert set(charts) == {f"charts/test/depth/{m}/{k}" for m in ("spearman", "rmse") for k in ("vs_step", "heatmap")}
     line = charts["charts/test/depth/spearman/vs_step"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from probes.reporting.baselines import compare_runs
+from probes.reporting.beyond_position import task_summary
 from probes.reporting.html import write_report
 from probes.reporting.plots import plot_all, rank_layers
-from probes.reporting.tables import NO_SELECTION, _curve, best_heads, emergence, format_table, write_metrics_csv
+from probes.reporting.tables import NO_SELECTION, _curve, best_heads, format_table, write_metrics_csv
 from probes.training.datamodule import selects_on_validation
 from tests.integration.test_reporting import fake_rows
 
@@ -34,11 +34,18 @@ def test_per_step_curve_follows_the_layer_best_on_val_not_the_test_maximum():
     assert _curve(only_test_rows(), "test", "depth", "spearman", None) == []
 
 
+def with_prior_rows(rows: list[dict], value: float = 0.3) -> list[dict]:
+    """``rows`` plus a prior map scoring ``value`` on every split of theirs."""
+    return rows + [{"split": s, "task": "depth", "layer": "prior", "step": k, "timestep": 999 - 200 * k,
+                    "metric": "spearman", "value": value} for s in {r["split"] for r in rows} for k in range(5)]
+
+
 def test_emergence_without_val_follows_the_pre_declared_layer_only():
-    em = emergence(only_test_rows())
-    assert {e["curve"] for e in em} == {"pre-declared layer up3.0 (no selection)"}
-    assert em[0]["step"] == 2
-    assert all("best" not in e["curve"] for e in em)
+    s = task_summary(with_prior_rows(only_test_rows()), None, "depth")
+    assert s["probe_head"]["layer"] == "up3.0" and s["probe_head"]["selected_on"].startswith("none")
+    assert [e["curve"] for e in s["emergence"]] == ["probe, layer up3.0"]
+    assert s["emergence"][0]["step"] == 2          # (0.75 - 0.3) / (0.8 - 0.3) = 0.9
+    assert s["gain_head"] is None                   # nothing with a with_prior column to pick from
 
 
 def test_plots_rank_nothing_without_val(tmp_path):
@@ -61,10 +68,11 @@ def test_report_and_table_say_that_nothing_is_selected(tmp_path):
 
 
 def test_compare_runs_without_val_uses_the_pre_declared_head(tmp_path):
-    rows = only_test_rows()
-    (r,) = compare_runs({"model": rows, "control": fake_rows(shift=0.3)})
-    assert r["model head"] == "up3.0 @ step 4 (pre-declared: no val split)" and r["model"] == pytest.approx(0.8)
-    assert r["control head"] == "up3.0 @ step 3"           # the control has val: its head is picked there
+    rows = with_prior_rows(only_test_rows())
+    model, control = task_summary(rows, None, "depth"), task_summary(with_prior_rows(fake_rows(shift=0.3)), None, "depth")
+    assert (model["probe_head"]["layer"], model["probe_head"]["step"]) == ("up3.0", 4)
+    assert model["point"]["probe"] == pytest.approx(0.8)
+    assert (control["probe_head"]["layer"], control["probe_head"]["step"]) == ("up3.0", 3)   # picked on its val
     ctrl = tmp_path / "c"
     write_metrics_csv(fake_rows(shift=0.3), ctrl / "metrics.csv")
     (tmp_path / "r").mkdir()

@@ -1,4 +1,5 @@
-"""The position-only baseline: a least-squares fit on pixel coordinates, scored like a probe."""
+"""The run's position baselines from its label caches: the prior map is the numpy mean of the train targets,
+the plane a least-squares fit in pixel coordinates, thresholds come from val, and both are scored per image."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,15 +7,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from probes.metrics.position import POSITION, coordinate_features, fit_position_map, position_rows
-
-
-def test_fit_is_numpy_least_squares_on_coordinates():
-    rng = np.random.default_rng(0)
-    target = rng.normal(size=(6, 8))
-    x = coordinate_features(6, 8).numpy()
-    coef, *_ = np.linalg.lstsq(x, target.reshape(-1), rcond=None)
-    np.testing.assert_allclose(fit_position_map(torch.from_numpy(target)).numpy(), x @ coef, atol=1e-12)
+from probes.metrics.prior_map import PLANE, PRIOR, coordinates
+from probes.training.position import fit_position, position_scores
 
 
 class _Cache:
@@ -30,43 +24,52 @@ class _Split:
         self.indices = indices
 
 
-class _Module:
-    """What position_rows reads of a probe module: its banks (task names), spec and targets()."""
-
-    def __init__(self, tasks, size, stats):
-        self.banks = dict.fromkeys(tasks)
-        self.spec = type("Spec", (), {"label_size": size, "steps": (0, 1), "timesteps": (999.0, 0.0),
-                                      "target_stats": stats})()
-
-    def targets(self, task, raw):
-        if task.kind == "binary":
-            return (raw > 0).float()
-        s = self.spec.target_stats[task.name]
-        return (raw.float() - s["mean"]) / s["std"]
+STATS = {"depth": {"mean": 7.5, "std": 4.6}, "shading": {"mean": 0.0, "std": 1.0}}
 
 
-def _dm(labels, n_train):
+def targets(task, raw):
+    """A probe module's ``targets``: masks for binary tasks, z-scores for regression."""
+    if task.kind == "binary":
+        return (raw > 0).float()
+    s = STATS[task.name]
+    return (raw.float() - s["mean"]) / s["std"]
+
+
+def _dm(labels, n_train, n_val):
     n = len(next(iter(labels.values())))
-    return type("DM", (), {"datasets": {"train": _Split(list(range(n_train))), "test": _Split(list(range(n_train, n)))},
+    return type("DM", (), {"datasets": {"train": _Split(list(range(n_train))),
+                                        "val": _Split(list(range(n_train, n_train + n_val))),
+                                        "test": _Split(list(range(n_train + n_val, n)))},
                            "label_caches": {t: _Cache(a) for t, a in labels.items()}})()
 
 
-def test_a_label_that_is_only_image_height_is_found_and_noise_is_not():
+def test_height_only_labels_are_found_by_position_and_noise_is_not():
     rng = np.random.default_rng(1)
-    h, w, n = 16, 16, 12
+    h, w, n = 16, 16, 16
     rows_idx = np.arange(h, dtype=np.float32)[:, None].repeat(w, 1)           # [H, W]: the row index
     height_depth = np.repeat(rows_idx[None], n, 0) + rng.normal(scale=0.1, size=(n, h, w)).astype(np.float32)
     noise = rng.normal(size=(n, h, w)).astype(np.float32)
-    centre = np.zeros((n, h, w), np.float32)
-    centre[:, :, : w // 2] = 1.0                                      # "objects sit on the left"
-    module = _Module(["depth", "shading", "foreground"], (h, w),
-                     {"depth": {"mean": 7.5, "std": 4.6}, "shading": {"mean": 0.0, "std": 1.0}})
-    rows = position_rows(module, _dm({"depth": height_depth, "shading": noise, "foreground": centre}, n_train=8))
-    got = {(r["task"], r["metric"]): r["value"] for r in rows if r["step"] == 0}
-    assert {r["layer"] for r in rows} == {POSITION} and {r["step"] for r in rows} == {0, 1}
-    x = coordinate_features(h, w).numpy()                             # the same fit by hand: mean train map
-    coef, *_ = np.linalg.lstsq(x, ((height_depth[:8] - 7.5) / 4.6).mean(0).ravel(), rcond=None)
-    expected = np.mean([spearmanr(x @ coef, height_depth[i].ravel())[0] for i in range(8, n)])
-    assert got[("depth", "spearman")] == pytest.approx(expected, abs=1e-6)
-    assert abs(got[("shading", "spearman")]) < 0.2
-    assert got[("foreground", "dice")] > 0.99
+    left = np.zeros((n, h, w), np.float32)
+    left[:, :, : w // 2] = 1.0                                         # "objects sit on the left"
+    dm = _dm({"depth": height_depth, "shading": noise, "foreground": left}, n_train=8, n_val=4)
+    position = fit_position(targets, dm, ["depth", "shading", "foreground"])
+    # the prior map is the numpy mean of the train targets; the plane the lstsq fit of (1, x, y) to it
+    z = (height_depth[:8].astype(np.float64) - 7.5) / 4.6
+    np.testing.assert_allclose(position["depth"][PRIOR].map, z.mean(0), rtol=1e-5, atol=1e-6)   # float32 targets
+    coef, *_ = np.linalg.lstsq(coordinates(h, w), z.mean(0).ravel(), rcond=None)
+    np.testing.assert_allclose(position["depth"][PLANE].map.ravel(), coordinates(h, w) @ coef, rtol=1e-5, atol=1e-6)
+    assert position["depth"][PRIOR].threshold is None and position["foreground"][PRIOR].threshold is not None
+    idx, scores = position_scores(targets, dm, position, "test")
+    assert idx == [12, 13, 14, 15] and scores["depth"][PRIOR].shape == (4, 3)
+    expected = [spearmanr(z.mean(0).ravel(), height_depth[i].ravel())[0] for i in idx]
+    np.testing.assert_allclose(scores["depth"][PRIOR][:, 0], expected, atol=1e-9)
+    assert abs(scores["shading"][PRIOR][:, 0].mean()) < 0.2
+    assert scores["foreground"][PRIOR][:, 0].mean() > 0.99 and scores["foreground"][PLANE][:, 0].mean() > 0.99
+
+
+def test_a_binary_task_without_validation_images_is_refused():
+    masks = np.zeros((6, 4, 4), np.float32)
+    masks[:, :2] = 1
+    with pytest.raises(ValueError, match="val_fraction"):
+        fit_position(targets, _dm({"foreground": masks}, n_train=6, n_val=0), ["foreground"])
+    assert torch.is_tensor(targets(type("T", (), {"kind": "binary"})(), torch.ones(1)))

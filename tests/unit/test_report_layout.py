@@ -12,7 +12,7 @@ import pytest
 from probes.reporting.html import write_report
 from probes.reporting.markup import fmt_timestep, fmt_value
 from probes.reporting.plots import plot_all, plot_metric_vs_step, rank_layers
-from probes.reporting.tables import emergence, emergence_step, format_table, write_metrics_csv
+from probes.reporting.tables import emergence_step, format_table, write_metrics_csv
 
 T = [999.0, 927.6428833007812, 855.2857666015625, 0.0]
 
@@ -51,13 +51,22 @@ def test_a_declining_curve_never_emerges_and_says_where_it_peaks():
     assert emergence_step([(0, 999.0, 0.02), (1, 0.0, -0.01)])["step"] is None   # no signal at all
 
 
-def test_emergence_table_reports_declines_in_words(tmp_path):
-    rows = rows_for("depth", "spearman", {"up1.0": [0.43, 0.40, 0.25, 0.17]})
-    (e,) = [x for x in emergence(rows) if x["curve"].startswith("best layer up1.0")]
-    assert e["step"] is None and "declines" in e["note"]
+def test_emergence_is_measured_against_the_prior_map(tmp_path):
+    """A curve that only matches the prior never emerges; one that builds a gain above it emerges where it holds
+    90 % of that gain, not at step 0 as the old "90 % of the final score" rule had it."""
+    rows = rows_for("depth", "spearman", {"up1.0": [0.80, 0.81, 0.80, 0.80], "up2.0": [0.80, 0.82, 0.88, 0.90]})
+    rows += [{"split": s, "task": "depth", "layer": "prior", "step": k, "timestep": 999.0 - k, "metric": "spearman",
+              "value": 0.80} for s in ("val", "test") for k in range(4)]
+    from probes.reporting.beyond_position import task_summary
+
+    s = task_summary(rows, None, "depth")
+    (e,) = s["emergence"]
+    assert s["probe_head"]["layer"] == "up2.0" and e["step"] == 3 and "no interval" in e["note"]
+    rows = [r for r in rows if r["layer"] != "up2.0"]
+    (e,) = task_summary(rows, None, "depth")["emergence"]
+    assert e["step"] is None and e["note"].startswith("never")
     md, _ = write_report(tmp_path, rows, is_random=False)
-    assert "never emerges: peaks at step 0 (0.430), declines to 0.170" in md.read_text()
-    assert "| depth | spearman | best layer up1.0 | 0 |" not in md.read_text()
+    assert "Emergence relative to the prior map" in md.read_text() and "| never |" in md.read_text()
 
 
 # -- numbers -----------------------------------------------------------------------------------
