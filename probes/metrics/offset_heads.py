@@ -22,10 +22,10 @@ so they cost O(tokens) per head (:class:`OffsetTargets`); only Spearman ranks ev
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-
-from dataclasses import dataclass
 
 from probes.metrics.exact import DICE_EPS, average_ranks, block_mean
 from probes.tasks import Task
