@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The torch pair known to work together (torchvision must match torch; see README "Install").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help install demo demo-tiny toy-model intervene lens test test-all lint bench clean
+.PHONY: help install demo experiment demo-tiny toy-model intervene lens test test-all lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed  ## create .venv and install the project (torch pair first)
 
-demo: install  ## offline experiment: the toy world's trained model vs its permuted-weights control (CPU, ~5 min)
+demo: install  ## offline experiment: the toy world's trained model vs its three controls, with position baselines (CPU)
 	WANDB_SILENT=true $(PY) -m probes.cli.main demo --out outputs/demo
+
+experiment: install  ## the demo's comparison on 500 test / 200 val scenes (configs/toy/experiment.yaml; the BENCHMARKS figures)
+	WANDB_SILENT=true $(PY) -m probes.cli.main demo --config configs/toy/experiment.yaml
 
 demo-tiny: install  ## the pipeline alone on a tiny RANDOM-weight SD (CPU, ~1 min; numbers meaningless by design)
 	WANDB_SILENT=true $(PY) train.py fit --config configs/tiny.yaml
