@@ -45,7 +45,7 @@ COMMANDS: dict[str, Command] = {
                          then="probes.experiments.intervention.run:intervene"),
     "lens": Command("semantic lens: which U-Net layer keeps object meaning (configs/lens/*.yaml)",
                     "probes.experiments.lens.run:lens"),
-    "demo": Command("the toy world's trained model vs its permuted control, side by side (make demo)",
+    "demo": Command("the toy world's trained model vs its three controls, beyond position (make demo)",
                     "probes.cli.demo:demo", plugins=False),
     "bench": Command("measure speed and rewrite BENCHMARKS.md (make bench)", "probes.bench.run:bench", plugins=False),
     "classify": Command("per-step classifier scores of saved decoded images (.npy)",
