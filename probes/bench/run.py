@@ -30,11 +30,11 @@ from probes.common.quiet import quiet_known_noise
 from probes.common.threads import apply_thread_policy
 from probes.diffusion.layers import LayerRegistry
 from probes.diffusion.loading import DiffusionSpec, load_architecture, load_pipeline
+from probes.generation.call import initial_latents
 from probes.generation.sampling import (
     CaptureSpec,
     GenerationSpec,
     generate,
-    initial_latents,
     make_scheduler,
     native_size,
 )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from probes.diffusion.families.spec import denoiser_of, family_of
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.experiments.intervention.editor import ActivationEditor, EditRecord, EditSettings
 from probes.experiments.intervention.pipeline import sample_images
@@ -74,7 +75,12 @@ class InterventionSession:
 
     @property
     def guidance(self) -> bool:
-        return self.generation.guidance_scale > 1.0
+        return self.cfg != "none"
+
+    @property
+    def cfg(self) -> str:
+        """How the recorded generation lays out classifier-free guidance for this model's denoiser."""
+        return self.generation.cfg_layout(family_of(self.pipe))
 
     def generate(self, records: Sequence[PromptRecord]) -> np.ndarray:
         """The unedited images of ``records`` (one pipeline call)."""
@@ -84,8 +90,9 @@ class InterventionSession:
              settings: EditSettings, on_edit: Callable[[EditRecord], None] | None = None
              ) -> tuple[np.ndarray, list[EditRecord]]:
         """The images of ``records`` generated with the ``plan``'s edits towards ``targets`` [B, H, W]."""
-        editor = ActivationEditor(self.pipe.unet, plan, self.probes.spec.layers,
-                                  torch.as_tensor(np.asarray(targets, np.float32)), settings, self.guidance, on_edit)
+        editor = ActivationEditor(denoiser_of(self.pipe), plan, self.probes.spec.layers,
+                                  torch.as_tensor(np.asarray(targets, np.float32)), settings, on_edit=on_edit,
+                                  cfg=self.cfg)
         images = sample_images(self.pipe, records, self.generation, [editor])
         return images, editor.records
 
