@@ -12,8 +12,7 @@ from probes.diffusion.layers import LayerInfo
 from probes.diffusion.loading import DiffusionSpec
 from probes.diffusion.readout import READOUTS, read_tokens, tokens_to_grid, write_tokens
 
-ReadoutLayer = LayerInfo     # a layer with a readout rule (the fifth field)
-LAYER = ReadoutLayer("joint0", "transformer_blocks.0", channels=8, grid=(2, 3), readout="second")   # 6 image tokens
+LAYER = LayerInfo("joint0", "transformer_blocks.0", channels=8, grid=(2, 3), readout="second")   # 6 image tokens
 
 
 def tiny_denoiser(family: str) -> torch.nn.Module:
@@ -30,25 +29,25 @@ def tiny_denoiser(family: str) -> torch.nn.Module:
 # -- readout rules -----------------------------------------------------------------------------
 def test_tokens_rule_passes_tokens_and_refuses_other_shapes():
     x = torch.randn(2, 6, 8)
-    assert read_tokens(ReadoutLayer("block0", "m", 8, (2, 3), "tokens"), x) is x
+    assert read_tokens(LayerInfo("block0", "m", 8, (2, 3), "tokens"), x) is x
     with pytest.raises(RuntimeError, match=r"shape \(2, 6, 8\); expected \[batch, 9, 8\]"):
-        read_tokens(ReadoutLayer("block0", "m", 8, (3, 3), "tokens"), x)
+        read_tokens(LayerInfo("block0", "m", 8, (3, 3), "tokens"), x)
     with pytest.raises(RuntimeError, match="not one tensor"):
-        read_tokens(ReadoutLayer("block0", "m", 8, (2, 3), "tokens"), (x, x))
+        read_tokens(LayerInfo("block0", "m", 8, (2, 3), "tokens"), (x, x))
 
 
 def test_pair_rules_pick_the_image_item_and_catch_a_swapped_order():
     text, image = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
-    assert read_tokens(ReadoutLayer("joint0", "m", 8, (2, 3), "second"), (text, image)) is image
-    assert read_tokens(ReadoutLayer("joint0", "m", 8, (2, 3), "second"), (None, image)) is image   # SD3's last block
-    assert read_tokens(ReadoutLayer("joint0.attn", "m", 8, (2, 3), "first"), (image, text)) is image
+    assert read_tokens(LayerInfo("joint0", "m", 8, (2, 3), "second"), (text, image)) is image
+    assert read_tokens(LayerInfo("joint0", "m", 8, (2, 3), "second"), (None, image)) is image   # SD3's last block
+    assert read_tokens(LayerInfo("joint0.attn", "m", 8, (2, 3), "first"), (image, text)) is image
     with pytest.raises(RuntimeError, match="are item 0, not 1"):
-        read_tokens(ReadoutLayer("joint0", "m", 8, (2, 3), "second"), (image, text))
+        read_tokens(LayerInfo("joint0", "m", 8, (2, 3), "second"), (image, text))
 
 
 def test_after_text_reads_a_pair_or_the_tail_of_one_stream():
     text, image = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
-    layer = ReadoutLayer("single0", "m", 8, (2, 3), "after_text")
+    layer = LayerInfo("single0", "m", 8, (2, 3), "after_text")
     assert read_tokens(layer, (text, image)) is image
     assert torch.equal(read_tokens(layer, torch.cat([text, image], 1)), image)
     with pytest.raises(RuntimeError, match="text then 6 image tokens"):
@@ -57,7 +56,7 @@ def test_after_text_reads_a_pair_or_the_tail_of_one_stream():
 
 def test_channels_first_is_row_major_tokens():
     fmap = torch.arange(2 * 8 * 2 * 3, dtype=torch.float32).reshape(2, 8, 2, 3)
-    tokens = read_tokens(ReadoutLayer("down0.res0", "m", 8, (2, 3), "channels_first"), fmap)
+    tokens = read_tokens(LayerInfo("down0.res0", "m", 8, (2, 3), "channels_first"), fmap)
     assert torch.equal(tokens_to_grid(tokens, (2, 3)).permute(0, 3, 1, 2), fmap)
 
 
@@ -67,7 +66,7 @@ def test_layer_round_trips_through_its_dict_and_rejects_unknown_rules():
     assert unet_layer.to_dict() == {"name": "down0.0", "module": "x", "channels": 8, "grid": [2, 3]}   # as before
     assert LayerInfo.from_dict(unet_layer.to_dict()).readout == "tokens"
     with pytest.raises(ValueError, match="unknown readout rule 'third'"):
-        ReadoutLayer("joint0", "m", 8, (2, 3), "third")
+        LayerInfo("joint0", "m", 8, (2, 3), "third")
     assert set(READOUTS) == {"tokens", "first", "second", "after_text", "channels_first"}
     assert [LayerInfo(n, "m", 8, (2, 3)).kind for n in ("joint3", "single0.attn", "block12", "down0.1")] == \
         ["block", "attn", "block", "attn1"]
@@ -85,7 +84,7 @@ def test_layer_round_trips_through_its_dict_and_rejects_unknown_rules():
 def test_writing_image_tokens_is_the_inverse_of_reading_them(rule, out):
     """What the intervention needs: the edited tokens come back from the rule, the text stays."""
     text, image = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
-    layer, new = ReadoutLayer("x0", "m", 8, (2, 3), rule), torch.randn(2, 6, 8)
+    layer, new = LayerInfo("x0", "m", 8, (2, 3), rule), torch.randn(2, 6, 8)
     original = out(text, image)
     torch.testing.assert_close(read_tokens(layer, original), image, rtol=0, atol=0)
     written = write_tokens(layer, original, new)
