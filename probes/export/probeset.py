@@ -9,6 +9,7 @@ activations of the same layer and step.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -19,9 +20,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from probes.common.files import atomic_write_bytes, atomic_write_text, output_dir
 from probes.common.version import code_version
 from probes.contract import ProbeSpec
 from probes.tasks import get_task
@@ -89,13 +91,19 @@ def build_export(module, extra: dict[str, Any] | None = None) -> ProbeExport:
 
 
 def write_export(export: ProbeExport, out_dir: str | Path) -> Path:
-    """Write ``export`` as ``probes.safetensors`` + ``probes.json`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(export.tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    """Write ``export`` as ``probes.safetensors`` + ``probes.json`` into ``out_dir``.
+
+    Each file is written atomically and never through a link (:mod:`probes.common.files`); the
+    metadata, written last, records the weights' sha256, so weights that do not belong to it (a
+    kill between the two renames, a file swapped or damaged later) are refused when loaded.
+    """
+    out = output_dir(out_dir)
+    weights = save(export.tensors, metadata={"format": FORMAT})
+    atomic_write_bytes(out / WEIGHTS, weights)
+    meta = dict(export.meta, weights_sha256=hashlib.sha256(weights).hexdigest())
     # the spec's mappings are frozen (MappingProxyType): written as JSON objects, not as their str()
-    (out / META).write_text(json.dumps(export.meta, indent=1,
-                                       default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
+    atomic_write_text(out / META, json.dumps(meta, indent=1,
+                                             default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
     return out
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.common.files import atomic_write_text
 from probes.common.progress import progress_bar
 from probes.labels.base import Labeler
-from probes.store.activations import ActivationStore, CommitLog, PreallocatedArray, atomic_write_text, check_disk
+from probes.store.activations import ActivationStore, CommitLog, PreallocatedArray, check_disk
 
 
 class LabelCache:

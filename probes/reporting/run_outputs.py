@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from probes.common.files import atomic_write_text, output_dir
 from probes.export.probeset import write_export
 from probes.reporting.html import write_report
 from probes.reporting.panels import panel_indices, plot_panel
@@ -71,12 +72,12 @@ class RunOutputs(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         rows, best, spec_random = results.rows, results.best, bool(results.summary["is_random"])
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")
-        (out / "summary.json").write_text(json.dumps(results.summary, indent=1, default=str))
+        atomic_write_text(out / "summary.json", json.dumps(results.summary, indent=1, default=str))
         if results.export is not None:
             self.written["probes"] = write_export(results.export, out / "probes")
         if self.plots:
             suffix = "  [RANDOM WEIGHTS: meaningless]" if spec_random else ""
-            self.written["plots"] = plot_all(rows, out / "plots", "test", suffix)
+            self.written["plots"] = plot_all(rows, output_dir(out / "plots"), "test", suffix)
             if results.panels:
                 self.written["panels"] = {t: plot_panel(t, p, out / "plots" / f"panel_{t}.png")
                                           for t, p in results.panels.items()}

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.common.files import TMP_INFIX, atomic_write_text
 from probes.diffusion.layers import LayerInfo
 
 FORMAT_VERSION = 1
@@ -46,25 +47,19 @@ def decoded_latent(generation: Mapping[str, Any]) -> str:
     return str(generation.get("decode") or ("x0" if generation.get("decode_x0") else "none"))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _preallocate(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
-    """Write a ``.npy`` header and extend the file to its full size without writing the data (sparse)."""
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
-    del mm
+    """Write a ``.npy`` header and extend the file to its full size without writing the data (sparse).
+
+    Made under a temporary name (created exclusively) and renamed, so a link planted at ``path``
+    is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_INFIX)
+    os.close(fd)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        del mm
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _publish_if_absent(tmp: Path, path: Path) -> None:
@@ -143,7 +138,7 @@ class PreallocatedArray:
         if not exclusive:
             _preallocate(path, shape, dtype)
             return cls(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_INFIX)
         os.close(fd)
         try:
             _preallocate(Path(tmp), shape, dtype)

@@ -153,6 +153,7 @@ class ActivationDataModule(pl.LightningDataModule):
         return cls(diffusion=DiffusionSpec(**cfg["diffusion"]), prompts=PromptSpec(**cfg["prompts"]),
                    generation=GenerationSpec(**cfg["generation"]), capture=CaptureSpec(**cfg["capture"]),
                    labels=cfg["labels"], mode=cfg.get("mode", "cached"), store_dir=cfg.get("store_dir"),
+                   store_root=cfg.get("store_root") or "outputs/stores",
                    batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
                    device=cfg.get("device", "auto"), progress=cfg.get("progress", True),
                    target_norm=cfg.get("target_norm"))

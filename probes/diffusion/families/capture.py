@@ -29,8 +29,8 @@ import torch.nn as nn
 
 from probes.diffusion.families.readout import readout_rule
 from probes.diffusion.families.spec import CFG_LAYOUTS, Family
-from probes.generation.capture import ActivationCapture
 from probes.diffusion.layers import LayerInfo
+from probes.generation.capture import ActivationCapture
 
 
 class ReadoutCapture(ActivationCapture):

@@ -19,8 +19,8 @@ import torch
 from probes.diffusion.families.capture import ReadoutCapture
 from probes.diffusion.families.layers import latent_hw
 from probes.diffusion.families.spec import Family, family_of, get_family
-from probes.generation.sampling import initial_latents
 from probes.diffusion.layers import LayerInfo
+from probes.generation.sampling import initial_latents
 
 
 @dataclass

@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from probes.common.files import atomic_write_text
 from probes.common.hashing import sha256_text
 from probes.common.progress import progress_bar
 from probes.common.version import code_version
 from probes.diffusion.layers import LayerInfo
 from probes.experiments.lens.datasets.common import LensItem
 from probes.experiments.lens.pooling import instance_ids, pool_instances
-from probes.store.activations import CommitLog, PreallocatedArray, atomic_write_text, check_disk
+from probes.store.activations import CommitLog, PreallocatedArray, check_disk
 from probes.store.manifest import request_fingerprint
 
 FORMAT_VERSION = 1
