@@ -15,8 +15,9 @@ from probes.prompts.sets import PromptSpec
 from probes.training.module import ProbeModule
 
 TINY = DiffusionSpec(source="random", architecture="tiny", precision="fp32")
-LAYERS = (LayerInfo("mid.0", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0", 8, (4, 4)),
-          LayerInfo("up3.0", "up_blocks.3.attentions.0.transformer_blocks.0.attn1.to_out.0", 4, (16, 16)))
+#: two layers of the tiny random model, as its registry describes them
+LAYERS = (LayerInfo("mid.0", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0", 64, (2, 2)),
+          LayerInfo("up3.0", "up_blocks.3.attentions.0.transformer_blocks.0.attn1.to_out.0", 32, (16, 16)))
 
 
 def data_config(prompts: Path, store_dir: Path, diffusion: DiffusionSpec = TINY) -> dict:

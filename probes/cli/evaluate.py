@@ -31,7 +31,7 @@ from probes.export.resolve import resolve_probes
 from probes.prompts.sets import split_indices
 from probes.reporting.html import write_report
 from probes.reporting.run_outputs import RunOutputs
-from probes.reporting.tables import read_metrics_csv
+from probes.reporting.tables import read_metrics_csv, read_summary
 from probes.training.datamodule import ActivationDataModule
 
 
@@ -121,7 +121,10 @@ def report(runs: list[str], labels: list[str] | None = None, out: str | None = N
     if not (first / "metrics.csv").exists():
         raise FileNotFoundError(f"{first} has no metrics.csv: pass run folders written by train.py or evaluate.py")
     summary = first / "summary.json"
-    is_random = json.loads(summary.read_text()).get("is_random", False) if summary.exists() else False
+    is_random = bool(read_summary(summary).get("is_random", False)) if summary.exists() else False
+    rows = read_metrics_csv(first / "metrics.csv")   # every run's file checked before anything is written
+    for other in runs[1:]:
+        read_metrics_csv(Path(other) / "metrics.csv" if Path(other).is_dir() else Path(other))
     stem = "-vs-".join(Path(r).name for r in runs)[:80]
     dest = Path(out) if out else Path("outputs/reports") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.mkdir(parents=True, exist_ok=True)
@@ -130,7 +133,7 @@ def report(runs: list[str], labels: list[str] | None = None, out: str | None = N
     for png in regular_files(first / "plots", "*.png"):
         if not png.name.startswith("compare_"):
             atomic_write_bytes(output_dir(dest / "plots") / png.name, png.read_bytes())
-    md, html = write_report(dest, read_metrics_csv(first / "metrics.csv"), is_random, [Path(r) for r in runs[1:]],
+    md, html = write_report(dest, rows, is_random, [Path(r) for r in runs[1:]],
                             labels, title=f"Comparison: {', '.join(labels or [Path(r).name for r in runs])}")
     print(f"Report: {html} (and {md.name})")
     return dest

@@ -21,7 +21,7 @@ from probes.reporting.html import write_report
 from probes.reporting.panels import panel_indices, plot_panel
 from probes.reporting.plots import plot_all
 from probes.reporting.results import RunResults, collect_results
-from probes.reporting.tables import format_table, write_metrics_csv
+from probes.reporting.tables import SUMMARY, format_table, metrics_record, write_metrics_csv
 
 
 class RunOutputs(pl.Callback):
@@ -72,7 +72,9 @@ class RunOutputs(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         rows, best, spec_random = results.rows, results.best, bool(results.summary["is_random"])
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")
-        atomic_write_text(out / "summary.json", json.dumps(results.summary, indent=1, default=str))
+        # written after metrics.csv, recording it: a reader tells a whole file from one cut short or edited
+        summary = dict(results.summary, metrics_csv=metrics_record(out / "metrics.csv"))
+        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1, default=str))
         if results.export is not None:
             self.written["probes"] = write_export(results.export, out / "probes")
         if self.plots:
