@@ -90,6 +90,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """A checkpoint written with ``torch.save`` (resume states: tensors, state dicts, numbers, strings),
+    read with ``weights_only=True``: a file holding anything else (a pickled object runs code when
+    loaded) is refused, naming the file, instead of executed."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain containers, which are not loaded "
+                         f"(torch.load(weights_only=True): a pickled object could run any code). It was not written "
+                         f"by this recipe, or was tampered with; delete it (training starts again from step 0). "
+                         f"Detail: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint ({err}): damaged or truncated; delete it (training "
+                         f"starts again from step 0)") from err
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     with atomic_write(path, "w") as f:

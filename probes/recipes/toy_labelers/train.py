@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save
 
-from probes.common.files import atomic_write, atomic_write_bytes, atomic_write_text
+from probes.common.files import atomic_write, atomic_write_bytes, atomic_write_text, read_checkpoint
 from probes.common.hashing import sha256_file
 from probes.common.progress import progress_bar
 from probes.labels import toy_nets as labelers
@@ -118,7 +118,7 @@ def train_net(name: str, data: dict[str, torch.Tensor], recipe: Recipe, out: Pat
     ckpt = ckpt_dir / f"{name}.pt"
     start, elapsed = 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = read_checkpoint(ckpt)
         if state["recipe"] != asdict(recipe):
             raise ValueError(f"{ckpt} was written by another recipe {state['recipe']}; delete "
                              f"{ckpt_dir} or pass the same options")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from probes.common.files import atomic_write, atomic_write_text
+from probes.common.files import atomic_write, atomic_write_text, read_checkpoint
 from probes.common.progress import progress_bar
 
 
@@ -93,7 +93,7 @@ def run_loop(name: str, ckpt_path: Path, model: torch.nn.Module, optimizer: torc
     ema = EMA(model, ema_decay) if ema_decay else None
     start, elapsed, losses = 0, 0.0, []
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
