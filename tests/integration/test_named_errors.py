@@ -173,3 +173,31 @@ def test_a_plugin_that_raises_is_named(tmp_path):
             import_plugin("broken_pkg")
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_temporaries_a_killed_writer_left_in_label_and_lens_caches_are_swept(tmp_path, prompts_file):
+    import os
+    import time
+
+    from probes.labels import build_labeler
+    from probes.labels.cache import LabelCache
+    from probes.store.activations import ActivationStore
+    from tests.integration.test_store_robustness import make
+
+    store = make(tmp_path / "s", prompts_file)
+    cache = LabelCache(store, "depth", build_labeler("vertical"))
+    cache.ensure(range(4), progress=False)
+    past = time.time() - 3600
+    left = [cache.root / "commits" / "0000001.json.tmpk9", tmp_path / "lens" / "x"]
+    left[0].write_text("{")
+    lens = lens_cache(tmp_path / "lens")
+    left[1] = lens.root / "commits" / "0000000.json.tmpq1"
+    left[1].write_text("{")
+    for p in left:
+        os.utime(p, (past, past))
+    make(tmp_path / "s", prompts_file)                        # the next run on the store
+    from probes.experiments.lens.embeddings import EmbeddingCache
+
+    EmbeddingCache.open_or_create(tmp_path / "lens", lens.manifest["request"])   # the next lens run
+    assert not left[0].exists() and not left[1].exists()
+    assert ActivationStore(tmp_path / "s").missing() == []

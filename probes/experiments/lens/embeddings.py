@@ -41,6 +41,7 @@ from probes.diffusion.layers import LayerInfo
 from probes.experiments.lens.datasets.common import LensItem
 from probes.experiments.lens.pooling import instance_ids, pool_instances
 from probes.store.activations import CommitLog, PreallocatedArray, check_disk
+from probes.store.locks import sweep_temporaries
 from probes.store.manifest import request_fingerprint
 
 FORMAT_VERSION = 1
@@ -169,6 +170,7 @@ class EmbeddingCache:
         fp = request_fingerprint(request)
         root = Path(cache_root) / fp
         if (root / "manifest.json").exists():
+            sweep_temporaries(root)          # what a killed lens run left half-written
             cache = cls(root)
             if cache.manifest["request"] != json.loads(json.dumps(request, default=str)):
                 raise RuntimeError(f"embedding cache {root} was written for other settings than its fingerprint "
