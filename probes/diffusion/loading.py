@@ -38,6 +38,11 @@ from probes.paths import data_path
 
 ARCH_DIR = data_path("architectures")
 
+#: the commit a hub model is loaded at when ``diffusion.revision`` is not given: a moving ``main`` would let
+#: a change upstream change the activations unseen. CompVis/stable-diffusion-v1-4: the snapshot its
+#: ``main`` has resolved to since 2023 (the folder name of every current download's cache).
+PINNED_REVISIONS = {"CompVis/stable-diffusion-v1-4": "133a221b8aa7292a167afc5127cb63fb5005638b"}
+
 #: ``diffusion.precision`` values (see :class:`Precision`)
 PRECISIONS = ("reference", "fp16", "bf16", "fp32")
 #: ``diffusion.tokenizer`` values (see :mod:`probes.diffusion.tokenizer`)
@@ -115,7 +120,9 @@ class DiffusionSpec:
         pipeline class, the layer names and the call. ``None``: read off a random architecture
         (``tiny_<family>``) or a local folder's ``model_index.json``, else the Hub ids the family
         table names, else ``sd1`` (so configs written before families keep their meaning).
-    :param revision: Hub revision to pin (commit hash or branch); recorded in every output.
+    :param revision: Hub revision (commit hash or branch); recorded in every output. Default: the pinned
+        commit of a known model (:data:`PINNED_REVISIONS`), else ``main``; ``revision: main`` follows the
+        moving branch on purpose.
     :param variant: weight file variant, e.g. ``fp16`` (smaller download; the weights are cast to
         ``precision``'s dtype after loading).
     :param architecture: for ``source: random``: ``sd14``, ``tiny``, ``tiny_<family>`` or a path to
@@ -160,6 +167,8 @@ class DiffusionSpec:
 
         if self.source not in {"hub", "random"}:
             raise ValueError(f"diffusion.source must be 'hub' or 'random', got {self.source!r}")
+        if self.revision is None and self.source == "hub":
+            self.revision = PINNED_REVISIONS.get(self.model_id)
         if dtype is not None:
             self._from_legacy_dtype(dtype)
         if self.precision not in PRECISIONS:

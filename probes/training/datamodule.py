@@ -160,6 +160,7 @@ class ActivationDataModule(pl.LightningDataModule):
         return cls(diffusion=DiffusionSpec(**cfg["diffusion"]), prompts=PromptSpec(**cfg["prompts"]),
                    generation=GenerationSpec(**cfg["generation"]), capture=CaptureSpec(**cfg["capture"]),
                    labels=cfg["labels"], mode=cfg.get("mode", "cached"), store_dir=cfg.get("store_dir"),
+                   store_root=cfg.get("store_root") or "outputs/stores",
                    batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
                    device=cfg.get("device", "auto"), progress=cfg.get("progress", True),
                    target_norm=cfg.get("target_norm"))
@@ -305,7 +306,9 @@ class ActivationDataModule(pl.LightningDataModule):
             self.label_caches, self.decoded_label_caches = labels_stage.label_store(
                 store, labelers, shard_of(range(store.num_samples), batch, rank, world),
                 shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier)
-            self.datasets = {s: ActivationDataset(store, idx, self.label_caches) for s, idx in splits.items() if idx}
+            self.datasets = {s: ActivationDataset(store, idx, self.label_caches,
+                                                  {i: describe_sample(self, i) for i in idx})
+                             for s, idx in splits.items() if idx}
             stats, self.label_ranges = scan_caches(self.label_caches, store.num_samples, splits["train"],
                                                    lambda i: describe_sample(self, i))
         stats = resolve_target_stats(stats, self.target_norm)
