@@ -201,12 +201,12 @@ def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit",
     found: list[Missing] = []
     prompts = prompt_prerequisites(dm.prompts)
     found += prompts
-    model = diffusion_prerequisites(dm.diffusion)
-    if model:                # the weights are missing: say what their store will weigh, before the download
+    weights = diffusion_prerequisites(dm.diffusion)
+    if weights:              # the weights are missing: say what their store will weigh, before the download
         estimate = store_estimate(dm)
         if estimate is not None:
-            model[0] = replace(model[0], what=f"{model[0].what}; this run's store: {estimate}")
-    found += model
+            weights[0] = replace(weights[0], what=f"{weights[0].what}; this run's store: {estimate}")
+    found += weights
     for task, cfg in dm.labels.items():
         cfg = dict(cfg)
         found += build_labeler(cfg.pop("name"), **cfg).prerequisites(f"data.labels.{task}")
