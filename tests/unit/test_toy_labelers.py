@@ -56,7 +56,8 @@ def test_tampered_weights_are_refused_with_the_fix(tmp_path):
 
 def test_shipped_foreground_net_segments_held_out_renders():
     root = _shipped()
-    d = render_many(16, seed=987_654, fields=("rgb", "foreground", "inv_depth"))
+    d = render_many(16, seed=987_654, fields=("rgb", "foreground", "inv_depth"),
+                    world=labelers.trained_world(root))
     prob = labelers.predict("foreground", d["rgb"], root)
     assert prob.shape == (16, 64, 64) and prob.dtype == np.float32
     assert labelers.dice(prob >= 0.5, d["foreground"]).mean() > 0.8
@@ -102,7 +103,7 @@ def test_tiny_training_runs_and_resumes_to_identical_weights(tmp_path):
 TINY_V2 = cli.Recipe(seed=3, scenes=8, dense_steps=4, classifier_steps=2, batch=4,
                      checkpoint_every=2, threads=1, world="v2", dense_widths="8,8,16",
                      classifier_widths="8,8", blur=1.5, noise=0.05, rotate=True,
-                     vae_share=0.5, vae_scenes=4)
+                     vae_share=0.5, vae_scenes=4, shading_weight=20.0, shading_grad_weight=5.0)
 
 
 def test_v2_training_with_augmentation_resumes_and_scores_reconstructions(tmp_path):
@@ -173,3 +174,11 @@ def test_vae_share_swaps_in_round_trips_and_leaves_them_undegraded():
     swapped = (b["x"] == 100 / 255).flatten(1).all(1)
     assert swapped.sum() == 2                                      # only scenes with a round trip
     assert not (plain["x"] == 100 / 255).flatten(1).all(1).any()
+
+
+def test_gradient_loss_ignores_offsets_and_sees_steps():
+    true = torch.linspace(0, 1, 64).repeat(2, 64, 1)                 # a smooth ramp
+    assert cli._gradient_mse(true + 0.3, true).item() == pytest.approx(0.0, abs=1e-12)
+    step = true.clone()
+    step[..., 32:] += 0.05                                           # a tile edge leaking in
+    assert cli._gradient_mse(step, true).item() > 0
