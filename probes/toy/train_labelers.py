@@ -200,7 +200,7 @@ def train_net(name: str, data: dict[str, torch.Tensor], recipe: Recipe, out: Pat
     start, elapsed, cpu = 0, 0.0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["recipe"] != asdict(recipe):
+        if relevant(state["recipe"], name) != relevant(asdict(recipe), name):
             raise ValueError(f"{ckpt} was written by another recipe {state['recipe']}; delete "
                              f"{ckpt_dir} or pass the same options")
         net.load_state_dict(state["model"])
@@ -242,11 +242,23 @@ def train_net(name: str, data: dict[str, torch.Tensor], recipe: Recipe, out: Pat
     return summary
 
 
+#: recipe fields only one network reads: changing them leaves the other network's weights valid
+_ONLY = {"dense": ("dense_steps", "dense_widths", "shading_weight", "shading_grad_weight"),
+         "classifier": ("classifier_steps", "classifier_widths")}
+
+
+def relevant(recipe: dict, name: str) -> dict:
+    """The recipe fields that decide network ``name``'s weights (the other network's own fields
+    dropped), so retraining one network with new settings does not retrain the other."""
+    other = _ONLY["classifier" if name == "dense" else "dense"]
+    return {k: v for k, v in recipe.items() if k not in other}
+
+
 def _already_done(name: str, recipe: Recipe, out: Path) -> dict | None:
     cfg = (out / labelers.FILES[name]).with_suffix(".json")
     if cfg.exists() and (out / labelers.FILES[name]).exists():
         config = json.loads(cfg.read_text())
-        if config.get("recipe") == asdict(recipe):
+        if relevant(config.get("recipe", {}), name) == relevant(asdict(recipe), name):
             return config
     return None
 

@@ -182,3 +182,19 @@ def test_gradient_loss_ignores_offsets_and_sees_steps():
     step = true.clone()
     step[..., 32:] += 0.05                                           # a tile edge leaking in
     assert cli._gradient_mse(step, true).item() > 0
+
+
+def test_changing_one_networks_settings_retrains_only_that_network(tmp_path):
+    cli.train(tmp_path, TINY, eval_n=2)
+    dense_mtime = (tmp_path / "dense.safetensors").stat().st_mtime_ns
+    clf_mtime = (tmp_path / "classifier.safetensors").stat().st_mtime_ns
+    longer = cli.Recipe(**{**cli.asdict(TINY), "classifier_steps": 3})
+    summaries = cli.train(tmp_path, longer, eval_n=2)
+    assert [s["net"] for s in summaries] == ["dense", "classifier"]
+    assert (tmp_path / "dense.safetensors").stat().st_mtime_ns == dense_mtime
+    assert (tmp_path / "classifier.safetensors").stat().st_mtime_ns != clf_mtime
+    assert json.loads((tmp_path / "classifier.json").read_text())["steps"] == 3
+    assert labelers.sha256(tmp_path / "classifier.safetensors") in (tmp_path / "MANIFEST.sha256").read_text()
+    other_data = cli.Recipe(**{**cli.asdict(TINY), "scenes": 9})   # shared field: both retrain
+    cli.train(tmp_path, other_data, eval_n=2)
+    assert (tmp_path / "dense.safetensors").stat().st_mtime_ns != dense_mtime
