@@ -26,6 +26,7 @@ import yaml
 
 from probes.common.hashing import sha256_file
 from probes.common.progress import progress_bar
+from probes.diffusion.toy_vae import build_vae
 from probes.paths import REPO_ROOT
 from probes.recipes.toy_model import autoencoder, denoiser
 from probes.recipes.toy_model.checkpoint import write_json_atomic
@@ -231,7 +232,7 @@ def run(config: Path, out: Path, work: Path, command: str) -> dict[str, Any]:
 
     rgb, captions, rec["render_s"] = render_dataset(cfg, work)
 
-    vae = autoencoder.build_vae(cfg["vae"]["arch"], seed)
+    vae = build_vae(cfg["vae"]["arch"], seed)
     vres = autoencoder.train_vae(vae, rgb, cfg["vae"]["train"], work / "vae.ckpt", seed)
     rec.update(vae_s=vres.seconds, vae_loss=vres.final_loss, vae_mae=autoencoder.reconstruction_error(vae, rgb[-512:]))
 
