@@ -142,10 +142,10 @@ def test_shipped_model_loads_like_sd(shipped_pipe) -> None:
 
 
 def test_shipped_vae_scaling_gives_unit_latents(shipped_pipe) -> None:
-    from probes.recipes.toy_model.autoencoder import to_pixels
-    from probes.toy.world import render_many
+    from probes.diffusion.toy_vae import to_pixels
+    from probes.toy.world import SHIPPED_WORLD, render_many
 
-    rgb = render_many(48, seed=12345, size=64, fields=("rgb",))["rgb"]
+    rgb = render_many(48, seed=12345, size=64, fields=("rgb",), world=SHIPPED_WORLD)["rgb"]
     with torch.no_grad():
         z = shipped_pipe.vae.encode(to_pixels(rgb)).latent_dist.mean * shipped_pipe.vae.config.scaling_factor
     assert z.shape == (48, 4, 16, 16)
