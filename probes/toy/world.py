@@ -6,8 +6,8 @@ ground plane in front of a wall, so a tiny diffusion model can be trained on its
 label a probe needs (foreground, depth, shading, classes) is known exactly.
 
 Two worlds draw scenes (:class:`WorldConfig`, presets :data:`V1` and :data:`V2`); one renderer
-draws both. **V1** is the original world, kept bit for bit because the shipped model and labelers
-were trained on it: the camera never rolls and looks down 22-42 degrees, objects stand on the
+draws both. **V1** is the original world, kept bit for bit because the first toy model and labelers
+were trained on it (the shipped ones are V2's: :data:`SHIPPED_WORLD`): the camera never rolls and looks down 22-42 degrees, objects stand on the
 ground, one directional light without shadows, untextured ground and wall. In V1 position alone
 explains most labels (the ground's depth rises row by row, ground and wall have one shading value
 each). **V2** removes that: the camera rolls over the full circle and looks down 10-60 degrees;
