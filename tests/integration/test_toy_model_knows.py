@@ -5,6 +5,8 @@ its activations stopped carrying the foreground.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -27,6 +29,23 @@ def test_generated_scenes_contain_objects_the_toy_labeler_finds():
     assert batch.images.shape == (8, 64, 64, 3) and np.isfinite(batch.images).all()
     q = sample_quality(batch.images, [r.prompt for r in records])
     assert q["object_found"] >= 0.75, q
+
+
+def test_classifier_names_the_captions_shape_more_often_on_the_model_than_on_its_control():
+    """Issue 20's sample-quality claim in small: 24 fresh one-object captions, one image each."""
+    from probes.experiments.toy.quality_run import generated_images, quality_captions
+    from probes.experiments.toy.sample_quality import measures
+    from probes.generation.sampling import GenerationSpec
+
+    captions = quality_captions(24, 0)
+    spec = DiffusionSpec(source="hub", model_id="data/toy/model", local_files_only=True, precision="fp32",
+                         tokenizer="default")
+    control = replace(spec, permute_seed=0)
+    generation = GenerationSpec(steps=15, guidance_scale=7.5, scheduler="lms", batch_size=12)
+    named = {name: measures(generated_images(s, captions, generation, progress=False), captions)["shape_named"]
+             for name, s in (("model", spec), ("control", control))}
+    assert named["model"].n == named["control"].n == 24
+    assert named["model"].rate > named["control"].rate + 0.2, named
 
 
 def test_noisy_latent_decodes_start_as_noise_and_end_as_the_image_unlike_x0():

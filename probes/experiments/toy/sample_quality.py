@@ -34,6 +34,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from probes.labels.toy_nets import predict
+from probes.reporting.markup import fmt_percent, table
 from probes.toy.world import COLOURS, PALETTE, SHAPES
 
 #: a generated scene "has an object" (or a colour) when at least this many pixels show it
@@ -173,25 +174,34 @@ def sample_quality(images: np.ndarray, captions: list[str], weights_dir=None) ->
     return out
 
 
+#: issue 20's bars for the toy model's samples
 BARS = {"shape_named": 0.90, "colour_named": 0.90, "relation_holds": 0.75}
+COLUMNS = {"shape_named": "shape named (1 object)", "colour_named": "colour named (1 object)",
+           "relation_holds": "left/right holds (2 objects)"}
+BARS_NOTE = ("Bars (issue 20): " + ", ".join(f"{COLUMNS[k]} >= {v:.0%}" for k, v in BARS.items())
+             + ". Each cell: rate [95 % Clopper-Pearson interval] of n scenes, and the chance rate "
+               "(shape, colour: every image against every other image's caption; left/right: half "
+               "the scenes in which both colours were found).")
+
+
+def rate_cell(q: dict[str, float], name: str) -> str:
+    """One measure of a :func:`sample_quality` dict: rate [low, high] of n, chance."""
+    if q.get(f"{name}_n", 0) == 0:
+        return "no such captions"
+    return (f"{fmt_percent(q[name])} [{fmt_percent(q[name + '_low'])}, {fmt_percent(q[name + '_high'])}] of "
+            f"{int(q[name + '_n'])}, chance {fmt_percent(q[name + '_chance'])}")
+
+
+def quality_table(qualities: dict[str, dict[str, float]]) -> tuple[str, str]:
+    """:func:`sample_quality` results, one row per model (e.g. the model and its control), as
+    Markdown and HTML (:func:`probes.reporting.markup.table`)."""
+    return table(["model", *COLUMNS.values()],
+                 [[label, *[rate_cell(q, name) for name in BARS]] for label, q in qualities.items()])
 
 
 def quality_markdown(qualities: dict[str, dict[str, float]]) -> str:
-    """A table of :func:`sample_quality` results, one row per model (e.g. the model and its control)."""
-    head = ("| model | shape named (1 object) | colour named (1 object) | left/right holds (2 objects) |\n"
-            "|---|---|---|---|")
-    rows = []
-    for label, q in qualities.items():
-        cells = []
-        for name in BARS:
-            if q.get(f"{name}_n", 0) == 0:
-                cells.append("- (no such captions)")
-                continue
-            cells.append(f"{q[name]:.1%} [{q[name + '_low']:.1%}, {q[name + '_high']:.1%}] of "
-                         f"{int(q[name + '_n'])}, chance {q[name + '_chance']:.1%}")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    bars = ", ".join(f"{k} >= {v:.0%}" for k, v in BARS.items())
-    return "\n".join([head, *rows, "", f"Bars (issue 20): {bars}; [95 % Clopper-Pearson interval]."])
+    """:func:`quality_table`'s Markdown, then what the cells and bars mean."""
+    return "\n".join([quality_table(qualities)[0], "", BARS_NOTE])
 
 
 def store_sample_quality(store, indices=None, weights_dir=None) -> dict[str, float]:
