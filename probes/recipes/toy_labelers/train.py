@@ -40,6 +40,9 @@ FIELDS = ("rgb", "foreground", "inv_depth", "shading", "classes")
 class Recipe:
     """How the toy labelers are trained (every step's batch is drawn from ``rng([seed, step, net])``).
 
+    The defaults are the first (V1) labelers' settings; the shipped V2 labelers' recipe is
+    ``configs/toy/labelers.yaml`` (``make toy-model`` passes it).
+
     :param seed: seed of the training scenes and batches.
     :param scenes: rendered training scenes.
     :param dense_steps: steps of the dense network (foreground, depth, shading).
