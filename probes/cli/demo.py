@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from probes.common.files import atomic_write_text
 from probes.paths import REPO_ROOT
 from probes.reporting.markup import fmt_cell
 
@@ -85,8 +86,8 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
                f"{fmt_cell(e.get('final'))} | {e.get('note', '')} |" for e in em], "",
              *classifier_lines,
              "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
-    (out_dir / "comparison.md").write_text("\n".join(lines))
-    (out_dir / "summary.json").write_text(json.dumps(
+    atomic_write_text(out_dir / "comparison.md", "\n".join(lines))
+    atomic_write_text(out_dir / "summary.json", json.dumps(
         {"sample_quality": qualities, "comparison": comparison, "emergence": em, "seconds": seconds}, indent=1, default=str))
     comparison_report([str(out_dir / folder) for _, folder, _ in runs], labels, str(out_dir / "report"),
                       sections=[("Do the samples show what their captions say?", "\n\n".join([quality_intro, quality_md, BARS_NOTE]),

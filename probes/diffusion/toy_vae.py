@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from probes.common.files import read_checkpoint
 from probes.paths import REPO_ROOT
 
 #: the toy model's recipe config, whose ``vae.arch`` rebuilds a training checkpoint's network
@@ -64,7 +65,7 @@ def load_vae(path: Path, config: Path = DEFAULT_CONFIG) -> AutoencoderKL:
     import yaml
 
     arch = yaml.safe_load(Path(config).read_text())["vae"]["arch"]
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     vae = build_vae(arch, seed=0)
     vae.load_state_dict(state["model"])
     return vae.float().eval()
@@ -87,7 +88,7 @@ def checkpoint_step(path: Path) -> int | None:
     path = Path(path)
     if path.is_dir():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    return int(read_checkpoint(path)["step"])
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from probes.common.files import atomic_write_text, is_regular_file, output_dir, regular_files, save_figure  # noqa: E402
 from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
 from probes.reporting.markup import MISSING, embed_png, fmt_timestep, fmt_value, html_page, table, tick_timestep  # noqa: E402
 from probes.reporting.plots import HIGHLIGHT  # noqa: E402
@@ -83,8 +84,7 @@ def plot_comparison(runs: dict[str, list[dict]], task: str, metric: str, path: P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -224,13 +224,15 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
         m, h = table(header, body)
         md += ["## Runs compared", "", m, ""]
         hs += ["<h2>Runs compared</h2>", h]
+        plots_dir = output_dir(run_dir / "plots")
         for task, metric in pairs:
             if metric in LOWER_IS_BETTER:
                 continue
-            plot_comparison(runs, task, metric, run_dir / "plots" / f"compare_{task}_{metric}.png")
+            plot_comparison(runs, task, metric, plots_dir / f"compare_{task}_{metric}.png")
 
     shown: set[Path] = set()
     for task, figs in task_figures(run_dir / "plots", rows).items():
+        figs = [(path, caption) for path, caption in figs if is_regular_file(path)]   # never a planted link
         if not figs:
             continue
         md += [f"## {task.capitalize()}", ""]
@@ -239,7 +241,7 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
             shown.add(path)
             md += [f"![{caption}](plots/{path.name})", "", f"*{caption}*", ""]
             hs.append(embed_png(path, caption))
-    rest = [p for p in sorted((run_dir / "plots").glob("*.png")) if p not in shown]
+    rest = [p for p in regular_files(run_dir / "plots", "*.png") if p not in shown]
     if rest:
         md += ["## Other plots", ""]
         hs.append("<h2>Other plots</h2>")
@@ -247,6 +249,6 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
             md += [f"![{p.stem}](plots/{p.name})", ""]
             hs.append(embed_png(p, p.stem.replace("_", " ")))
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text(html_page("Probe report", hs))
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    atomic_write_text(html_path, html_page("Probe report", hs))
     return md_path, html_path

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from probes.common.hashing import sha256_text
-from probes.diffusion.layers import ALL_KINDS, check_layer_patterns
 from probes.diffusion.loading import DiffusionSpec, load_pipeline, local_model_dir
 from probes.experiments.lens import transforms as T
 from probes.experiments.lens.datasets.common import LensItem
@@ -419,9 +418,13 @@ def run_lens(diffusion: DiffusionSpec, data: DataSpec, video: DataSpec | None, f
              control_permute_seed: int | None = 0, labels: tuple[str, str] = ("model", "control"),
              progress: bool = True) -> LensResult:
     """The model's experiments, then its permuted-weights control's (see the module docstring)."""
-    from probes.diffusion.layers import LayerRegistry, first_at_grid
+    from probes.diffusion.families.layers import check_patterns
+    from probes.diffusion.families.spec import get_family
+    from probes.diffusion.layers import first_at_grid
+    from probes.experiments.lens.features import lens_kinds, lens_registry
 
-    check_layer_patterns(features.layers, kinds=ALL_KINDS, option="features.layers")
+    family = get_family(diffusion.family_name)
+    check_patterns(family, features.layers, kinds=lens_kinds(family), option="features.layers")
     if data.is_video:
         raise ValueError(f"data.kind={data.kind} is a video dataset; put it under `video:` and give `data:` an "
                          f"image dataset (toy, coco or voc)")
@@ -434,8 +437,7 @@ def run_lens(diffusion: DiffusionSpec, data: DataSpec, video: DataSpec | None, f
     pipe = load_pipeline(diffusion, device)
     try:
         ext = FeatureExtractor(pipe, features)
-        full = LayerRegistry.from_unet(pipe.unet, ext.latent_hw, kinds=ALL_KINDS)
-        result.first_at_16 = first_at_grid(full, (16, 16))
+        result.first_at_16 = first_at_grid(lens_registry(pipe, ext.latent_hw), (16, 16))
         run_model(pipe, model_identity(diffusion), labels[0], experiments.run, dataset, videos, features, pooling,
                   experiments, cache_root, result, progress)
     finally:

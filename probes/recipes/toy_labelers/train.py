@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from probes.common.files import atomic_write, atomic_write_bytes, atomic_write_text, read_checkpoint
 from probes.common.hashing import sha256_file
 from probes.common.progress import progress_bar
 from probes.diffusion import toy_vae
@@ -202,9 +203,8 @@ def _gradient_mse(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def train_net(name: str, data: dict[str, torch.Tensor], recipe: Recipe, out: Path,
@@ -223,7 +223,7 @@ def train_net(name: str, data: dict[str, torch.Tensor], recipe: Recipe, out: Pat
     ckpt = ckpt_dir / f"{name}.pt"
     start, elapsed, cpu = 0, 0.0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = read_checkpoint(ckpt)
         if relevant(state["recipe"], name) != relevant(asdict(recipe), name):
             raise ValueError(f"{ckpt} was written by another recipe {state['recipe']}; delete "
                              f"{ckpt_dir} or pass the same options")
@@ -257,11 +257,11 @@ def train_net(name: str, data: dict[str, torch.Tensor], recipe: Recipe, out: Pat
     if last < steps:
         return summary
     tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(out / labelers.FILES[name]))
+    atomic_write_bytes(out / labelers.FILES[name], save(tensors))
     os.chmod(out / labelers.FILES[name], 0o644)
     config = {"widths": list(net.widths), "recipe": asdict(recipe), **summary,
               "parameters": sum(p.numel() for p in net.parameters())}
-    (out / labelers.FILES[name]).with_suffix(".json").write_text(json.dumps(config, indent=2))
+    atomic_write_text((out / labelers.FILES[name]).with_suffix(".json"), json.dumps(config, indent=2))
     return summary
 
 
@@ -288,7 +288,7 @@ def _already_done(name: str, recipe: Recipe, out: Path) -> dict | None:
 
 def write_manifest(out: Path) -> None:
     lines = [f"{sha256_file(out / f)}  {f}" for f in sorted(labelers.FILES.values())]
-    (out / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "MANIFEST.sha256", "\n".join(lines) + "\n")
 
 
 def _cell(scores: list[dict], key: str) -> str:
@@ -372,8 +372,8 @@ choose settings), world {first['world']}, per-image means, on {columns}:
 {ceiling_note}
 Check the files with `sha256sum -c MANIFEST.sha256` in this folder.
 """
-    (out / "RECIPE.md").write_text(text)
-    (out / "eval.json").write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
+    atomic_write_text(out / "RECIPE.md", text)
+    atomic_write_text(out / "eval.json", json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
 
 
 def vae_transform(vae_path: Path, vae_config: Path | None = None
