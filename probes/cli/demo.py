@@ -2,11 +2,12 @@
 
 Both runs are ordinary ``train.py fit`` runs (``configs/toy/demo.yaml`` and ``control.yaml``);
 this only chains them and puts the answer to "does the model know?" in one place: sample quality
-(do the samples look like the world), the model's best heads against the permuted-weights
+(do the samples show what their captions say: shape, colour, left/right, with intervals and chance), the model's best heads against the permuted-weights
 control and the position-only baseline, and the emergence steps, then a comparison report.
 """
 from __future__ import annotations
 
+import html
 import json
 import time
 from collections.abc import Sequence
@@ -33,9 +34,9 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     :param classifier_run: the classifier experiment's ``(label, folder, config)`` (None: skipped); its
         per-step classifier scores go into ``comparison.md``, its emergence figures into its own report.
     """
-    from probes.cli.evaluate import report
+    from probes.cli.evaluate import comparison_report
     from probes.cli.train import train_main
-    from probes.experiments.toy.sample_quality import store_sample_quality
+    from probes.experiments.toy.sample_quality import BARS_NOTE, quality_table, store_sample_quality
     from probes.reporting.baselines import compare_runs, comparison_markdown
     from probes.reporting.tables import emergence, read_metrics_csv
     from probes.store.activations import ActivationStore
@@ -68,14 +69,15 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     qualities = {label: store_sample_quality(ActivationStore((out_dir / folder / "store").resolve()))
                  for label, folder, _ in runs}
     quality = qualities[labels[0]]
+    quality_md, quality_html = quality_table(qualities)
+    quality_intro = (f"Images generated per model: {int(quality['images'])} (the stores' own images). Measured with "
+                     "the toy world's own models (trained on renders): in one-object scenes, is the shape classifier's "
+                     "top shape the caption's, and is the colour most object pixels show the caption's; in two-object "
+                     "scenes of two colours, is the first-named colour left of the second as drawn?")
     em = emergence(rows[labels[0]])
     lines = [f"# Demo: {labels[0]} vs {', '.join(labels[1:])}", "",
-             "## Do the samples look like the world?", "",
-             f"Images generated per model: {int(quality['images'])}. Measured with the toy world's own models "
-             "(trained on renders): does the foreground labeler find an object (>= 8 pixels), and is the "
-             "classifier's most confident shape one the caption names?", "",
-             "| model | object found | top class named in caption |", "|---|---|---|",
-             *[f"| {label} | {q['object_found']:.1%} | {q['class_named']:.1%} |" for label, q in qualities.items()], "",
+             "## Do the samples show what their captions say?", "",
+             quality_intro, "", quality_md, "", BARS_NOTE, "",
              "## Best heads (picked on validation, scored on test) against the controls", "",
              comparison_markdown(comparison, labels), "",
              "## Emergence (first step reaching 90 % of the final score, test)", "",
@@ -87,7 +89,9 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     atomic_write_text(out_dir / "comparison.md", "\n".join(lines))
     atomic_write_text(out_dir / "summary.json", json.dumps(
         {"sample_quality": qualities, "comparison": comparison, "emergence": em, "seconds": seconds}, indent=1, default=str))
-    report([str(out_dir / folder) for _, folder, _ in runs], labels, str(out_dir / "report"))
+    comparison_report([str(out_dir / folder) for _, folder, _ in runs], labels, str(out_dir / "report"),
+                      sections=[("Do the samples show what their captions say?", "\n\n".join([quality_intro, quality_md, BARS_NOTE]),
+                                 f"<p>{html.escape(quality_intro)}</p>{quality_html}<p>{html.escape(BARS_NOTE)}</p>")])
     print("\n".join(lines), flush=True)
     print(f"Demo outputs: {out_dir.resolve()} (comparison.md, report/report.html, one run folder per model)")
     return out_dir

@@ -115,6 +115,13 @@ def report(runs: list[str], labels: list[str] | None = None, out: str | None = N
     :param labels: names of the runs in the report, in order (default: folder names).
     :param out: output folder (default: ``outputs/reports/<run names>-<time>``).
     """
+    return comparison_report(runs, labels, out)
+
+
+def comparison_report(runs: list[str], labels: list[str] | None = None, out: str | None = None,
+                      sections: Sequence[tuple[str, str, str]] = ()) -> Path:
+    """:func:`report`, with ``sections`` (``(heading, Markdown, HTML)``) that a caller measured
+    beside the probes put first (the demo's sample quality)."""
     if not runs:
         raise ValueError("report needs at least one run folder")
     first = Path(runs[0])
@@ -134,7 +141,8 @@ def report(runs: list[str], labels: list[str] | None = None, out: str | None = N
         if not png.name.startswith("compare_"):
             atomic_write_bytes(output_dir(dest / "plots") / png.name, png.read_bytes())
     md, html = write_report(dest, rows, is_random, [Path(r) for r in runs[1:]],
-                            labels, title=f"Comparison: {', '.join(labels or [Path(r).name for r in runs])}")
+                            labels, title=f"Comparison: {', '.join(labels or [Path(r).name for r in runs])}",
+                            sections=sections)
     print(f"Report: {html} (and {md.name})")
     return dest
 

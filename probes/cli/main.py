@@ -57,6 +57,8 @@ COMMANDS: dict[str, Command] = {
     "class-prompts": Command("write a class-labelled prompt set (imagenet | toy)",
                              {"imagenet": "probes.experiments.classify.imagenet:imagenet_prompt_set",
                               "toy": "probes.experiments.classify.prompt_sets:toy_class_prompt_set"}, plugins=False),
+    "toy-quality": Command("sample-quality bars (shape, colour, left/right) of the toy model and its control",
+                           "probes.experiments.toy.quality_run:toy_quality", plugins=False),
     "toy-prompts": Command("write captions of fresh toy-world scenes as a prompt set",
                            "probes.toy.prompts:toy_prompt_set", plugins=False),
     "toy-labelers": Command("train (or score) the toy world's labelers (train | eval; make toy-model)",

@@ -161,9 +161,11 @@ def classifier_emergence(rows: list[dict], split: str = "test", fraction: float 
 
 
 def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequence[Path] = (),
-                 labels: Sequence[str] | None = None, title: str | None = None) -> tuple[Path, Path]:
+                 labels: Sequence[str] | None = None, title: str | None = None,
+                 sections: Sequence[tuple[str, str, str]] = ()) -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` into ``run_dir`` (plots from
-    ``run_dir/plots``; comparison plots are written there too)."""
+    ``run_dir/plots``; comparison plots are written there too). ``sections``: ``(heading, Markdown,
+    HTML)`` of what a caller measured beside the probes (e.g. the demo's sample quality), put first."""
     run_dir = Path(run_dir)
     name = labels[0] if labels else run_dir.name
     md: list[str] = [f"# {title or 'Probe report: ' + name}", ""]
@@ -171,6 +173,9 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
     if is_random:
         md += ["> " + RANDOM_WARNING.replace("\n", "\n> ").replace(">       ", "> "), ""]
         hs.append(f"<p style='background:#fee;padding:6px'><b>{html.escape(RANDOM_WARNING)}</b></p>")
+    for heading, section_md, section_html in sections:
+        md += [f"## {heading}", "", section_md, ""]
+        hs += [f"<h2>{html.escape(heading)}</h2>", section_html]
 
     best = best_heads(rows)
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]

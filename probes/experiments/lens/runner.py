@@ -48,6 +48,7 @@ from probes.experiments.lens.experiments import (
     video_rows,
 )
 from probes.experiments.lens.features import FeatureExtractor, FeatureSpec
+from probes.toy.world import SHIPPED_WORLD
 
 DATA_KINDS = ("toy", "coco", "voc", "davis", "toy_video")
 EXPERIMENTS = ("semantic", "robustness", "timestep", "steps", "video")
@@ -77,6 +78,7 @@ class DataSpec:
     :param frames: toy_video: frames per sequence.
     :param motion: toy_video: ``camera`` (orbit) or ``object`` (the first object slides).
     :param step: toy_video: degrees (camera) or world units (object) per frame.
+    :param world: toy: the toy world drawn (``v1``, ``v2``); default the shipped model's.
     """
 
     kind: str = "toy"
@@ -97,6 +99,7 @@ class DataSpec:
     frames: int = 8
     motion: str = "camera"
     step: float = 8.0
+    world: str = SHIPPED_WORLD
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -111,8 +114,8 @@ class DataSpec:
 
     def relevant(self) -> dict[str, Any]:
         """The fields this kind of dataset uses (what reports print)."""
-        used = {"toy": ("n", "seed", "size", "class_by", "min_pixels"),
-                "toy_video": ("n", "frames", "motion", "step", "seed", "size", "class_by", "min_pixels"),
+        used = {"toy": ("n", "seed", "size", "class_by", "min_pixels", "world"),
+                "toy_video": ("n", "frames", "motion", "step", "seed", "size", "class_by", "min_pixels", "world"),
                 "coco": ("root", "split", "annotation_file", "image_dir", "category_ids", "min_area"),
                 "voc": ("root", "split"), "davis": ("root", "split", "resolution", "year")}[self.kind]
         return {"kind": self.kind, **{k: getattr(self, k) for k in (*used, "limit") if getattr(self, k) is not None}}
@@ -146,10 +149,10 @@ def build_dataset(spec: DataSpec) -> Any:
 
     if spec.kind == "toy":
         return ToyWorld(spec.n if spec.limit is None else min(spec.n, spec.limit), spec.seed, spec.size,
-                        spec.class_by, spec.min_pixels)
+                        spec.class_by, spec.min_pixels, world=spec.world)
     if spec.kind == "toy_video":
         return ToyVideos(spec.n if spec.limit is None else min(spec.n, spec.limit), spec.frames, spec.motion,
-                         spec.step, spec.seed, spec.size, spec.class_by, spec.min_pixels)
+                         spec.step, spec.seed, spec.size, spec.class_by, spec.min_pixels, world=spec.world)
     if spec.kind == "coco":
         ds = CocoInstances(spec.root, spec.split or "val2017", spec.annotation_file, spec.image_dir,
                            spec.category_ids, spec.min_area)

@@ -27,6 +27,7 @@ import yaml
 from probes.common.files import atomic_write, atomic_write_text
 from probes.common.hashing import sha256_file
 from probes.common.progress import progress_bar
+from probes.diffusion.toy_vae import build_vae
 from probes.paths import REPO_ROOT
 from probes.recipes.toy_model import autoencoder, denoiser
 from probes.recipes.toy_model.checkpoint import write_json_atomic
@@ -220,8 +221,16 @@ Machine: {rec['machine']}.
     atomic_write_text(out / "RECIPE.md", text)
 
 
-def run(config: Path, out: Path, work: Path, command: str) -> dict[str, Any]:
-    """All stages, each skipped or resumed from ``work`` when already (partly) done."""
+#: stages ``until`` may stop after: what a parallel job waits for (the labelers need the VAE)
+STOP_AFTER = ("vae",)
+
+
+def run(config: Path, out: Path, work: Path, command: str, until: str | None = None) -> dict[str, Any]:
+    """All stages, each skipped or resumed from ``work`` when already (partly) done; ``until="vae"``
+    stops once ``work/vae.ckpt`` holds the finished VAE (``make toy-model`` then trains the labelers,
+    which need it, beside the U-Net)."""
+    if until is not None and until not in STOP_AFTER:
+        raise ValueError(f"until={until!r} is no stage to stop after; use one of {STOP_AFTER} or leave it unset")
     cfg = load_config(config)
     torch.set_num_threads(int(cfg.get("threads", 1)))
     work.mkdir(parents=True, exist_ok=True)
@@ -230,9 +239,11 @@ def run(config: Path, out: Path, work: Path, command: str) -> dict[str, Any]:
 
     rgb, captions, rec["render_s"] = render_dataset(cfg, work)
 
-    vae = autoencoder.build_vae(cfg["vae"]["arch"], seed)
+    vae = build_vae(cfg["vae"]["arch"], seed)
     vres = autoencoder.train_vae(vae, rgb, cfg["vae"]["train"], work / "vae.ckpt", seed)
     rec.update(vae_s=vres.seconds, vae_loss=vres.final_loss, vae_mae=autoencoder.reconstruction_error(vae, rgb[-512:]))
+    if until == "vae":
+        return rec
 
     latents, rec["latents_s"] = cached_latents(vae, rgb, vres.steps, work)
     rec["scaling_factor"] = autoencoder.scaling_factor(latents)
@@ -273,14 +284,16 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def toy_model(out: Path = Path("data/toy/model"), work: Path = Path("outputs/toy"),
-              recipe: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+              recipe: Path = DEFAULT_CONFIG, until: str | None = None) -> dict[str, Any]:
     """``diffusion-probes toy-model`` (``make toy-model``): train the toy world's diffusion model.
 
     :param out: the diffusers pipeline folder to write.
     :param work: caches and checkpoints (a rerun resumes from them).
     :param recipe: the recipe's YAML (architecture, data, training).
+    :param until: stop after this stage (``vae``: the VAE is trained, ``work/vae.ckpt`` final); a
+        rerun without it continues from there.
     """
     command = "diffusion-probes " + " ".join(sys.argv[1:])
-    rec = run(Path(recipe), Path(out), Path(work), command)
+    rec = run(Path(recipe), Path(out), Path(work), command, until=until)
     print(json.dumps({k: v for k, v in rec.items() if k != "params"}, indent=2))
     return rec
