@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.common.files import atomic_write, atomic_write_text
 from probes.diffusion.layers import LayerInfo
 from probes.diffusion.loading import DiffusionSpec
 from probes.generation.sampling import CaptureSpec, GenerationSpec
@@ -30,7 +31,7 @@ def synthetic_datamodule(root: Path, n: int, layers: list[LayerInfo], steps: int
     """``acts_fn(rng, layer) -> [steps, tokens, channels]``; ``label_fns[task](acts, rng) -> [size, size]``."""
     root.mkdir(parents=True, exist_ok=True)
     prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(f"synthetic {i}" for i in range(n)))
+    atomic_write_text(prompts, "\n".join(f"synthetic {i}" for i in range(n)))
     pspec = PromptSpec(source=str(prompts), val_fraction=0.15, test_fraction=0.25)
     records = load_prompts(pspec)
     diffusion = DiffusionSpec(source="random", architecture="tiny")
@@ -53,8 +54,8 @@ def synthetic_datamodule(root: Path, n: int, layers: list[LayerInfo], steps: int
         acts = {l.name: acts_fn(rng, l).astype(np.float16) for l in layers}
         for task, fn in label_fns.items():
             (label_dir / task).mkdir(parents=True, exist_ok=True)
-            np.save(label_dir / task / f"{i:06d}.npy", fn({k: v.astype(np.float32) for k, v in acts.items()}, rng)
-                    .astype(np.float32))
+            with atomic_write(label_dir / task / f"{i:06d}.npy", "wb") as f:
+                np.save(f, fn({k: v.astype(np.float32) for k, v in acts.items()}, rng).astype(np.float32))
         store.write_batch([i], np.zeros((1, size, size, 3), np.uint8), {k: v[None, :, None] for k, v in acts.items()},
                           [{}])
     labels = {t: {"name": "files", "root": str(label_dir / t), "pattern": "{index:06d}.npy"} for t in label_fns}

@@ -26,15 +26,16 @@ import pytorch_lightning as pl
 import torch
 
 from probes.bench.planted import planted_datamodule
+from probes.common.files import atomic_write_text
 from probes.common.quiet import quiet_known_noise
 from probes.common.threads import apply_thread_policy
 from probes.diffusion.layers import LayerRegistry
 from probes.diffusion.loading import DiffusionSpec, load_architecture, load_pipeline
+from probes.generation.call import initial_latents
 from probes.generation.sampling import (
     CaptureSpec,
     GenerationSpec,
     generate,
-    initial_latents,
     make_scheduler,
     native_size,
 )
@@ -513,7 +514,7 @@ def bench(out: str = "BENCHMARKS.md", quick: bool = False, workdir: str | None =
     dest = Path(out)
     previous = dest.read_text() if dest.exists() else ""
     kept = previous[previous.index(KEEP_MARKER):] if KEEP_MARKER in previous else ""
-    dest.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))   # sections other commands recorded
+    atomic_write_text(dest, "\n".join(lines) + "\n" + ("\n" + kept if kept else ""))   # sections other commands recorded
     print("\n".join(lines))
     if not workdir:
         shutil.rmtree(work, ignore_errors=True)

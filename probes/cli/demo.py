@@ -5,7 +5,9 @@ permuted-weights control on its own images (``control_permuted_own_images``), an
 same-image controls, a permuted and a freshly initialised U-Net replayed on the model's own
 trajectory and probed against the model's labels (``control_permuted_same_images``,
 ``control_random_same_images``). This chains them and puts the answer to "does the model know
-more than where things usually are?" in one place (``comparison.md`` and ``report/``), per task:
+more than where things usually are?" in one place (``comparison.md`` and ``report/``): first
+sample quality (do the samples show what their captions say: shape, colour, left/right, with
+intervals and chance), then per task:
 the best probe, the prior map and the plane, the gain over position, every run against its own
 baselines and the model against each control (paired bootstrap intervals over test images),
 aligned depth metrics, and emergence relative to the prior map. ``configs/toy/experiment.yaml`` is
@@ -13,6 +15,7 @@ the same on 500 test and 200 validation scenes.
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import time
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from probes.common.files import atomic_write_text
 from probes.paths import REPO_ROOT
 from probes.reporting.markup import fmt_cell
 
@@ -61,7 +65,7 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     :param classifier_run: the classifier experiment's ``(label, folder, config)`` (None: skipped); its
         per-step classifier scores go into ``comparison.md``, its emergence figures into its own report.
     """
-    from probes.cli.evaluate import report
+    from probes.cli.evaluate import comparison_report
     from probes.cli.train import train_main
 
     out_dir = Path(out)
@@ -79,16 +83,17 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
         classifier_lines = classifier_section(out_dir, classifier_run)
     loads["end"] = load_average()
     t0 = time.perf_counter()
-    lines, summary = comparison(out_dir, runs)
+    lines, summary, section = comparison(out_dir, runs)
     lines += classifier_lines
     lines += [f"Wall time (s): {', '.join(f'{k} {v:.0f}' for k, v in seconds.items())}; comparison "
               f"{time.perf_counter() - t0:.0f}. Load average (1/5/15 min) at start {loads['start']}, at the end "
               f"{loads['end']} (a shared machine: timings move with it).", ""]
-    (out_dir / "comparison.md").write_text("\n".join(lines))
-    (out_dir / "summary.json").write_text(json.dumps({**summary, "seconds": seconds, "load": loads}, indent=1,
-                                                     default=str))
-    report([str(out_dir / folder) for _, folder, _ in runs], [label for label, _, _ in runs], str(out_dir / "report"))
-    print("\n".join(lines), flush=True)
+    atomic_write_text(out_dir / "comparison.md", "\n".join(lines))
+    atomic_write_text(out_dir / "summary.json", json.dumps({**summary, "seconds": seconds, "load": loads}, indent=1,
+                                                           default=str))
+    comparison_report([str(out_dir / folder) for _, folder, _ in runs], [label for label, _, _ in runs],
+                      str(out_dir / "report"), sections=[section])
+    print("\n".join(verdict_lines(summary)), flush=True)      # the verdicts; the tables are in comparison.md
     print(f"Demo outputs: {out_dir.resolve()} (comparison.md, report/report.html, one run folder per model)")
     return out_dir
 
@@ -117,38 +122,47 @@ def own_images(folder: Path) -> bool:
     return not read_manifest((folder / "store").resolve() / "manifest.json").get("images_from")
 
 
-def sample_quality_lines(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> tuple[list[str], dict[str, Any]]:
-    """Do the samples look like the world? Each run with images of its own, "class named" against its chance
-    rate with intervals; "object found" with the control's rate beside it (it separates nothing alone)."""
-    from probes.experiments.toy.sample_quality import store_quality_per_image
-    from probes.metrics.bootstrap import difference_interval, format_interval, mean_interval
+def sample_quality_section(out_dir: Path, runs: Sequence[tuple[str, str, str]]
+                           ) -> tuple[list[str], dict[str, Any], tuple[str, str, str]]:
+    """Do the samples show what their captions say? Every run that generates its own images (the
+    same-image controls use the model's): shape, colour and left/right with intervals and chance
+    (:mod:`probes.experiments.toy.sample_quality`), as ``comparison.md`` lines, a summary record and
+    the report's first section."""
+    from probes.experiments.toy.sample_quality import BARS_NOTE, quality_table, store_sample_quality
     from probes.store.activations import ActivationStore
 
-    rows, record = [], {}
-    for label, folder, _ in runs:
-        if not own_images(out_dir / folder):
-            continue
-        q = store_quality_per_image(ActivationStore((out_dir / folder / "store").resolve()))
-        named = mean_interval(q["class_named"])
-        over = difference_interval(q["class_named"], q["chance"])
-        record[label] = {"images": int(q["chance"].size), "object_found": float(q["object_found"].mean()),
-                         "class_named": named.estimate, "class_named_interval": [named.low, named.high],
-                         "chance": float(q["chance"].mean()), "above_chance": over.estimate,
-                         "above_chance_interval": [over.low, over.high], "above_chance_text": format_interval(over)}
-        rows.append(f"| {label} | {q['object_found'].mean():.1%} | {format_interval(named)} | "
-                    f"{q['chance'].mean():.1%} | {format_interval(over)} |")
-    lines = ["## Do the samples look like the world?", "",
-             "Every image of the runs that generate their own (the same-image controls use the model's). Measured "
-             "with the toy world's own models: does the foreground labeler find an object (>= 8 pixels; the "
-             "permuted control's rate beside the model's shows that this alone separates nothing), and is the "
-             "classifier's most confident shape one the caption names, against the rate a shape drawn at random "
-             "would have (the share of the 4 shapes the caption names), with 95 % bootstrap intervals over images.",
-             "", "| run | object found | top class named in caption | chance | named − chance |",
-             "|---|---|---|---|---|", *rows, ""]
-    return lines, record
+    qualities = {label: store_sample_quality(ActivationStore((out_dir / folder / "store").resolve()))
+                 for label, folder, _ in runs if own_images(out_dir / folder)}
+    if not qualities:
+        return [], {}, ("Do the samples show what their captions say?", "no run generated its own images", "")
+    n = int(next(iter(qualities.values()))["images"])
+    intro = (f"Images per run: {n} (each run's own; the same-image controls use the model's). Measured with the "
+             "toy world's own models (trained on renders): in one-object scenes, is the shape classifier's top shape "
+             "the caption's, and is the colour most object pixels show the caption's; in two-object scenes of two "
+             "colours, is the first-named colour left of the second as drawn? A control with random or permuted "
+             "weights draws noise, so its rates say what these measures give for images that show nothing.")
+    md, h = quality_table(qualities)
+    lines = ["## Do the samples show what their captions say?", "", intro, "", md, "", BARS_NOTE, ""]
+    section = ("Do the samples show what their captions say?", "\n\n".join([intro, md, BARS_NOTE]),
+               f"<p>{html.escape(intro)}</p>{h}<p>{html.escape(BARS_NOTE)}</p>")
+    return lines, qualities, section
 
 
-def comparison(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> tuple[list[str], dict[str, Any]]:
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """What the console shows at the end: one line per measure (the tables are in comparison.md)."""
+    from probes.experiments.toy.sample_quality import BARS, COLUMNS, rate_cell
+
+    out = []
+    for label, q in summary.get("sample_quality", {}).items():
+        out.append(f"[demo] {label} samples: " + "; ".join(f"{COLUMNS[k]} {rate_cell(q, k)}" for k in BARS))
+    for task, by_run in summary.get("tasks", {}).items():
+        model = next(iter(by_run))
+        out.append(f"[demo] {task}: {by_run[model]['verdict']}")
+    return out
+
+
+def comparison(out_dir: Path, runs: Sequence[tuple[str, str, str]]
+               ) -> tuple[list[str], dict[str, Any], tuple[str, str, str]]:
     """``comparison.md``'s body and ``summary.json``'s content (module docstring)."""
     from probes.metrics.baseline_rows import PRIOR
     from probes.reporting.beyond_position import (
@@ -170,7 +184,7 @@ def comparison(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> tuple[lis
     n = loaded[model][1].index.size if loaded[model][1] is not None else None
     lines = [f"# Demo: {model} vs {', '.join(labels[1:])}", "",
              *[f"- **{label}**: {LEGEND.get(label, folder)} (`{config}`)" for label, folder, config in runs], ""]
-    quality, q_record = sample_quality_lines(out_dir, runs)
+    quality, q_record, section = sample_quality_section(out_dir, runs)
     lines += quality
     lines += ["## Knowledge beyond position", "", INTRO + f" Test images: {n}.", ""]
     record: dict[str, Any] = {"sample_quality": q_record, "tasks": {}}
@@ -201,5 +215,5 @@ def comparison(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> tuple[lis
         m, _ = emergence_table(sums[model])
         lines += [f"Emergence of {model}'s curves relative to its prior map:", "", m, ""]
         record["tasks"][task] = {label: summary_record(s) for label, s in sums.items()}
-    return lines, record
+    return lines, record, section
 

@@ -22,6 +22,10 @@ ENTRY_POINT_GROUP = "diffusion_probes.plugins"
 ENV_VAR = "DIFFUSION_PROBES_IMPORT"
 
 
+class PluginError(RuntimeError):
+    """A plug-in's own code raised while it was imported: named with the file or module it came from."""
+
+
 def import_plugin(ref: str) -> None:
     """Import a module by dotted name, or a ``.py`` file by path (registered under its stem)."""
     path = Path(ref).expanduser()
@@ -34,13 +38,21 @@ def import_plugin(ref: str) -> None:
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[name]
+            raise PluginError(f"while importing plug-in {path}: {type(err).__name__}: {err}") from err
         return
     try:
         importlib.import_module(ref)
     except ModuleNotFoundError as err:
+        if err.name is not None and ref.split(".")[0] != err.name.split(".")[0]:   # the plug-in's own import failed
+            raise PluginError(f"while importing plug-in {ref}: {type(err).__name__}: {err}") from err
         raise ModuleNotFoundError(f"--import {ref}: {err}. Pass an importable module name (on PYTHONPATH) "
                                   f"or the path of a .py file") from err
+    except Exception as err:
+        raise PluginError(f"while importing plug-in {ref}: {type(err).__name__}: {err}") from err
 
 
 def plugin_refs(argv: Sequence[str]) -> list[str]:
@@ -74,6 +86,10 @@ def load_plugins(argv: Sequence[str]) -> list[str]:
     for ref in refs:
         import_plugin(ref)
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+        try:
+            ep.load()
+        except Exception as err:
+            raise PluginError(f"while importing plug-in {ep.value} (entry point {ep.name!r} of "
+                              f"{ENTRY_POINT_GROUP}): {type(err).__name__}: {err}") from err
         refs.append(f"{ep.name} (entry point)")
     return refs

@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 from probes.common.env import OFFLINE_ENV, env_flag, offline
 from probes.common.hub import cached_snapshot, download_command, has_any, hub_cache_dir
+from probes.diffusion.families.sizes import real_models
+from probes.diffusion.families.spec import get_family
 from probes.diffusion.loading import DiffusionSpec
 from probes.labels import build_labeler
 from probes.labels.base import Missing
@@ -38,7 +40,7 @@ from probes.prompts.sets import (
     resolve_source,
 )
 from probes.store.activations import human_bytes
-from probes.store.disk import free_bytes
+from probes.store.disk import free_bytes, planned_layout, store_bytes
 
 __all__ = ["Missing", "PreflightFailed", "check_prerequisites", "format_missing", "prompt_prerequisites",
            "diffusion_prerequisites"]
@@ -96,22 +98,57 @@ def replication_prerequisites(spec: PromptSpec) -> list[Missing]:
 
 
 def diffusion_prerequisites(spec: DiffusionSpec) -> list[Missing]:
-    """The diffusion pipeline's files in the Hugging Face cache (or the local folder ``model_id``)."""
+    """The diffusion pipeline's files in the Hugging Face cache (or the local folder ``model_id``), and
+    for a gated Hub repo (:mod:`probes.diffusion.families.sizes`' table says which) the login it needs."""
     if spec.is_random:
         return []
+    family = get_family(spec.family_name)
+    weights = (f"{family.denoiser}/diffusion_pytorch_model*.safetensors", f"{family.denoiser}/diffusion_pytorch_model*.bin")
     snap = cached_snapshot(spec.model_id, "model_index.json", spec.cache_dir, spec.revision)
-    if snap is not None and has_any(snap, ("unet/diffusion_pytorch_model*.safetensors",
-                                           "unet/diffusion_pytorch_model*.bin")):
+    if snap is not None and has_any(snap, weights):
         return []
     if Path(spec.model_id).expanduser().is_dir():
         return [Missing(f"diffusion model {spec.model_id} (data.diffusion.model_id): not a diffusers pipeline folder "
-                        f"(model_index.json and unet weights)", "point data.diffusion.model_id at one")]
+                        f"(model_index.json and {family.denoiser} weights)", "point data.diffusion.model_id at one")]
     rev = f" (revision {spec.revision})" if spec.revision else ""
-    return [Missing(f"SD weights {spec.model_id}{rev} (data.diffusion.model_id): not in the Hugging Face cache "
-                    f"{hub_cache_dir(spec.cache_dir)}",
-                    download_command(spec.model_id, spec.revision, spec.cache_dir)
-                    + "  (on another machine: copy its cache and point HF_HOME or data.diffusion.cache_dir at it)",
-                    url=None if spec.local_files_only else f"https://huggingface.co/{spec.model_id}")]
+    entry = real_models().get(spec.model_id, {})
+    what = "SD" if family.name == "sd1" else f"{family.name} ({family.pipeline})"
+    found = [Missing(f"{what} weights {spec.model_id}{rev} (data.diffusion.model_id): not in the Hugging Face cache "
+                     f"{hub_cache_dir(spec.cache_dir)}",
+                     download_command(spec.model_id, spec.revision, spec.cache_dir)
+                     + "  (on another machine: copy its cache and point HF_HOME or data.diffusion.cache_dir at it)",
+                     url=None if spec.local_files_only or entry.get("gated") else f"https://huggingface.co/{spec.model_id}")]
+    if entry.get("gated") and not _hub_token():
+        found.append(Missing(f"licence: {spec.model_id} is gated on the Hub ({entry.get('licence', 'see its page')}): "
+                             f"downloading it needs a login with an account that accepted its conditions",
+                             f"accept them at https://huggingface.co/{spec.model_id}, then `hf auth login` (or set "
+                             f"HF_TOKEN) before the download"))
+    return found
+
+
+def _hub_token() -> bool:
+    """Whether a Hugging Face token is configured (``HF_TOKEN`` or a saved login)."""
+    from huggingface_hub import get_token
+
+    return bool(get_token())
+
+
+def store_estimate(dm: Any) -> str | None:
+    """What the store of ``dm``'s run weighs per image at the model's size (its layers, steps and
+    halves: what ``diffusion-probes sizes`` lists for every default layer), or None if unknown; a
+    streamed run also says what caching its activations would take."""
+    cached = planned_layout(dm.diffusion, dm.generation, dm.capture, 1, True)
+    if cached is None:
+        return None
+    cap, gen = cached["capture"], cached["generation"]
+    test = [0] if gen.get("decode", "none") != "none" else []
+    shape = f"{len(cap['layers'])} layers x {len(cap['steps'])} steps x {len(cap['halves'])} half, {cap['dtype']}"
+    size = f"at {gen['height']}x{gen['width']}"
+    if not dm.streaming:
+        return f"{human_bytes(store_bytes(cached, [0], test))} per image {size} ({shape})"
+    images = planned_layout(dm.diffusion, dm.generation, dm.capture, 1, False)
+    return (f"{human_bytes(store_bytes(images, [0], test))} per image {size} (streaming: images only; cached, its "
+            f"{shape} would take {human_bytes(store_bytes(cached, [0], test))} per image)")
 
 
 # -- network ------------------------------------------------------------------------------------
@@ -164,7 +201,12 @@ def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit",
     found: list[Missing] = []
     prompts = prompt_prerequisites(dm.prompts)
     found += prompts
-    found += diffusion_prerequisites(dm.diffusion)
+    weights = diffusion_prerequisites(dm.diffusion)
+    if weights:              # the weights are missing: say what their store will weigh, before the download
+        estimate = store_estimate(dm)
+        if estimate is not None:
+            weights[0] = replace(weights[0], what=f"{weights[0].what}; this run's store: {estimate}")
+    found += weights
     for task, cfg in dm.labels.items():
         cfg = dict(cfg)
         found += build_labeler(cfg.pop("name"), **cfg).prerequisites(f"data.labels.{task}")

@@ -22,6 +22,7 @@ WARNINGS = (
     (r"LightningCLI's args parameter is intended to run from within Python", "our CLI passes rewritten argv"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", "torch deprecation inside Lightning"),
     (r"`LightningModule.configure_optimizers` returned `None`", "closed-form probes have no optimizer"),
+    (r"The `local_dir_use_symlinks` argument is deprecated", "diffusers' load_config passes it to huggingface_hub"),
 )
 #: substrings of Lightning info messages to drop
 INFO = ("try installing [litlogger]",)

@@ -65,7 +65,8 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from probes.common.registry import Registry
+from probes.common.registry import Registry, UnknownName
+from probes.diffusion.readout import READOUTS
 
 _ATTN1 = re.compile(r"^(?:(down|up)_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 
@@ -90,6 +91,9 @@ NAMING: tuple[tuple[str, str, str, str], ...] = (
     ("vae", "vae.mid", r"^mid$", "vae.decoder.mid_block.attentions.0.to_out.0 (opt-in)"),
 )
 _KIND_OF_SUFFIX = {kind: re.compile(rx) for kind, _, rx, _ in NAMING if kind != "vae"}
+#: the diffusion transformers' names (:mod:`probes.diffusion.families.layers`): ``joint7`` (a block,
+#: kind ``block``) and ``joint7.attn`` (its attention output, kind ``attn``)
+TRANSFORMER_NAME = re.compile(r"^(joint|single|block)(\d+)(\.attn)?$")
 
 
 def naming_table() -> str:
@@ -103,18 +107,30 @@ def kind_of(name: str) -> str:
     someone registered under another name is of kind ``custom``."""
     if name.startswith(VAE_PREFIX):
         return VAE_KIND
+    m = TRANSFORMER_NAME.match(name)
+    if m:
+        return "attn" if m.group(3) else "block"
     last = name.rsplit(".", 1)[-1]
     return next((kind for kind, rx in _KIND_OF_SUFFIX.items() if rx.match(last)), "custom")
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One probe-able layer. ``module`` is the path of the module whose output is captured."""
+    """One probe-able layer. ``module`` is the path of the module whose output is captured, and
+    ``readout`` the rule that turns that output into image tokens ``[batch, tokens, channels]``
+    (:data:`probes.diffusion.readout.READOUTS`): ``tokens`` for the U-Net's self-attentions, which
+    return them as they are; a diffusion transformer's block returns a pair of token streams, or text
+    tokens followed by image tokens, and its layers name the rule that picks the image's."""
 
     name: str
     module: str
     channels: int
     grid: tuple[int, int]
+    readout: str = "tokens"
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise ValueError(f"layer {self.name}: unknown readout rule {self.readout!r}; valid: {', '.join(READOUTS)}")
 
     @property
     def tokens(self) -> int:
@@ -131,13 +147,18 @@ class LayerInfo:
         return self.kind == VAE_KIND
 
     def to_dict(self) -> dict:
+        """The fields, with ``readout`` only when it is not ``tokens`` (so that a U-Net layer's dict,
+        in the manifests and exports written before the rule existed, stays what it was)."""
         d = asdict(self)
         d["grid"] = list(self.grid)
+        if self.readout == "tokens":
+            d.pop("readout")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerInfo:
-        return cls(name=d["name"], module=d["module"], channels=int(d["channels"]), grid=tuple(d["grid"]))
+        return cls(name=d["name"], module=d["module"], channels=int(d["channels"]), grid=tuple(d["grid"]),
+                   readout=d.get("readout", "tokens"))
 
 
 def _block_resolutions(unet: nn.Module, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
@@ -205,9 +226,14 @@ def check_layer_patterns(patterns: str | Iterable[str], kinds: Iterable[str] = (
 
 
 class LayerRegistry:
-    """Ordered (forward order) set of layers; unknown names fail loudly with the valid ones."""
+    """Ordered (forward order) set of layers; unknown names fail loudly with the valid ones.
 
-    def __init__(self, layers: Iterable[LayerInfo] = ()) -> None:
+    :param family: the model family the layers belong to (:mod:`probes.diffusion.families`), named in
+        the errors; ``None`` for a registry of unstated origin (an export's layers).
+    """
+
+    def __init__(self, layers: Iterable[LayerInfo] = (), family: str | None = None) -> None:
+        self.family = family
         #: forward order; a name registered twice is refused (two layers would share a probe's key)
         self._layers: Registry[LayerInfo] = Registry("layer", on_overwrite="refuse", ordered=True)
         for layer in layers:
@@ -342,6 +368,9 @@ class LayerRegistry:
                 and (fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(info.module, pattern))]
 
     def get(self, name: str) -> LayerInfo:
+        if self.family and name not in self._layers:
+            raise UnknownName(f"unknown layer {name!r} for model family {self.family}; valid layers: "
+                              f"{', '.join(self.names())}")
         return self._layers.get(name)
 
     def select(self, patterns: str | Iterable[str] = "*") -> list[LayerInfo]:
@@ -352,8 +381,11 @@ class LayerRegistry:
         for pat in patterns:
             hits = self.list(pat)
             if not hits:
-                raise KeyError(f"layer {pat!r} matches no layer; valid layers: {', '.join(self.names())} "
-                               f"(patterns like 'up*' or 'up_blocks.3.*' also work)")
+                of = f" of model family {self.family}" if self.family else ""
+                examples = ("'up*' or 'up_blocks.3.*'" if not self.names() or not TRANSFORMER_NAME.match(self.names()[0])
+                            else "'joint*' or 'transformer_blocks.1*'")
+                raise KeyError(f"layer {pat!r} matches no layer{of}; valid layers: {', '.join(self.names())} "
+                               f"(patterns like {examples} also work)")
             chosen.update(hits)
         return [info for n, info in self._items() if n in chosen]
 

@@ -1,13 +1,17 @@
-"""Model loading: SD from the Hugging Face cache, or an SD-architecture model with random weights.
+"""Model loading: a pipeline of any family from the Hugging Face cache, or one with random weights.
 
 Three ways to get a pipeline, chosen in config (``data.diffusion``):
-- ``source: hub``: ``StableDiffusionPipeline.from_pretrained`` with revision, dtype, cache dir
-  and ``local_files_only`` (the real experiment; needs the weights);
+- ``source: hub``: ``<the family's pipeline class>.from_pretrained`` with revision, variant, dtype,
+  cache dir and ``local_files_only`` (the real experiment; needs the weights). ``family`` (SD v1.x
+  by default; :mod:`probes.diffusion.families`) picks the class: ``sd1``, ``sd2``, ``sdxl``,
+  ``sd3``, ``pixart_alpha``, ``pixart_sigma``, ``flux``;
 - ``source: random, architecture: sd14``: SD v1.4's exact architecture with random weights, for
   benchmarks (same cost as the real model);
-- ``source: random, architecture: tiny``: SD v1.4's topology with small widths, for the demo and
-  the tests.
-Random-weight models get a real CLIP tokenizer built offline (``probes.diffusion.tokenizer``).
+- ``source: random, architecture: tiny`` (SD v1.4's topology with small widths, the demo's) or
+  ``tiny_<family>`` (``data/architectures/families/``: every family's real classes with small
+  widths), for the demo and the tests.
+Random-weight models get tokenizers built offline (CLIP's from ``probes.diffusion.tokenizer``, a
+tiny T5 one from :mod:`probes.diffusion.families.tiny`).
 
 Two settings make a loaded pipeline behave as the reference's did (both default to the protocol):
 ``precision`` (:class:`Precision`: the reference kept fp32 weights and latents and ran under fp16
@@ -33,6 +37,11 @@ from probes.common.hashing import sha256_text
 from probes.paths import data_path
 
 ARCH_DIR = data_path("architectures")
+
+#: the commit a hub model is loaded at when ``diffusion.revision`` is not given: a moving ``main`` would let
+#: a change upstream change the activations unseen. CompVis/stable-diffusion-v1-4: the snapshot its
+#: ``main`` has resolved to since 2023 (the folder name of every current download's cache).
+PINNED_REVISIONS = {"CompVis/stable-diffusion-v1-4": "133a221b8aa7292a167afc5127cb63fb5005638b"}
 
 #: ``diffusion.precision`` values (see :class:`Precision`)
 PRECISIONS = ("reference", "fp16", "bf16", "fp32")
@@ -90,11 +99,13 @@ class Precision:
 
 def precision_of(pipe: Any) -> Precision:
     """The precision :func:`load_pipeline` set on ``pipe``. A pipeline built elsewhere runs as
-    before this option existed: latents in its U-Net's dtype, fp16 autocast on CUDA."""
+    before this option existed: latents in its denoiser's dtype, fp16 autocast on CUDA."""
+    from probes.diffusion.families.spec import denoiser_of
+
     plan = getattr(pipe, "precision_plan", None)
     if plan is not None:
         return plan
-    dtype, cuda = pipe.unet.dtype, torch.device(pipe.device).type == "cuda"
+    dtype, cuda = denoiser_of(pipe).dtype, torch.device(pipe.device).type == "cuda"
     return Precision("unset", dtype, dtype, torch.float16 if cuda else None)
 
 
@@ -103,20 +114,29 @@ class DiffusionSpec:
     """Which diffusion model to probe, and how to load it.
 
     :param source: ``hub`` (pretrained weights via ``from_pretrained``) or ``random``.
-    :param model_id: Hub id or local folder of a diffusers SD pipeline (``source: hub``).
-    :param revision: Hub revision to pin (commit hash or branch); recorded in every output.
+    :param model_id: Hub id or local folder of a diffusers pipeline (``source: hub``).
+    :param family: the model family (:data:`probes.diffusion.families.spec.FAMILIES`: ``sd1``,
+        ``sd2``, ``sdxl``, ``sd3``, ``pixart_alpha``, ``pixart_sigma``, ``flux``), which decides the
+        pipeline class, the layer names and the call. ``None``: read off a random architecture
+        (``tiny_<family>``) or a local folder's ``model_index.json``, else the Hub ids the family
+        table names, else ``sd1`` (so configs written before families keep their meaning).
+    :param revision: Hub revision (commit hash or branch); recorded in every output. Default: the pinned
+        commit of a known model (:data:`PINNED_REVISIONS`), else ``main``; ``revision: main`` follows the
+        moving branch on purpose.
     :param variant: weight file variant, e.g. ``fp16`` (smaller download; the weights are cast to
         ``precision``'s dtype after loading).
-    :param architecture: for ``source: random``: ``sd14``, ``tiny`` or a path to such a YAML.
+    :param architecture: for ``source: random``: ``sd14``, ``tiny``, ``tiny_<family>`` or a path to
+        such a YAML.
     :param precision: ``reference`` (fp32 weights and latents, fp16 autocast on CUDA: the
         reference's), ``fp16``, ``bf16`` or ``fp32`` (no autocast); see :class:`Precision`.
     :param tokenizer: ``reference`` (the slow CLIP tokenizer of transformers 4.22 without ftfy, as
         the reference ran: BERT basic cleaning, accents stripped, punctuation split) or
         ``default`` (the installed transformers' CLIP tokenizer); see :mod:`probes.diffusion.tokenizer`.
+        ``reference`` applies to a family's CLIP tokenizers; PixArt has none (T5 only) and refuses it.
     :param local_files_only: never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
     :param cache_dir: Hugging Face cache folder; default ``$HF_HOME/hub``.
     :param init_seed: seed of the random weights (``source: random``).
-    :param permute_seed: if set, every U-Net weight tensor (parameters named ``*.weight``, norm
+    :param permute_seed: if set, every denoiser (U-Net or transformer) weight tensor (parameters named ``*.weight``, norm
         layers' scales included) is permuted elementwise with this seed: the protocol's control,
         whose probes should fail.
     :param permute_biases: with ``permute_seed``, permute the biases too (the reference did not).
@@ -139,17 +159,52 @@ class DiffusionSpec:
     init_seed: int = 0
     permute_seed: int | None = None
     permute_biases: bool = False
+    family: str | None = None
     dtype: InitVar[str | None] = None
 
     def __post_init__(self, dtype: str | None = None) -> None:
+        from probes.diffusion.families.spec import FAMILIES
+
         if self.source not in {"hub", "random"}:
             raise ValueError(f"diffusion.source must be 'hub' or 'random', got {self.source!r}")
+        if self.revision is None and self.source == "hub":
+            self.revision = PINNED_REVISIONS.get(self.model_id)
         if dtype is not None:
             self._from_legacy_dtype(dtype)
         if self.precision not in PRECISIONS:
             raise ValueError(f"diffusion.precision must be one of {' | '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"diffusion.tokenizer must be one of {' | '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+        if self.family is not None and self.family not in FAMILIES:
+            raise ValueError(f"diffusion.family: unknown model family {self.family!r}; valid families: "
+                             f"{', '.join(FAMILIES)}")
+        if self.is_random and self.family is not None:
+            arch = architecture_family(self.architecture)
+            if arch != self.family:
+                raise ValueError(f"diffusion.family={self.family!r} but diffusion.architecture={self.architecture!r} "
+                                 f"is a {arch} architecture: drop diffusion.family, or use architecture tiny_{self.family}")
+        family = FAMILIES[self.family_name]
+        if self.tokenizer == "reference" and not family.clip_tokenizers:
+            raise ValueError(f"diffusion.tokenizer=reference restores the reference's CLIP tokenisation; model family "
+                             f"{family.name} has no CLIP tokenizer: set diffusion.tokenizer=default")
+
+    @property
+    def family_name(self) -> str:
+        """The model family (see ``family``): as given, else read off the architecture, the local
+        folder or the family table's Hub ids, else ``sd1``."""
+        from probes.diffusion.families.spec import family_of_model_id
+
+        if self.family is not None:
+            return self.family
+        if self.is_random:
+            return architecture_family(self.architecture)
+        local = local_model_dir(self.model_id)
+        if local is not None and (local / "model_index.json").is_file():
+            from probes.diffusion.families.loading import family_of_folder
+
+            return family_of_folder(local).name
+        known = family_of_model_id(self.model_id)
+        return known.name if known is not None else "sd1"
 
     def _from_legacy_dtype(self, dtype: str) -> None:
         """Read a config (or probe export) written when ``dtype`` chose the weights' dtype."""
@@ -202,18 +257,24 @@ class DiffusionSpec:
             ident["precision"] = self.precision
         if self.tokenizer != "default":
             ident["tokenizer"] = self.tokenizer
+        if self.family_name != "sd1":           # SD v1.x stores keep their fingerprints
+            ident["family"] = self.family_name
         return ident
 
 
 def list_architectures() -> list[str]:
-    return sorted(p.stem for p in ARCH_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in [*ARCH_DIR.glob("*.yaml"), *ARCH_DIR.glob("families/tiny_*.yaml")])
 
 
 def load_architecture(name_or_path: str) -> dict[str, Any]:
-    """Component configs of an architecture shipped in ``data/architectures`` (or a YAML path)."""
+    """Component configs of an architecture shipped in ``data/architectures`` (SD v1.x: ``unet``,
+    ``vae``, ``text_encoder``, ``scheduler`` sections) or ``data/architectures/families``
+    (``tiny_<family>``: a ``family`` and its ``components``), or a YAML path in either format."""
     path = Path(name_or_path)
     if not path.suffix:
         path = ARCH_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            path = ARCH_DIR / "families" / f"{name_or_path}.yaml"
     if not path.exists():
         raise FileNotFoundError(
             f"unknown architecture {name_or_path!r}; shipped ones: {', '.join(list_architectures())} "
@@ -222,14 +283,24 @@ def load_architecture(name_or_path: str) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+def architecture_family(name_or_path: str) -> str:
+    """The model family of a random architecture (``family:`` in its YAML; SD v1.x if it has none)."""
+    return str(load_architecture(name_or_path).get("family", "sd1"))
+
+
 def build_random_pipeline(architecture: str = "tiny", init_seed: int = 0):
-    """An SD pipeline with random weights from shipped component configs (no download)."""
+    """A pipeline with random weights from shipped component configs (no download): SD v1.x's
+    format, or a family's ``tiny_<family>`` (:func:`probes.diffusion.families.tiny.build_tiny_pipeline`)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from probes.diffusion.tokenizer import offline_clip_tokenizer
 
     arch = load_architecture(architecture)
+    if "components" in arch:
+        from probes.diffusion.families.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(arch, init_seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         unet = UNet2DConditionModel(**arch["unet"])
@@ -244,37 +315,47 @@ def build_random_pipeline(architecture: str = "tiny", init_seed: int = 0):
 
 
 def load_hub_pipeline(spec: DiffusionSpec, dtype: torch.dtype):
-    """``from_pretrained`` with the options a cluster user needs, and an error that says what to do."""
-    from diffusers import StableDiffusionPipeline
+    """``from_pretrained`` of the family's pipeline class with the options a cluster user needs
+    (:func:`probes.diffusion.families.loading.load_family_pipeline`), and an error that says what to do."""
+    from probes.diffusion.families.loading import FamilyMismatch, load_family_pipeline
 
-    kwargs: dict[str, Any] = dict(revision=spec.revision, torch_dtype=dtype, cache_dir=spec.cache_dir,
-                                  local_files_only=spec.local_files_only or offline(),
-                                  safety_checker=None, requires_safety_checker=False)
-    if spec.variant:
-        kwargs["variant"] = spec.variant
+    local_only = spec.local_files_only or offline()
     try:
         local = local_model_dir(spec.model_id)
-        pipe = StableDiffusionPipeline.from_pretrained(str(local or spec.model_id), **kwargs)
-        if getattr(pipe, "tokenizer", None) is None:    # small local models may ship without one
+        pipe = load_family_pipeline(local or spec.model_id, spec.family_name, dtype, spec.revision, spec.variant,
+                                    spec.cache_dir, local_only)
+        if "tokenizer" in pipe.components and getattr(pipe, "tokenizer", None) is None and \
+                "tokenizer" in pipe_family(spec).clip_tokenizers:   # small local models may ship without one
             from probes.diffusion.tokenizer import offline_clip_tokenizer
 
             pipe.tokenizer = offline_clip_tokenizer()
         return pipe
+    except FamilyMismatch:
+        raise
     except (OSError, ValueError) as err:
         cache = spec.cache_dir or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
         rev = f" --revision {spec.revision}" if spec.revision else ""
         raise RuntimeError(
-            f"could not load {spec.model_id!r} (revision {spec.revision or 'main'}) from the Hugging Face "
-            f"cache at {cache} (local_files_only={kwargs['local_files_only']}): {err}\n"
+            f"could not load {spec.model_id!r} (revision {spec.revision or 'main'}, model family {spec.family_name}) "
+            f"from the Hugging Face cache at {cache} (local_files_only={local_only}): {err}\n"
             f"Fetch the weights on a machine with internet:  hf download {spec.model_id}{rev}"
             f"{' --cache-dir ' + spec.cache_dir if spec.cache_dir else ''}\n"
             f"then set HF_HOME (or data.diffusion.cache_dir) to that cache; or run the offline demo with "
             f"data.diffusion.source=random.") from err
 
 
+def pipe_family(spec: DiffusionSpec):
+    """The :class:`~probes.diffusion.families.spec.Family` of ``spec``."""
+    from probes.diffusion.families.spec import get_family
+
+    return get_family(spec.family_name)
+
+
 def resolved_revision(pipe) -> str | None:
     """The snapshot commit the weights came from (Hub cache layout ``snapshots/<sha>/``), if known."""
-    name = str(getattr(pipe.unet.config, "_name_or_path", ""))
+    from probes.diffusion.families.spec import denoiser_of
+
+    name = str(getattr(denoiser_of(pipe).config, "_name_or_path", ""))
     m = re.search(r"snapshots/([0-9a-f]{40})", name)
     return m.group(1) if m else None
 
@@ -328,6 +409,7 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
     """
     plan = spec.resolve_precision(device)
     dtype = plan.weights
+    family = pipe_family(spec)
     if spec.is_random:
         pipe = build_random_pipeline(spec.architecture, spec.init_seed)
         if dtype != torch.float32:
@@ -337,16 +419,22 @@ def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):
     if spec.tokenizer == "reference":
         from probes.diffusion.tokenizer import use_reference_tokenisation_
 
-        use_reference_tokenisation_(pipe.tokenizer)
+        for attr in family.clip_tokenizers:
+            use_reference_tokenisation_(getattr(pipe, attr))
+    denoiser = getattr(pipe, family.denoiser)
     if spec.permute_seed is not None:
-        permute_weights_(pipe.unet, spec.permute_seed, biases=spec.permute_biases)
-    # PyTorch SDPA attention: fast, and it calls attn.to_out[0] as a module, so the capture hooks
-    # fire (fused or xformers processors may bypass it; capture then fails loudly)
-    from diffusers.models.attention_processor import AttnProcessor2_0
+        permute_weights_(denoiser, spec.permute_seed, biases=spec.permute_biases)
+    if family.is_unet:
+        # PyTorch SDPA attention: fast, and it calls attn.to_out[0] as a module, so the capture hooks
+        # fire (fused or xformers processors may bypass it; capture then fails loudly). The
+        # transformers keep their own processors: their hooks sit on blocks and attention modules.
+        from diffusers.models.attention_processor import AttnProcessor2_0
 
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+        denoiser.set_attn_processor(AttnProcessor2_0())
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.precision_plan = plan
+    pipe.family = family.name
+    pipe.native_scheduler = pipe.scheduler     # runs swap pipe.scheduler; samplers are built from this one
     return pipe
 

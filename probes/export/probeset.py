@@ -9,7 +9,9 @@ activations of the same layer and step.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -19,17 +21,32 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import Tensor
 
+from probes.common.files import atomic_write_bytes, atomic_write_text, output_dir
 from probes.common.version import code_version
 from probes.contract import ProbeSpec
+from probes.diffusion.layers import LayerInfo
 from probes.tasks import get_task
 from probes.training.heads import apply_probe, layer_key, to_label_units, token_map
 
 FORMAT = "diffusion-probes/v1"
+#: what every probe entry of ``probes.json`` holds
+ENTRY_KEYS = ("key", "task", "kind", "layer", "step", "timestep", "channels", "token_grid", "label_size",
+              "target_norm", "threshold", "metrics")
+KINDS = ("binary", "regression")
+#: how binary probes can have been fitted, and how this package's modules fit them
+FIT_LOSSES = ("cross_entropy", "squared")
+MODULE_FIT_LOSS = {"probes.training.module.ProbeModule": "cross_entropy",
+                   "probes.training.ridge.RidgeProbeModule": "squared",
+                   "probes.training.mean_difference.MeanDifferenceProbeModule": "squared"}
 WEIGHTS, META = "probes.safetensors", "probes.json"
 EXPORT_HINT = "a run writes its export to <run>/probes/: `python train.py fit --config <run>/config.yaml` makes it anew"
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def probe_key(task: str, layer: str, step: int) -> str:
@@ -89,13 +106,19 @@ def build_export(module, extra: dict[str, Any] | None = None) -> ProbeExport:
 
 
 def write_export(export: ProbeExport, out_dir: str | Path) -> Path:
-    """Write ``export`` as ``probes.safetensors`` + ``probes.json`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(export.tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    """Write ``export`` as ``probes.safetensors`` + ``probes.json`` into ``out_dir``.
+
+    Each file is written atomically and never through a link (:mod:`probes.common.files`); the
+    metadata, written last, records the weights' sha256, so weights that do not belong to it (a
+    kill between the two renames, a file swapped or damaged later) are refused when loaded.
+    """
+    out = output_dir(out_dir)
+    weights = save(export.tensors, metadata={"format": FORMAT})
+    atomic_write_bytes(out / WEIGHTS, weights)
+    meta = dict(export.meta, weights_sha256=hashlib.sha256(weights).hexdigest())
     # the spec's mappings are frozen (MappingProxyType): written as JSON objects, not as their str()
-    (out / META).write_text(json.dumps(export.meta, indent=1,
-                                       default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
+    atomic_write_text(out / META, json.dumps(meta, indent=1,
+                                             default=lambda o: dict(o) if isinstance(o, Mapping) else str(o)))
     return out
 
 
@@ -158,11 +181,96 @@ class ProbeSet:
         self.meta = self._read_meta(self.path / META)
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.path}: unknown export format {self.meta.get('format')!r}; expected {FORMAT}")
-        self.tensors = self._read_weights(self.path / WEIGHTS)
-        self.infos = {(e["task"], e["layer"], e["step"]): ProbeInfo(
-            key=e["key"], task=e["task"], kind=e["kind"], layer=e["layer"], step=e["step"], timestep=e["timestep"],
-            channels=e["channels"], token_grid=tuple(e["token_grid"]), label_size=tuple(e["label_size"]),
-            target_norm=e["target_norm"], threshold=e["threshold"], metrics=e["metrics"]) for e in self.meta["probes"]}
+        self.tensors = self._read_weights(self.path / WEIGHTS, self.meta.get("weights_sha256"))
+        entries = self.meta.get("probes")
+        if not isinstance(entries, list):
+            raise ValueError(f"{self.path / META} has no 'probes' list (it has {sorted(self.meta)}): it is damaged or "
+                             f"not a probe export; {EXPORT_HINT}")
+        self.infos = {}
+        for e in entries:
+            info = self._check_entry(e)
+            self.infos[(info.task, info.layer, info.step)] = info
+        self._check_fit_loss()
+
+    def _check_entry(self, e: Any) -> ProbeInfo:
+        """One probe's metadata and tensors, checked before any use: everything that would otherwise fail
+        deep inside torch (``mat1 and mat2 shapes``), or silently give wrong maps (NaN weights, a binary
+        probe read as a regression), is named here with the file, the probe and the fix."""
+        meta, weights = self.path / META, self.path / WEIGHTS
+        fix = f"the export is damaged or was edited; copy it again, or re-export it ({EXPORT_HINT})"
+        if not isinstance(e, dict) or any(k not in e for k in ENTRY_KEYS):
+            missing = [k for k in ENTRY_KEYS if not isinstance(e, dict) or k not in e]
+            raise ValueError(f"{meta}: probe entry {str(e)[:60]!r} lacks {missing}; {fix}")
+        key, kind = e["key"], e["kind"]
+        if kind not in KINDS:
+            raise ValueError(f"{meta}: probe {key} has kind {kind!r}; a probe is one of {KINDS}; {fix}")
+        try:
+            task_kind = get_task(e["task"]).kind
+        except KeyError:
+            task_kind = None    # a plug-in's task that is not imported: its kind is checked by the shapes below
+        if task_kind is not None and task_kind != kind:
+            raise ValueError(f"{meta}: probe {key} of task {e['task']!r} says kind {kind!r}, but {e['task']} is a "
+                             f"{task_kind} task: its outputs would be read the wrong way; {fix}")
+        out_dim = 2 if kind == "binary" else 1
+        if int(e.get("out_dim", out_dim)) != out_dim:
+            raise ValueError(f"{meta}: probe {key} says kind {kind!r} (out_dim {out_dim}) but out_dim "
+                             f"{e.get('out_dim')}; {fix}")
+        norm, threshold = e["target_norm"], e["threshold"]
+        if kind == "regression" and norm is not None and not (
+                isinstance(norm, dict) and all(_finite_number(norm.get(k)) for k in ("mean", "std")) and norm["std"] > 0):
+            raise ValueError(f"{meta}: regression probe {key} has target_norm {norm!r}; it needs a finite mean and a "
+                             f"std > 0; {fix}")
+        if kind == "binary" and (norm is not None or not _finite_number(threshold)):
+            raise ValueError(f"{meta}: binary probe {key} has target_norm {norm!r} and threshold {threshold!r}; a "
+                             f"binary probe has no target_norm and a finite threshold; {fix}")
+        channels = int(e["channels"])
+        layer = self._layers().get(e["layer"])
+        if layer is not None and (layer.channels, tuple(layer.grid)) != (channels, tuple(e["token_grid"])):
+            raise ValueError(f"{meta}: probe {key} says layer {e['layer']} has {channels} channels on a "
+                             f"{tuple(e['token_grid'])} grid; the export's spec says {layer.channels} on "
+                             f"{tuple(layer.grid)}; {fix}")
+        for name, shape in (("weight", (channels, out_dim)), ("bias", (out_dim,))):
+            t = self.tensors.get(f"{key}/{name}")
+            if t is None:
+                if name == "weight" or e.get("bias"):
+                    raise ValueError(f"{weights} has no tensor {key}/{name}, which {meta} lists; {fix}")
+                continue
+            if not t.is_floating_point():
+                raise ValueError(f"{weights}: {key}/{name} is {t.dtype}; probe tensors are floating point; {fix}")
+            if tuple(t.shape) != shape:
+                hint = " (transposed)" if tuple(t.shape) == shape[::-1] and len(shape) == 2 else ""
+                raise ValueError(f"{weights}: {key}/{name} has shape {tuple(t.shape)}{hint}; layer {e['layer']} has "
+                                 f"{channels} channels and a {kind} probe {out_dim} output(s), so it must be {shape}; "
+                                 f"{fix}")
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"{weights}: {key}/{name} is not finite ({bad} NaN/inf values): these probes diverged "
+                                 f"or the file is damaged, and would give NaN maps and metrics; retrain (or re-export) "
+                                 f"them")
+        return ProbeInfo(key=key, task=e["task"], kind=kind, layer=e["layer"], step=int(e["step"]),
+                         timestep=e["timestep"], channels=channels, token_grid=tuple(e["token_grid"]),
+                         label_size=tuple(e["label_size"]), target_norm=norm, threshold=threshold,
+                         metrics=e["metrics"])
+
+    def _layers(self) -> dict[str, Any]:
+        spec = self.meta.get("spec")
+        if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
+            return {}
+        try:
+            return {d["name"]: LayerInfo.from_dict(d) for d in spec["layers"]}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{self.path / META}: the spec's layers are damaged ({err}); {EXPORT_HINT}") from err
+
+    def _check_fit_loss(self) -> None:
+        """The recorded binary fit loss must be one the editor knows, and the one the recorded module fits with."""
+        loss = self.binary_fit_loss
+        if loss not in FIT_LOSSES:
+            raise ValueError(f"{self.path / META}: binary_fit_loss {loss!r} is not one of {FIT_LOSSES}; {EXPORT_HINT}")
+        cls = str(self.meta.get("module_class") or "")
+        expected = MODULE_FIT_LOSS.get(cls)
+        if expected is not None and loss != expected:
+            raise ValueError(f"{self.path / META}: binary_fit_loss {loss!r}, but its module {cls.rsplit('.', 1)[-1]} "
+                             f"fits binary probes with {expected!r}: the file was edited; {EXPORT_HINT}")
 
     @staticmethod
     def _read_meta(path: Path) -> dict[str, Any]:
@@ -177,11 +285,18 @@ class ProbeSet:
         return meta
 
     @staticmethod
-    def _read_weights(path: Path) -> dict[str, Tensor]:
-        """The export's weights; a damaged file is named (not safetensors' bare "header too small")."""
+    def _read_weights(path: Path, sha256: str | None = None) -> dict[str, Tensor]:
+        """The export's weights; a damaged file is named (not safetensors' bare "header too small"), and
+        one whose sha256 is not the one the metadata recorded (exports since it is recorded) is refused."""
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
+            data = path.read_bytes()
+            if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+                raise ValueError(f"{path} has sha256 {hashlib.sha256(data).hexdigest()[:16]}..., but "
+                                 f"{path.parent / META} records {str(sha256)[:16]}...: these weights are not the "
+                                 f"exported ones (a file swapped, damaged, or a write interrupted); copy the export "
+                                 f"again, or re-export it ({EXPORT_HINT})")
+            return load(data)
+        except (SafetensorError, OSError) as err:
             raise ValueError(f"{path} is not a readable safetensors file ({err}): it is damaged or truncated; "
                              f"copy the export again, or re-export it ({EXPORT_HINT})") from err
 

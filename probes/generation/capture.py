@@ -9,6 +9,23 @@ Activations are copied, as they are produced, into one preallocated buffer per l
 model's device, in the capture dtype (fp16 by default), and moved off the accelerator once per
 batch: one device-to-host copy per layer instead of one per step and layer.
 
+Every family goes through the same object (:mod:`probes.diffusion.families`); two things differ:
+
+- each hook first applies the layer's readout rule (:mod:`probes.diffusion.readout`), so what
+  reaches the buffers is ``[batch', tokens, channels]`` of image tokens, whatever the module
+  returned (a U-Net self-attention's tokens, a transformer block's pair of token streams, text
+  tokens followed by image tokens);
+- the CFG layout (:data:`probes.diffusion.families.spec.CFG_LAYOUTS`): ``batched`` (``[uncond,
+  cond]`` in one denoiser call per step: SD 1.x/2.x, SDXL, SD3, PixArt), ``none`` (one pass,
+  stored as the cond half: guidance off, or FLUX's guidance-distilled models) and ``sequential``
+  (FLUX's true CFG: a conditional call, then an unconditional one, per step): the conditional
+  call's tokens are held until the unconditional call arrives and both are handed on as one
+  ``[uncond, cond]`` batch, so the buffers and everything downstream see the batched layout.
+
+Each step's scheduler timestep is recorded (``timesteps``) and, where the scheduler has them, its
+sigma (``sigmas``: for flow matching the interpolation weight, ``timestep / 1000``; for K-LMS the
+noise level of the step's input).
+
 The VAE decoder's probe (``vae.mid``, see :mod:`probes.diffusion.layers`) is read in
 :meth:`ActivationCapture.on_step_end` from the latent the pipeline hands the callback (x_{t-1}
 after the scheduler step: the latent the decoded-image baseline decodes): the decoder's
@@ -25,8 +42,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from probes.diffusion.families.spec import CFG_LAYOUTS
 from probes.diffusion.hooks import HookNeverFired, ModuleHooks
 from probes.diffusion.layers import VAE_PREFIX, LayerInfo
+from probes.diffusion.readout import readout_rule
 
 HALVES = {"cond": ("cond",), "both": ("uncond", "cond")}
 
@@ -34,26 +53,38 @@ HALVES = {"cond": ("cond",), "both": ("uncond", "cond")}
 class ActivationCapture(ModuleHooks):
     """Capture ``[batch, step, half, tokens, channels]`` per layer during one pipeline call.
 
-    :param unet: the U-Net the hooks go on.
-    :param layers: layers to capture (from :class:`probes.diffusion.layers.LayerRegistry`).
+    :param unet: the denoiser (U-Net or transformer) the hooks go on.
+    :param layers: layers to capture (from :class:`probes.diffusion.layers.LayerRegistry`), each
+        read by its ``readout`` rule.
     :param num_steps: denoising steps of the run (buffers hold the selected subset).
     :param steps: step indices (0..num_steps-1) to keep; ``None`` keeps all.
     :param halves: ``cond`` (the conditional half of the CFG batch, as the protocol) or ``both``.
     :param dtype: storage dtype of captured activations.
-    :param guidance: whether the batch is a CFG batch (uncond half first, then cond).
+    :param guidance: whether the batch is a CFG batch (uncond half first, then cond); the same as
+        ``cfg="batched"`` (True) or ``cfg="none"`` (False).
+    :param cfg: the CFG layout (module docstring); overrides ``guidance`` when given.
     :param record_inputs: also record the U-Net's inputs at each selected step (:meth:`collect_inputs`):
         the latent model input ``x_t`` (one copy: the two CFG halves are the same latent), the
         timestep and the text embeddings (both CFG halves), the trajectory ``probes.replay`` runs
-        another U-Net on.
+        another U-Net on (U-Nets conditioned on text alone, batched or no CFG).
     """
 
     def __init__(self, unet: nn.Module, layers: Sequence[LayerInfo], num_steps: int,
                  steps: Sequence[int] | None = None, halves: str = "cond",
-                 dtype: torch.dtype = torch.float16, guidance: bool = True, record_inputs: bool = False) -> None:
+                 dtype: torch.dtype = torch.float16, guidance: bool = True, cfg: str | None = None,
+                 record_inputs: bool = False) -> None:
+        cfg = cfg if cfg is not None else ("batched" if guidance else "none")
+        if cfg not in CFG_LAYOUTS:
+            raise ValueError(f"cfg layout must be one of {', '.join(CFG_LAYOUTS)}, got {cfg!r}")
+        if record_inputs and cfg == "sequential":
+            raise ValueError("data.capture.record_inputs covers one denoiser call per step (batched CFG or none); "
+                             "this model calls it twice per step (true CFG): set record_inputs: false")
+        guidance = cfg != "none"
         if halves not in HALVES:
             raise ValueError(f"capture halves must be one of {sorted(HALVES)}, got {halves!r}")
         if halves == "both" and not guidance:
-            raise ValueError("halves='both' needs classifier-free guidance (guidance_scale > 1)")
+            raise ValueError("halves='both' needs classifier-free guidance: guidance_scale > 1 (FLUX: true_cfg_scale "
+                             "> 1 with a negative prompt); this call runs one pass per step")
         vae_layers = [layer.name for layer in layers if layer.in_vae]
         if vae_layers and halves != "cond":
             raise ValueError(f"capture layers {vae_layers} read the VAE decoder on the latent, which has no "
@@ -65,7 +96,9 @@ class ActivationCapture(ModuleHooks):
         if bad:
             raise ValueError(f"capture steps {bad} out of range 0..{num_steps - 1}")
         self._slot = {s: k for k, s in enumerate(self.steps)}
-        self.halves, self.dtype, self.guidance, self.record_inputs = halves, dtype, guidance, record_inputs
+        self.halves, self.dtype, self.guidance, self.cfg = halves, dtype, guidance, cfg
+        self.record_inputs = record_inputs
+        self._rules = [readout_rule(layer.readout) for layer in self.layers]
         #: batched U-Net forward calls (one per step with K-LMS, whatever the batch size); the guided
         #: calls users see in the progress bar and summary are this times the images in the batch
         self.unet_calls = 0
@@ -88,12 +121,19 @@ class ActivationCapture(ModuleHooks):
         self._buffers: list[torch.Tensor | None] = [None] * len(self.layers)
         self._fired = [[0] * self.num_steps for _ in self.layers]
         self.timesteps: list[float | None] = [None] * self.num_steps
+        self.sigmas: list[float | None] = [None] * self.num_steps
+        self._calls_in_step = 0
+        self._held: dict[int, torch.Tensor] = {}
         self._inputs: dict[str, torch.Tensor] = {}
         self._input_t: list[torch.Tensor | None] = [None] * len(self.steps)
 
     # -- hooks -----------------------------------------------------------------------------
     def _count_call(self, module: nn.Module, args: Any) -> None:
         self.unet_calls += 1
+        self._calls_in_step += 1
+        if self.cfg == "sequential" and self._calls_in_step > 2:
+            raise RuntimeError(f"cfg layout 'sequential' expects two denoiser calls per step (cond, then uncond); "
+                               f"step {self._step} made {self._calls_in_step}")
 
     def _record_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The U-Net's ``(sample, timestep, encoder_hidden_states)`` at a selected step (the last call of
@@ -101,10 +141,11 @@ class ActivationCapture(ModuleHooks):
         slot = self._slot.get(self._step)
         if slot is None:
             return
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        sample = args[0] if args else kwargs.get("sample")
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        if text is None or kwargs.get("added_cond_kwargs") or kwargs.get("timestep_cond") is not None:
+        if sample is None or t is None or text is None or kwargs.get("added_cond_kwargs") \
+                or kwargs.get("timestep_cond") is not None:
             raise NotImplementedError("recording the denoiser's inputs covers U-Nets conditioned on text embeddings "
                                       "alone (SD 1.x / 2.x); this model passes other conditioning too "
                                       "(data.capture.record_inputs needs it): set record_inputs: false")
@@ -133,9 +174,16 @@ class ActivationCapture(ModuleHooks):
         self.timesteps[step] = float(t)
 
     def on_step_end(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
-        """``callback_on_step_end`` of diffusers pipelines: records the step's timestep, and reads
-        the VAE decoder's layers on the step's latent (``callback_kwargs["latents"]``)."""
+        """``callback_on_step_end`` of diffusers pipelines: records the step's timestep and sigma, and
+        reads the VAE decoder's layers on the step's latent (``callback_kwargs["latents"]``)."""
         self.timesteps[i] = float(t)
+        sigmas = getattr(getattr(pipe, "scheduler", None), "sigmas", None)
+        if sigmas is not None and i < len(sigmas):
+            self.sigmas[i] = float(sigmas[i])
+        if self._held:
+            raise RuntimeError(f"cfg layout 'sequential': step {i} ended after the conditional call only (layers "
+                               f"{[self.layers[k].name for k in self._held]}); is true CFG on in this call?")
+        self._calls_in_step = 0
         vae_layers = [k for k, layer in enumerate(self.layers) if layer.in_vae]
         if vae_layers and i < self.num_steps:
             if "latents" not in callback_kwargs:
@@ -156,24 +204,27 @@ class ActivationCapture(ModuleHooks):
                 h.remove()
 
     def _make_hook(self, k: int):
-        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        layer, rule = self.layers[k], self._rules[k]
+
+        def hook(module: nn.Module, args: Any, raw: Any) -> None:
             step = self._step
             if step >= self.num_steps:
-                raise RuntimeError(f"layer {self.layers[k].name} fired after the last step ({self.num_steps})")
+                raise RuntimeError(f"layer {layer.name} fired after the last step ({self.num_steps})")
+            out = rule(raw, layer)                      # [batch', tokens, channels] of image tokens, checked
+            if self.cfg == "sequential" and not layer.in_vae:
+                if self._calls_in_step == 1:            # the conditional call comes first (FluxPipeline)
+                    self._held[k] = out.detach()
+                    return None
+                out = torch.cat([out, self._held.pop(k)])   # as a batched call: [uncond, cond]
             self._fired[k][step] += 1
             slot = self._slot.get(step)
             if slot is None:
-                return
-            layer = self.layers[k]
-            if out.ndim != 3 or out.shape[1:] != (layer.tokens, layer.channels):
-                raise RuntimeError(
-                    f"layer {layer.name} ({layer.module}) produced {tuple(out.shape)}; expected "
-                    f"[batch, {layer.tokens}, {layer.channels}] (is the resolution in the config the one generated?)")
+                return None                             # a hook that returned a value would replace the output
             n = out.shape[0]
             if layer.in_vae:                   # the latent: one row per image, stored as the cond half
                 data = out.detach().unsqueeze(0)
             elif self.guidance:
-                halves = out.detach().view(2, n // 2, *out.shape[1:])  # [uncond, cond]
+                halves = out.detach().reshape(2, n // 2, *out.shape[1:])  # [uncond, cond]
                 data = halves[1:] if self.halves == "cond" else halves
             else:
                 data = out.detach().unsqueeze(0)
@@ -184,6 +235,7 @@ class ActivationCapture(ModuleHooks):
                                   device=out.device)
                 self._buffers[k] = buf
             buf[:, slot].copy_(data.transpose(0, 1))
+            return None
         return hook
 
     # -- results ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Generation with capture: prompts -> images + per-step activations, one guided pass per image.
 
-Uses the stock diffusers pipeline (K-LMS swapped in from the model's own scheduler config) and
-the reference's latent initialisation, so images match the reference's for the same weights.
-Batches are fixed chunks of the full index list: whichever samples are missing and however many
-ranks share the work, a sample is always generated in the same batch, hence bit-identically.
+Uses the stock diffusers pipeline of the model's family (K-LMS swapped in from the model's own
+scheduler config, or the model's own scheduler: ``scheduler: native``) and the reference's latent
+initialisation, so images match the reference's for the same weights. The family-specific
+arguments of the call are :mod:`probes.generation.call`'s. Batches are fixed chunks of the full
+index list: whichever samples are missing and however many ranks share the work, a sample is
+always generated in the same batch, hence bit-identically.
 """
 from __future__ import annotations
 
@@ -11,23 +13,28 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from probes.common.progress import progress_bar
-from probes.diffusion.layers import LayerInfo, check_layer_patterns
+from probes.diffusion.families.spec import Family, family_of
+from probes.diffusion.families.spec import native_size as family_native_size
+from probes.diffusion.layers import LayerInfo
 from probes.diffusion.loading import precision_of
+from probes.generation.call import call_kwargs, family_latents, step_callback_kwargs
 from probes.generation.capture import ActivationCapture
 from probes.prompts.sets import PromptRecord
 
+#: ``generation.scheduler`` -> diffusers class; ``native`` keeps the model's own (its class and config)
 SCHEDULERS = {"lms": "LMSDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler",
-              "euler": "EulerDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler"}
+              "euler": "EulerDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler", "native": None}
 #: which latent is decoded into an image at every captured step (``generation.decode``)
 DECODE = ("none", "noisy", "x0")
-#: samplers whose ``step`` reports the predicted clean latent (``pred_original_sample``)
-X0_SCHEDULERS = ("lms", "ddim", "euler")
+#: samplers whose ``step`` reports the predicted clean latent (``pred_original_sample``); ``native``
+#: when the model's own reports it, or is a flow-matching one (x0 = x_t - sigma v, computed here)
+X0_SCHEDULERS = ("lms", "ddim", "euler", "native")
 
 
 @dataclass
@@ -38,8 +45,12 @@ class GenerationSpec:
     :param guidance_scale: classifier-free guidance (7.5), empty prompt as unconditional.
     :param height: image height; ``None`` takes the model's native size (512 for SD v1.4).
     :param width: image width; ``None`` likewise.
-    :param scheduler: ``lms`` (K-LMS, the protocol), ``ddim``, ``pndm``, ``euler`` or ``dpm``.
-    :param negative_prompt: the unconditional prompt.
+    :param scheduler: ``lms`` (K-LMS, the protocol), ``ddim``, ``pndm``, ``euler``, ``dpm``, built
+        from the model's own scheduler config; or ``native``: the model's own scheduler (class and
+        config), the only choice for the flow-matching families (SD3, FLUX). "step" is the index of
+        the denoising step and "timestep" what the scheduler reports for it (K-LMS: 999 … 0; flow
+        matching: 1000 x sigma); the store keeps both, and the scheduler's sigmas.
+    :param negative_prompt: the unconditional prompt (FLUX: only with ``true_cfg_scale > 1``).
     :param batch_size: images per pipeline call.
     :param decode: which latent of every captured step is decoded into an image, so that the
         labelers (and a classifier) can be run on the intermediate images: the protocol's
@@ -49,6 +60,11 @@ class GenerationSpec:
         the sampler's predicted clean latent (clean-looking from the first steps, so labelers
         "succeed" earlier than in the replication); ``none``: nothing decoded. Costs one VAE
         decode per test image and step.
+    :param true_cfg_scale: FLUX's true classifier-free guidance (two denoiser calls per step, the
+        conditional one first, with ``negative_prompt``); 1 (off) for FLUX.1-schnell/-dev, whose
+        distilled guidance needs one pass. Other families guide with ``guidance_scale``.
+    :param max_sequence_length: T5 token length of the prompts (SD3, PixArt, FLUX; ``None``: the
+        pipeline's default).
     :param decode_x0: deprecated (before ``decode`` existed): ``true`` means ``decode: x0``.
     """
 
@@ -60,6 +76,8 @@ class GenerationSpec:
     negative_prompt: str = ""
     batch_size: int = 4
     decode: str = "none"
+    true_cfg_scale: float = 1.0
+    max_sequence_length: int | None = None
     # an init-only alias: configs and probe exports written before ``decode`` keep loading, and it
     # never enters ``asdict`` (the store fingerprint, exported configs)
     decode_x0: InitVar[bool | None] = None
@@ -84,13 +102,46 @@ class GenerationSpec:
             raise ValueError(f"generation.decode=x0 needs a sampler that reports its predicted x0 "
                              f"({', '.join(X0_SCHEDULERS)}); generation.scheduler={self.scheduler!r} does not. Use "
                              f"generation.decode=noisy, or another scheduler")
+        if self.true_cfg_scale < 1:
+            raise ValueError(f"generation.true_cfg_scale must be >= 1 (1: off), got {self.true_cfg_scale}")
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
+            raise ValueError(f"generation.max_sequence_length must be >= 1 or null, got {self.max_sequence_length}")
+
+    def check_family(self, family: Family) -> None:
+        """Refuse, at config time, settings the model family cannot run."""
+        if family.flow_matching and self.scheduler != "native":
+            raise ValueError(f"generation.scheduler={self.scheduler!r}: model family {family.name} is a flow-matching "
+                             f"model, which only its own flow-matching scheduler samples; set generation.scheduler=native")
+        if family.guidance != "distilled" and self.true_cfg_scale != 1.0:
+            raise ValueError(f"generation.true_cfg_scale is FLUX's true CFG; model family {family.name} guides with "
+                             f"generation.guidance_scale: leave true_cfg_scale at 1")
+        if family.is_unet and self.max_sequence_length is not None:
+            raise ValueError(f"generation.max_sequence_length applies to T5 text encoders; model family {family.name} "
+                             f"has none: leave it unset")
+
+    def cfg_layout(self, family: Family) -> str:
+        """How this generation lays out classifier-free guidance for ``family``'s denoiser."""
+        return family.cfg_layout(self.guidance_scale, self.true_cfg_scale)
+
+    def fingerprint_fields(self) -> dict:
+        """``asdict`` without the options at the values every store had before they existed (so that
+        those stores keep their fingerprints); ``decode`` is written by the store request itself."""
+        d = asdict(self)
+        if d["true_cfg_scale"] == 1.0:
+            d.pop("true_cfg_scale")
+        if d["max_sequence_length"] is None:
+            d.pop("max_sequence_length")
+        return d
 
 
 @dataclass
 class CaptureSpec:
     """What is captured.
 
-    :param layers: layer names or patterns (``["*"]``: all 16 self-attentions; ``["up*"]``).
+    :param layers: layer names or patterns (``["*"]``: every default layer of the model family, for
+        SD v1.4 its 16 self-attentions; ``["up*"]``, ``["joint*"]``). They are checked against the
+        family where it is known (:class:`probes.training.datamodule.ActivationDataModule`,
+        :func:`probes.diffusion.families.layers.check_patterns`), and resolved on the loaded model.
     :param steps: step indices 0..S-1 to keep; ``None`` keeps every step.
     :param halves: ``cond`` (the protocol) or ``both`` (unconditional and conditional).
     :param dtype: storage dtype (``float16``).
@@ -112,12 +163,11 @@ class CaptureSpec:
             raise ValueError(f"capture.dtype must be float16 or float32 (stored as .npy), got {self.dtype!r}")
         if self.halves not in {"cond", "both"}:
             raise ValueError(f"capture.halves must be 'cond' or 'both', got {self.halves!r}")
-        check_layer_patterns(self.layers)
 
 
 def native_size(pipe) -> tuple[int, int]:
-    s = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    return s, s
+    """The model's native image size (:func:`probes.diffusion.families.spec.native_size`)."""
+    return family_native_size(pipe)
 
 
 def image_size(pipe, spec: GenerationSpec) -> tuple[int, int]:
@@ -127,12 +177,23 @@ def image_size(pipe, spec: GenerationSpec) -> tuple[int, int]:
 
 
 def start_latents(pipe, seeds: Sequence[int], spec: GenerationSpec) -> torch.Tensor:
-    """The reference's initial latents for ``seeds`` (:func:`initial_latents`), on the pipeline's device
-    in the latent dtype of its precision (``diffusion.precision``)."""
+    """The reference's initial latents for ``seeds`` (:func:`probes.generation.call.initial_latents`; packed for FLUX), on
+    the pipeline's device in the latent dtype of its precision (``diffusion.precision``)."""
     height, width = image_size(pipe, spec)
-    f = pipe.vae_scale_factor
-    latents = initial_latents(seeds, (pipe.unet.config.in_channels, height // f, width // f))
+    latents = family_latents(pipe, family_of(pipe), seeds, height, width)
     return latents.to(pipe.device, precision_of(pipe).latents)
+
+
+def pipeline_kwargs(pipe, prompts: Sequence[str], seeds: Sequence[int], spec: GenerationSpec,
+                    on_step_end) -> dict:
+    """Every argument of one pipeline call of ``spec`` for ``prompts`` and ``seeds``, with
+    ``on_step_end`` (``callback_on_step_end``-shaped) called at every step."""
+    family = family_of(pipe)
+    height, width = image_size(pipe, spec)
+    kw = call_kwargs(family, prompts, spec.steps, height, width, spec.guidance_scale, spec.negative_prompt,
+                     start_latents(pipe, seeds, spec), spec.true_cfg_scale, spec.max_sequence_length)
+    kw.update(step_callback_kwargs(family, pipe, on_step_end))
+    return kw
 
 
 @contextlib.contextmanager
@@ -146,31 +207,77 @@ def denoising(pipe, autograd_in_hooks: bool = False) -> Iterator[None]:
         yield
 
 
+def native_scheduler(pipe):
+    """The scheduler the model came with (kept by the loader as ``pipe.native_scheduler``: the
+    pipeline's own attribute is swapped for every run's sampler)."""
+    return getattr(pipe, "native_scheduler", None) or pipe.scheduler
+
+
+def portable_config(source, target: type) -> dict:
+    """``source``'s config as ``target.from_config`` should read it: without the entries that only
+    spell out ``source``'s class defaults.
+
+    A scheduler built in memory remembers which settings were defaults (diffusers'
+    ``_use_default_values``) and ``from_config`` of another class leaves those to the new class's
+    own defaults; a folder written by ``save_pretrained`` spells every default out, so K-LMS built
+    from a saved SD v1.x folder read PNDM's default ``timestep_spacing: leading`` (timesteps 925,
+    859, …) where the Hub's sparse config gives K-LMS its own ``linspace`` (999, 927.6, …, 0: the
+    protocol's). Dropping the values equal to the source class's defaults makes both read the same.
+    """
+
+    config = dict(source.config)
+    if type(source) is target:
+        return config
+    params = inspect.signature(type(source).__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in config.items()
+            if not (k in defaults and _same(defaults[k], v))}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a or []) == list(b or []) if a is not None and b is not None else a is b
+    return a == b
+
+
 def make_scheduler(pipe, name: str, record_x0: bool = False):
-    """The chosen sampler, built from the model's own scheduler config (betas etc. carry over).
+    """The chosen sampler, built from the model's own scheduler config (betas etc. carry over;
+    :func:`portable_config`); ``native``: a fresh copy of the model's own.
 
     With ``record_x0`` it is a subclass that keeps each step's ``pred_original_sample``, which
-    the pipeline otherwise discards (behaviour swapped by an object, not a patched loop).
+    the pipeline otherwise discards (behaviour swapped by an object, not a patched loop); a
+    flow-matching scheduler, which reports none, gets ``x_t - sigma v``.
     """
     import diffusers
 
-    cls = getattr(diffusers, SCHEDULERS[name])
+    source = native_scheduler(pipe)
+    cls = type(source) if SCHEDULERS[name] is None else getattr(diffusers, SCHEDULERS[name])
+    config = portable_config(source, cls)
     if not record_x0:
-        return cls.from_config(pipe.scheduler.config)
-    sched = _x0_recording(cls).from_config(pipe.scheduler.config)
+        return cls.from_config(config)
+    sched = _x0_recording(cls).from_config(config)
     sched.x0_history = []
     return sched
 
 
 def _x0_recording(base: type) -> type:
+
+    names = list(inspect.signature(base.step).parameters)[1:]     # model_output, timestep, sample, ...
+    flow = "FlowMatch" in base.__name__
+
     class X0Recording(base):
         def step(self, *args, **kwargs):
             return_dict = kwargs.pop("return_dict", True)
             out = super().step(*args, return_dict=True, **kwargs)
             x0 = getattr(out, "pred_original_sample", None)
+            if x0 is None and flow:            # x_t = (1 - sigma) x0 + sigma noise, v = noise - x0
+                given = dict(zip(names, args), **kwargs)
+                sigma = self.sigmas[self.step_index - 1]
+                x0 = (given["sample"].float() - sigma * given["model_output"].float()).to(given["sample"].dtype)
             if x0 is None:
                 raise ValueError(f"generation.decode=x0 needs a sampler that reports its predicted x0; "
-                                 f"{base.__name__} does not (use {', '.join(X0_SCHEDULERS)}, or decode=noisy)")
+                                 f"{base.__name__} does not (use lms, ddim, euler or a flow-matching model's native "
+                                 f"scheduler, or decode=noisy)")
             self.x0_history.append(x0)
             return out if return_dict else (out.prev_sample,)
 
@@ -179,23 +286,27 @@ def _x0_recording(base: type) -> type:
     return X0Recording
 
 
-def decode_latents(pipe, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
-    """Latents ``[N, C, h, w]`` -> uint8 images ``[N, H, W, 3]``, as the pipeline decodes its output."""
+def decode_latents(pipe, latents: torch.Tensor, height: int | None = None, width: int | None = None,
+                   chunk: int = 8) -> np.ndarray:
+    """Latents -> uint8 images ``[N, H, W, 3]``, as the pipeline decodes its output: FLUX's packed
+    tokens ``[N, tokens, 64]`` are unpacked first (``height``/``width``: the image size), and the
+    VAE's ``shift_factor`` (SD3, FLUX) is added back after unscaling."""
+    family = family_of(pipe)
+    shift = getattr(pipe.vae.config, "shift_factor", None)
     out = []
     for k in range(0, len(latents), chunk):
-        x = latents[k:k + chunk].to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        x = latents[k:k + chunk]
+        if family.packed_latents:
+            if height is None or width is None:
+                raise ValueError("decoding FLUX's packed latents needs the image height and width")
+            x = type(pipe)._unpack_latents(x, height, width, pipe.vae_scale_factor)
+        x = x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        if shift is not None:
+            x = x + shift
         img = pipe.vae.decode(x, return_dict=False)[0]
         img = pipe.image_processor.postprocess(img, output_type="np")
         out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
-
-
-def initial_latents(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    """The reference's init: ``torch.manual_seed(seed); torch.randn(1, *shape)`` on the CPU, per image.
-
-    Unscaled: the pipeline multiplies by the scheduler's ``init_noise_sigma`` itself.
-    """
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 def batches(indices: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -209,6 +320,7 @@ class GeneratedBatch:
     images: np.ndarray                 # [B, H, W, 3] uint8
     acts: dict[str, torch.Tensor]      # layer -> [B, S_sel, halves, T, C] (device per `acts_device`)
     timesteps: list[float]             # all S timesteps of the sampler
+    sigmas: list[float | None]         # all S sigmas of the sampler (None where it has none)
     #: [len(decoded_indices), S_sel, H, W, 3] uint8: the latent ``spec.decode`` names, decoded at every
     #: captured step (None when ``decode`` is ``none``)
     decoded_images: np.ndarray | None
@@ -274,12 +386,14 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
     order = [r.index for r in records] if universe is None else list(universe)
     chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
     by_index = {r.index: r for r in records}
+    family = family_of(pipe)
+    spec.check_family(family)
     pipe.scheduler = make_scheduler(pipe, spec.scheduler, record_x0=spec.decode == "x0")
     height, width = image_size(pipe, spec)
-    guidance = spec.guidance_scale > 1.0
     bar = StepProgress(len(chunks), spec.steps, len(todo_set), desc, progress)
-    cap = ActivationCapture(pipe.unet, layers, spec.steps, capture.steps, capture.halves,
-                            getattr(torch, capture.dtype), guidance, record_inputs=capture.record_inputs)
+    cap = ActivationCapture(getattr(pipe, family.denoiser), layers, spec.steps, capture.steps, capture.halves,
+                            getattr(torch, capture.dtype), cfg=spec.cfg_layout(family),
+                            record_inputs=capture.record_inputs)
     cap_steps = set(cap.steps)
     guided_before = 0
     with cap:
@@ -300,23 +414,20 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
                 bar.step(_g0 + (cap.unet_calls - _c0) * _n)    # guided calls so far, as the summary counts them
                 return kwargs
 
-            latents = start_latents(pipe, [r.seed for r in recs], spec)
             if spec.decode == "x0":
                 pipe.scheduler.x0_history = []
+            kw = pipeline_kwargs(pipe, [r.prompt for r in recs], [r.seed for r in recs], spec, on_step_end)
             with denoising(pipe):
-                out = pipe(prompt=[r.prompt for r in recs], negative_prompt=[spec.negative_prompt] * len(recs),
-                           num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale,
-                           height=height, width=width, latents=latents, output_type="np",
-                           callback_on_step_end=on_step_end)
+                out = pipe(**kw)
                 decoded = None
                 if spec.decode != "none":
                     decoded = np.zeros((0, len(cap.steps), height, width, 3), np.uint8)
                     if rows:
                         per_step = ([noisy[s] for s in cap.steps] if spec.decode == "noisy"
                                     else [pipe.scheduler.x0_history[s][rows] for s in cap.steps])
-                        lat = torch.stack(per_step, 1)                                   # [R, S_sel, C, h, w]
-                        decoded = decode_latents(pipe, lat.flatten(0, 1)).reshape(len(rows), len(cap.steps),
-                                                                                   height, width, 3)
+                        lat = torch.stack(per_step, 1)                      # [R, S_sel, C, h, w] (FLUX: [R, S_sel, N, C])
+                        decoded = decode_latents(pipe, lat.flatten(0, 1), height, width).reshape(
+                            len(rows), len(cap.steps), height, width, 3)
             acts = cap.collect(acts_device)
             inputs = cap.collect_inputs("cpu") if capture.record_inputs else None
             images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
@@ -324,7 +435,8 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
             unet_calls = cap.unet_calls - calls0
             batch = GeneratedBatch(indices=[chunk[k] for k in keep], images=images[keep],
                                    acts={n: a[sel.to(a.device)] if len(keep) < len(chunk) else a for n, a in acts.items()},
-                                   timesteps=[float(t) for t in cap.timesteps], decoded_images=decoded,
+                                   timesteps=[float(t) for t in cap.timesteps], sigmas=list(cap.sigmas),
+                                   decoded_images=decoded,
                                    unet_calls=unet_calls, guided_calls=unet_calls * len(chunk),
                                    decoded_indices=[chunk[k] for k in rows],
                                    inputs=None if inputs is None else {
@@ -337,8 +449,46 @@ def generate(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: G
 
 def sampler_timesteps(pipe, spec: GenerationSpec) -> list[float]:
     """The timesteps the sampler will visit (known before generating: they go in the manifest)."""
-    sched = make_scheduler(pipe, spec.scheduler)
-    sched.set_timesteps(spec.steps)
-    return [float(t) for t in sched.timesteps]
+    return sampler_schedule(pipe, spec)[0]
+
+
+class _FirstCall(Exception):
+    """Stops a pipeline call at its first denoiser call (the schedule is set by then)."""
+
+
+def sampler_schedule(pipe, spec: GenerationSpec) -> tuple[list[float], list[float | None]]:
+    """The timesteps and sigmas the sampler will visit, one per step, before generating.
+
+    The protocol's samplers set them from the step count alone. A model's own scheduler is set by
+    its pipeline, which may pass its own sigmas (FLUX: ``linspace(1, 1/steps, steps)``) or a shift
+    computed from the image size, so for ``native`` the pipeline itself is called on one prompt and
+    stopped at its first denoiser call, when the scheduler holds what this run will visit.
+    """
+    if spec.scheduler != "native":
+        sched = make_scheduler(pipe, spec.scheduler)
+        sched.set_timesteps(spec.steps)
+        sigmas = getattr(sched, "sigmas", None)
+        return ([float(t) for t in sched.timesteps],
+                [float(sigmas[i]) if sigmas is not None and i < len(sigmas) else None for i in range(spec.steps)])
+    family = family_of(pipe)
+    saved = pipe.scheduler
+    pipe.scheduler = make_scheduler(pipe, "native")
+
+    def stop(module, args):
+        raise _FirstCall
+
+    handle = getattr(pipe, family.denoiser).register_forward_pre_hook(stop)
+    try:
+        kw = pipeline_kwargs(pipe, [""], [0], spec, lambda p, i, t, k: k)
+        with denoising(pipe):
+            pipe(**kw)
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+        sched, pipe.scheduler = pipe.scheduler, saved
+    sigmas = getattr(sched, "sigmas", None)
+    return ([float(t) for t in sched.timesteps],
+            [float(sigmas[i]) if sigmas is not None and i < len(sigmas) else None for i in range(spec.steps)])
 
 

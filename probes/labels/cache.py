@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.common.files import atomic_write_text
 from probes.common.progress import progress_bar
 from probes.labels.base import Labeler
-from probes.store.activations import ActivationStore, CommitLog, PreallocatedArray, atomic_write_text, check_disk
+from probes.store.activations import ActivationStore, CommitLog, PreallocatedArray, check_disk
 
 
 class LabelCache:
@@ -50,8 +51,15 @@ class LabelCache:
         if self._array is None:
             path, fix = self.path, f"delete the folder {self.root} and these labels are computed again"
             if not path.exists():
+                done = self.commits.done() if self.commits is not None else set()
+                if done:   # markers without their array: the array was deleted, so the markers lie
+                    raise FileNotFoundError(
+                        f"{path} is missing, but {len(done)} commit markers in {self.commits.root} say its labels "
+                        f"were computed: the label array was deleted (or moved). Delete the folder {self.root} and "
+                        f"rerun: the {self.task} labels are computed again")
                 if not create:
-                    raise FileNotFoundError(f"labels for task {self.task!r} were never computed at {self.root}")
+                    raise FileNotFoundError(f"labels for task {self.task!r} were never computed at {self.root}: run "
+                                            f"the labelling stage (the next train/evaluate run does it)")
                 check_disk(self.root, int(np.prod(self.shape)) * 4, f"labels for {self.task}")
                 PreallocatedArray.create(path, self.shape, np.float32, exclusive=True)
                 atomic_write_text(self.root / "labeler.json", json.dumps(self.labeler.describe(), indent=1))
@@ -82,6 +90,7 @@ class LabelCache:
         bar = progress_bar(len(todo), f"labels: {self.task} ({self.labeler.name}){what}", "img", progress)
         for k in range(0, len(todo), bs):
             idx = np.asarray(todo[k:k + bs])
+            self.store.check_rows("images" if self.source == "images" else f"{self.store.decoded}_images", idx)
             batch = np.ascontiguousarray(images[idx]).reshape(-1, *images.shape[-3:])
             labels = np.asarray(self.labeler(batch, np.repeat(idx, per)), dtype=np.float32)
             if per > 1:  # back to [samples, steps, H, W]

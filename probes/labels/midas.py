@@ -109,7 +109,8 @@ class MissingWeightsError(RuntimeError):
 class MidasLabeler(Labeler):
     """Relative inverse depth (bigger = closer) from MiDaS v3 DPT-Large, at image resolution.
 
-    kwargs: ``model_id`` ("Intel/dpt-large"), ``revision`` (None = the hub's main), ``cache_dir``
+    kwargs: ``model_id`` ("Intel/dpt-large"), ``revision`` (None = the hub's main: not pinned by default,
+    because no commit of Intel/dpt-large could be verified where this was written; pin one you downloaded), ``cache_dir``
     (None = the HF cache: ``$HF_HUB_CACHE`` or ``$HF_HOME/hub``), ``local_files_only`` (False; also
     forced on by ``HF_HUB_OFFLINE=1``), ``dtype`` ("float32" or "float16"), ``batch_size`` (8),
     ``device`` (overrides the device given to :meth:`load`).

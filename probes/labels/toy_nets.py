@@ -163,6 +163,17 @@ def load_toy_net(kind: str, weights_dir: Path | None = None) -> nn.Module:
     return DenseHead(_load_net("dense", root), kind).eval()
 
 
+def trained_world(weights_dir: Path | None = None) -> str:
+    """The world (``v1``, ``v2``) whose renders trained the labelers in ``weights_dir``: checks and
+    tests must render that world, since a labeler is only expected to work there. Weights written
+    before the recipe named its world are V1's."""
+    config = Path(weights_dir or WEIGHTS_DIR) / FILES["dense"]
+    config = config.with_suffix(".json")
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing; {FIX}")
+    return json.loads(config.read_text()).get("recipe", {}).get("world", "v1")
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1]."""
     images = np.asarray(images)

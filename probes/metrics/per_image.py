@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.common.files import atomic_write
+
 FILE = "per_image.npz"
 ALIGNED_METRICS = ("abs_rel", "rmse", "delta1")
 
@@ -80,8 +82,9 @@ class PerImageScores:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"layers": self.layers, "steps": [int(s) for s in self.steps], "metrics": self.metrics,
                 "info": self.info}
-        np.savez_compressed(path, index=self.index, meta=np.array(json.dumps(meta)),
-                            **{f"a:{k}": v for k, v in self.arrays.items()})
+        with atomic_write(path, "wb", encoding=None) as f:      # never a half-written file, never through a link
+            np.savez_compressed(f, index=self.index, meta=np.array(json.dumps(meta)),
+                                **{f"a:{k}": v for k, v in self.arrays.items()})
         return path
 
     @classmethod

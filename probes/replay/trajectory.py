@@ -86,6 +86,8 @@ class StoreTrajectory:
         if not np.allclose(recs[0]["timesteps"], self.timestep_values, rtol=0, atol=0):
             raise ValueError(f"recorded timesteps {recs[0]['timesteps']} differ from the manifest's "
                              f"{self.timestep_values}")
+        for name in ("inputs/latents", "inputs/text"):
+            self.store.check_rows(name, idx)         # the recorded checksums, as for activations
         latents = torch.from_numpy(np.ascontiguousarray(self.store.inputs["latents"].array()[idx]))
         text = torch.from_numpy(np.ascontiguousarray(self.store.inputs["text"].array()[idx]))
         timesteps = torch.tensor(recs[0]["timesteps"], dtype=torch.float64).to(_dtype(dtypes["timesteps"]))

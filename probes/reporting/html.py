@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from probes.common.files import atomic_write_text, is_regular_file, output_dir, regular_files, save_figure  # noqa: E402
 from probes.metrics.baseline_rows import CLASSIFICATION, describe, is_decoded, latent_of  # noqa: E402
 from probes.metrics.bootstrap import format_interval  # noqa: E402
 from probes.metrics.per_image import FILE, PerImageScores  # noqa: E402
@@ -87,8 +88,7 @@ def plot_comparison(runs: dict[str, list[dict]], task: str, metric: str, path: P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -195,11 +195,13 @@ def _iv(iv) -> str:
 
 def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequence[Path] = (),
                  labels: Sequence[str] | None = None, title: str | None = None,
-                 per_image: PerImageScores | None = None) -> tuple[Path, Path]:
+                 per_image: PerImageScores | None = None, sections: Sequence[tuple[str, str, str]] = ()
+                 ) -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` into ``run_dir`` (plots from
     ``run_dir/plots``; comparison plots are written there too). Its headline is the knowledge beyond
     position (:mod:`probes.reporting.beyond_position`), with intervals from ``per_image`` (default: the
-    run folder's ``per_image.npz``)."""
+    run folder's ``per_image.npz``). ``sections``: ``(heading, Markdown, HTML)`` of what a caller
+    measured beside the probes (e.g. the demo's sample quality), put first."""
     run_dir = Path(run_dir)
     name = labels[0] if labels else run_dir.name
     md: list[str] = [f"# {title or 'Probe report: ' + name}", ""]
@@ -207,6 +209,9 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
     if is_random:
         md += ["> " + RANDOM_WARNING.replace("\n", "\n> ").replace(">       ", "> "), ""]
         hs.append(f"<p style='background:#fee;padding:6px'><b>{html.escape(RANDOM_WARNING)}</b></p>")
+    for heading, section_md, section_html in sections:
+        md += [f"## {heading}", "", section_md, ""]
+        hs += [f"<h2>{html.escape(heading)}</h2>", section_html]
 
     best = best_heads(rows)
     splits = [s for s in ("val", "test") if any(r["split"] == s for r in rows)]
@@ -264,13 +269,15 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
         md_c, hs_c = runs_beyond_position(run_dir, compare, runs, rows, per_image)
         md += md_c
         hs += hs_c
+        plots_dir = output_dir(run_dir / "plots")
         for task, metric in pairs:
             if metric in LOWER_IS_BETTER:
                 continue
-            plot_comparison(runs, task, metric, run_dir / "plots" / f"compare_{task}_{metric}.png")
+            plot_comparison(runs, task, metric, plots_dir / f"compare_{task}_{metric}.png")
 
     shown: set[Path] = set()
     for task, figs in task_figures(run_dir / "plots", rows).items():
+        figs = [(path, caption) for path, caption in figs if is_regular_file(path)]   # never a planted link
         if not figs:
             continue
         md += [f"## {task.capitalize()}", ""]
@@ -279,7 +286,7 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
             shown.add(path)
             md += [f"![{caption}](plots/{path.name})", "", f"*{caption}*", ""]
             hs.append(embed_png(path, caption))
-    rest = [p for p in sorted((run_dir / "plots").glob("*.png")) if p not in shown]
+    rest = [p for p in regular_files(run_dir / "plots", "*.png") if p not in shown]
     if rest:
         md += ["## Other plots", ""]
         hs.append("<h2>Other plots</h2>")
@@ -287,6 +294,6 @@ def write_report(run_dir: Path, rows: list[dict], is_random: bool, compare: Sequ
             md += [f"![{p.stem}](plots/{p.name})", ""]
             hs.append(embed_png(p, p.stem.replace("_", " ")))
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text(html_page("Probe report", hs))
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    atomic_write_text(html_path, html_page("Probe report", hs))
     return md_path, html_path

@@ -35,6 +35,15 @@ def fmt_value(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def fmt_percent(v: float | None, digits: int = 1) -> str:
+    """A share as a percentage: ``93.5%``; ``nan``; :data:`MISSING` for None."""
+    if v is None:
+        return MISSING
+    if v != v:
+        return "nan"
+    return f"{100 * v:.{digits}f}%"
+
+
 def fmt_cell(v: Any, digits: int = 3) -> str:
     """A table cell: floats as :func:`fmt_value`, None as :data:`MISSING`, anything else as text."""
     if v is None or isinstance(v, float):

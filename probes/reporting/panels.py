@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from probes.common.files import save_figure  # noqa: E402
 from probes.reporting.markup import tick_timestep  # noqa: E402
 from probes.tasks import get_task  # noqa: E402
 from probes.training.heads import apply_probe, layer_key, to_label_units, token_map  # noqa: E402
@@ -95,7 +96,6 @@ def plot_panel(task: str, panel: dict[str, Any], path: Path, max_steps: int = 8)
         ax.set_yticks([])
     fig.suptitle(f"{task}: probe predictions on validation images, layer {panel['layer']} (best on val)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path

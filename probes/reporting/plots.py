@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from probes.common.files import save_figure  # noqa: E402
 from probes.metrics.baseline_rows import CLASSIFICATION, PRIOR, describe, is_decoded, latent_of  # noqa: E402
 from probes.reporting.markup import fmt_value, tick_timestep  # noqa: E402
 from probes.reporting.tables import (  # noqa: E402
@@ -153,8 +154,7 @@ def plot_metric_vs_step(rows: list[dict], split: str, task: str, metric: str, pa
         ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _step_axis(ax2 if ax2 is not None else ax, steps, [ts[s] for s in steps])
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -199,8 +199,7 @@ def plot_heatmap(rows: list[dict], split: str, task: str, metric: str, path: Pat
     ax.set_title(f"{task}: {what} ({split}), layer x step{title_suffix}", fontsize=9, loc="left")
     fig.colorbar(im, ax=ax, label=f"gain in {metric}" if column == "gain" else metric)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -288,8 +287,7 @@ def plot_emergence(rows: list[dict], task: str, path: Path, split: str = "test",
                  fontsize=10, loc="left")
     _step_axis(ax, steps, [ts[s] for s in steps])
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

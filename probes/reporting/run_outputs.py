@@ -15,13 +15,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from probes.common.files import atomic_write_text, output_dir
 from probes.export.probeset import write_export
 from probes.metrics.per_image import FILE
 from probes.reporting.html import write_report
 from probes.reporting.panels import panel_indices, plot_panel
 from probes.reporting.plots import plot_all
 from probes.reporting.results import RunResults, collect_results
-from probes.reporting.tables import format_table, write_metrics_csv
+from probes.reporting.tables import SUMMARY, format_table, metrics_record, write_metrics_csv
 
 
 class RunOutputs(pl.Callback):
@@ -74,12 +75,14 @@ class RunOutputs(pl.Callback):
         self.written["metrics"] = write_metrics_csv(rows, out / "metrics.csv")
         if results.per_image is not None:
             self.written["per_image"] = results.per_image.save(out / FILE)
-        (out / "summary.json").write_text(json.dumps(results.summary, indent=1, default=str))
+        # written after metrics.csv, recording it: a reader tells a whole file from one cut short or edited
+        summary = dict(results.summary, metrics_csv=metrics_record(out / "metrics.csv"))
+        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1, default=str))
         if results.export is not None:
             self.written["probes"] = write_export(results.export, out / "probes")
         if self.plots:
             suffix = "  [RANDOM WEIGHTS: meaningless]" if spec_random else ""
-            self.written["plots"] = plot_all(rows, out / "plots", "test", suffix)
+            self.written["plots"] = plot_all(rows, output_dir(out / "plots"), "test", suffix)
             if results.panels:
                 self.written["panels"] = {t: plot_panel(t, p, out / "plots" / f"panel_{t}.png")
                                           for t, p in results.panels.items()}

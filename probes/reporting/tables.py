@@ -9,9 +9,12 @@ and its curves show all layers or the pre-declared layer ``REFERENCE_LAYER``.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from probes.common.csv_rows import write_csv
 from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
@@ -19,6 +22,8 @@ from probes.reporting.markup import fmt_timestep, fmt_value
 from probes.tasks import better
 
 COLUMNS = ["split", "task", "layer", "step", "timestep", "metric", "value", "with_prior", "gain"]
+#: the columns every row fills (files written before ``with_prior`` / ``gain`` have only these)
+BASE_COLUMNS = COLUMNS[:7]
 #: the columns read as numbers when present (``with_prior``, ``gain``: empty where a row has none)
 OPTIONAL_NUMBERS = ("with_prior", "gain")
 #: rows of metrics.csv that are not scores (no best head is picked on them)
@@ -38,22 +43,117 @@ RANDOM_WARNING = (
     f"      The real experiment (SD v1.4 weights, GPU): {REAL_COMMAND}")
 
 
+#: the file beside ``metrics.csv`` that records it (rows and sha256): written after it, by the same run
+SUMMARY = "summary.json"
+RERUN = "rerun the run (or `python evaluate.py --probes <run>/probes`) to write it again"
+
+
 def write_metrics_csv(rows: Iterable[dict], path: Path) -> Path:
     return write_csv(rows, COLUMNS, path)
 
 
-def read_metrics_csv(path: Path) -> list[dict]:
-    out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row = {**r, "step": int(r["step"]), "timestep": float(r["timestep"]), "value": float(r["value"])}
-            for c in OPTIONAL_NUMBERS:
-                if row.get(c) in (None, ""):
-                    row.pop(c, None)
-                else:
-                    row[c] = float(row[c])
-            out.append(row)
-    return out
+def metrics_record(path: Path) -> dict[str, Any]:
+    """What ``summary.json`` records of a just-written ``metrics.csv``: its row count and sha256, so a
+    later reader tells a complete file from one cut short, half-written or edited."""
+    data = Path(path).read_bytes()
+    return {"rows": max(0, data.count(b"\n") - 1), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's ``summary.json``; a truncated or foreign one is named with the fix."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): it was "
+                         f"truncated (a run killed while writing it?) or edited; {RERUN}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a run summary (a JSON {type(data).__name__}); {RERUN}")
+    return data
+
+
+def read_metrics_csv(path: Path, record: dict[str, Any] | None = None) -> list[dict]:
+    """The rows of a ``metrics.csv``, refused (naming the file and what is wrong) unless whole.
+
+    Checked: the record ``summary.json`` beside it keeps (row count and sha256; ``record`` overrides
+    it; files without one, e.g. older runs', get the other checks only), the header, every line's
+    fields and numbers, a final line end, and completeness: every (split, task, metric, layer) has
+    the same steps, every (split, task, metric) of the probes every probe layer, and every split
+    with probes the same tasks and metrics. A file cut short anywhere (a kill while writing, a copy
+    interrupted) fails one of them instead of reporting half the rows.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if record is None and (path.parent / SUMMARY).is_file():
+        record = read_summary(path.parent / SUMMARY).get("metrics_csv")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a UTF-8 text file ({err}); it is damaged; {RERUN}") from err
+    lines = text.splitlines()
+    header = next(csv.reader(lines[:1]), []) if lines else []
+    if header not in (COLUMNS, BASE_COLUMNS):        # BASE_COLUMNS: runs written before with_prior / gain
+        raise ValueError(f"{path} does not start with the header {','.join(COLUMNS)}: it is not a metrics.csv "
+                         f"written by train.py or evaluate.py, or it is damaged; {RERUN}")
+    if not text.endswith("\n"):
+        raise ValueError(f"{path} ends in the middle of line {len(lines)}: it was truncated; {RERUN}")
+    rows = []
+    for n, fields in enumerate(csv.reader(lines[1:]), start=2):
+        if len(fields) != len(header) or any(f == "" for f in fields[:len(BASE_COLUMNS)]):
+            raise ValueError(f"{path}, line {n}: {len(fields)} fields ({','.join(fields)[:80]!r}), expected "
+                             f"{len(header)} with the first {len(BASE_COLUMNS)} non-empty: the file is truncated or "
+                             f"damaged; {RERUN}")
+        r = dict(zip(header, fields))
+        for c in OPTIONAL_NUMBERS:
+            if r.get(c) == "":
+                r.pop(c)
+        for key in ("step", "timestep", "value", *(c for c in OPTIONAL_NUMBERS if c in r)):
+            try:
+                r[key] = int(r[key]) if key == "step" else float(r[key])
+            except ValueError:
+                raise ValueError(f"{path}, line {n}: {key} {r[key]!r} is not a number: the file is damaged or "
+                                 f"was edited; {RERUN}") from None
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"{path} has no rows (only the header): the run was killed while writing it, or wrote "
+                         f"nothing; {RERUN}")
+    gaps = incomplete(rows)
+    if gaps:
+        raise ValueError(f"{path} is incomplete (cut short, or written by a run that was killed): "
+                         + "; ".join(gaps[:4]) + (f"; and {len(gaps) - 4} more" if len(gaps) > 4 else "")
+                         + f". {RERUN}")
+    if record and hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        raise ValueError(f"{path} does not match the record in {path.parent / SUMMARY} ({len(rows)} rows here, "
+                         f"{record.get('rows')} recorded, and other bytes): it was half-written, cut short or edited "
+                         f"after the run; {RERUN}")
+    return rows
+
+
+def incomplete(rows: list[dict]) -> list[str]:
+    """What a complete ``metrics.csv`` would hold that ``rows`` lack (see :func:`read_metrics_csv`)."""
+    steps = sorted({r["step"] for r in rows})
+    probe_layers = list(dict.fromkeys(r["layer"] for r in rows if r["layer"] not in NOT_PROBES))
+    have: dict[tuple, set[int]] = {}
+    for r in rows:
+        have.setdefault((r["split"], r["task"], r["metric"], r["layer"]), set()).add(r["step"])
+    gaps = []
+    for (split, task, metric, layer), got in have.items():
+        missing = [s for s in steps if s not in got]
+        if missing:
+            gaps.append(f"{split} {task}/{metric}: layer {layer} lacks steps {missing}")
+    groups = dict.fromkeys((s, t, m) for s, t, m, layer in have if layer not in NOT_PROBES)
+    for split, task, metric in groups:
+        absent = [l for l in probe_layers if (split, task, metric, l) not in have]
+        if absent:
+            gaps.append(f"{split} {task}/{metric}: no rows for layer(s) {absent}")
+    scores = {}
+    for split, task, metric in groups:
+        if metric not in NOT_SCORES:
+            scores.setdefault(split, set()).add(f"{task}/{metric}")
+    every = set().union(*scores.values()) if scores else set()
+    for split, got in scores.items():
+        if got != every:
+            gaps.append(f"{split} has no rows for {sorted(every - got)} (another split has)")
+    return gaps
 
 
 def can_select(rows: list[dict]) -> bool:

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from probes.common.files import TMP_INFIX, atomic_write_text
+from probes.common.hashing import FAST_DIGEST, fast_digest, sha256_json
 from probes.diffusion.layers import LayerInfo
 
 FORMAT_VERSION = 1
@@ -52,25 +54,19 @@ def decoded_latent(generation: Mapping[str, Any]) -> str:
     return str(generation.get("decode") or ("x0" if generation.get("decode_x0") else "none"))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _preallocate(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
-    """Write a ``.npy`` header and extend the file to its full size without writing the data (sparse)."""
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
-    del mm
+    """Write a ``.npy`` header and extend the file to its full size without writing the data (sparse).
+
+    Made under a temporary name (created exclusively) and renamed, so a link planted at ``path``
+    is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_INFIX)
+    os.close(fd)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+        del mm
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _publish_if_absent(tmp: Path, path: Path) -> None:
@@ -90,6 +86,24 @@ def _publish_if_absent(tmp: Path, path: Path) -> None:
 
 class InsufficientDisk(RuntimeError):
     pass
+
+
+class CorruptSample(ValueError):
+    """A committed sample whose bytes no longer match the checksum recorded when it was written."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def row_digests(row: np.ndarray) -> str | list[str]:
+    """The fast checksum of one sample's row: one per captured step for arrays with a step axis (activations
+    ``[S, ...]`` and decoded images ``[S, H, W, 3]``), so a damaged row is reported with its step; one for
+    the others (the final image ``[H, W, 3]``)."""
+    row = np.ascontiguousarray(row)
+    if row.ndim >= 4:
+        return [fast_digest(step) for step in row]
+    return fast_digest(row)
 
 
 def human_bytes(n: float) -> str:
@@ -126,6 +140,8 @@ class PreallocatedArray:
         self.path = Path(path)
         self._mm: np.memmap | None = None
         self._fd: int | None = None
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} is missing (deleted, or never written); {fix}")
         try:
             with open(self.path, "rb") as f:
                 version = np.lib.format.read_magic(f)
@@ -149,7 +165,7 @@ class PreallocatedArray:
         if not exclusive:
             _preallocate(path, shape, dtype)
             return cls(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_INFIX)
         os.close(fd)
         try:
             _preallocate(Path(tmp), shape, dtype)
@@ -168,7 +184,8 @@ class PreallocatedArray:
             self._mm = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
         return self._mm
 
-    def write_row(self, index: int, value: np.ndarray) -> None:
+    def write_row(self, index: int, value: np.ndarray) -> str:
+        """Write row ``index``; returns the fast checksum of the bytes written (:func:`fast_digest`)."""
         value = np.ascontiguousarray(value, dtype=self.dtype)
         if value.shape != tuple(self.shape[1:]):
             raise ValueError(f"{self.path.name}: row shape {value.shape} != expected {tuple(self.shape[1:])}")
@@ -178,6 +195,11 @@ class PreallocatedArray:
         pos, done = self.offset + index * self.row_bytes, 0
         while done < len(view):
             done += os.pwrite(self._fd, view[done:], pos + done)
+        return row_digests(value)
+
+    def row_digest(self, index: int) -> str | list[str]:
+        """The fast checksum(s) of row ``index`` as it is on disk now (:func:`row_digests`)."""
+        return row_digests(np.ascontiguousarray(self.array()[index]))
 
     def sync(self) -> None:
         if self._fd is not None:
@@ -250,7 +272,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"store {path.parent} has format {manifest.get('format_version')}, "
                          f"this code reads {FORMAT_VERSION}; regenerate it into a new store_dir")
+    recorded = manifest.get(MANIFEST_HASH)
+    if recorded is not None and recorded != manifest_hash(manifest):
+        raise ValueError(f"{path} was edited after the store was made (its content no longer matches the "
+                         f"{MANIFEST_HASH} it was written with): an edited manifest relabels the store's rows (e.g. "
+                         f"capture.steps) without changing its data; {fix}")
     return manifest
+
+
+#: the manifest's hash of itself (every other key), written at creation; stores made before it have none
+MANIFEST_HASH = "manifest_sha256"
+
+
+def manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest without its own hash, as JSON reads it back (what :func:`read_manifest` checks)."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != MANIFEST_HASH}, default=str))
+    return sha256_json(body)
 
 
 def orphaned_data(root: Path) -> list[str]:
@@ -332,10 +369,14 @@ class ActivationStore:
         return arr
 
     def _check_commits(self) -> None:
-        """Each marker must be for a sample of this store and record that sample's prompt and seed."""
+        """Each marker must be for a sample of this store and record that sample's prompt and seed.
+
+        The records are kept (their checksums are what :meth:`check_rows` compares a sample against)."""
         prompts = self.manifest.get("prompts") or []
+        self._records: dict[int, dict] = {}
+        self._verified: set[tuple[str, int]] = set()
         for i in sorted(self.commits.done()):
-            rec = self.commits.record(i)
+            rec = self._records[i] = self.commits.record(i)
             want = prompts[i] if i < len(prompts) else {}
             if any(k in rec and k in want and rec[k] != want[k] for k in ("prompt", "seed")):
                 raise ValueError(
@@ -388,6 +429,7 @@ class ActivationStore:
             PreallocatedArray.create(root / f"{name}.npy", shape, dtype)
         (root / "commits").mkdir(parents=True, exist_ok=True)
         manifest = dict(manifest, format_version=FORMAT_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        manifest[MANIFEST_HASH] = manifest_hash(manifest)
         atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1, default=str))
         return cls(root)
 
@@ -439,23 +481,25 @@ class ActivationStore:
         if set(inputs or {}) - {"timesteps"} != want:
             raise ValueError(f"the store records the denoiser's inputs {sorted(want) or 'not at all'}; the batch "
                              f"brings {sorted(set(inputs or {}) - {'timesteps'}) or 'none'} (data.capture.record_inputs)")
-        for name in want:
-            for k, i in enumerate(indices):
-                self.inputs[name].write_row(i, np.asarray(inputs[name][k], dtype=np.float32))
         if (decoded_images is None) != (self.decoded_images is None or self.source is not None):
             raise ValueError(f"decoded intermediate images must be written exactly when the store has them "
                              f"(this store: generation.decode={self.decoded})")
+        sums: dict[int, dict[str, str]] = {int(i): {} for i in indices}
+        for name in want:
+            for k, i in enumerate(indices):
+                sums[int(i)][f"inputs/{name}"] = self.inputs[name].write_row(
+                    i, np.asarray(inputs[name][k], dtype=np.float32))
         if decoded_images is not None:
             rows = list(indices) if decoded_indices is None else list(decoded_indices)
             if len(decoded_images) != len(rows):
                 raise ValueError(f"{len(decoded_images)} decoded {self.decoded} images for {len(rows)} samples")
             for k, i in enumerate(rows):
-                self.decoded_images.write_row(i, decoded_images[k])
+                sums.setdefault(int(i), {})[f"{self.decoded}_images"] = self.decoded_images.write_row(i, decoded_images[k])
         for k, i in enumerate(indices):
             if images is not None:
-                self.images.write_row(i, images[k])
+                sums[int(i)]["images"] = self.images.write_row(i, images[k])
             for name, arr in acts.items():
-                self.acts[name].write_row(i, arr[k])
+                sums[int(i)][f"acts/{name}"] = self.acts[name].write_row(i, arr[k])
         if self.source is None:
             self.images.sync()
             if self.decoded_images is not None:
@@ -463,7 +507,10 @@ class ActivationStore:
         for arr in [*self.acts.values(), *self.inputs.values()]:
             arr.sync()
         for i, rec in zip(indices, records):
+            rec = dict(rec, checksums={"algorithm": FAST_DIGEST, **sums[int(i)]})
             self.commits.mark(i, rec)
+            self._records[int(i)] = rec
+            self._verified -= {(name, int(i)) for name in sums[int(i)]}
 
     def close(self) -> None:
         if self.source is None:
@@ -479,11 +526,67 @@ class ActivationStore:
         return sum(int(self.commits.record(i).get("guided_calls", 0)) for i in sorted(self.commits.done()))
 
     def image(self, index: int) -> np.ndarray:
+        self.check_rows("images", [index])
         return self.images.array()[index]
 
     def activation(self, layer: str, index: int) -> np.ndarray:
         """``[steps, halves, tokens, channels]`` of one sample: a memmap slice, no copy."""
         if layer not in self.acts:
             raise KeyError(f"layer {layer!r} is not in the store {self.root}; stored: {', '.join(self.layer_names)}")
+        self.check_rows(f"acts/{layer}", [index])
         return self.acts[layer].array()[index]
+
+    # -- integrity -------------------------------------------------------------------------
+    def array_named(self, name: str) -> PreallocatedArray:
+        """The array ``images``, ``acts/<layer>`` or ``<latent>_images`` (the names checksums are kept under)."""
+        if name == "images":
+            return self.images
+        if name.startswith("acts/"):
+            return self.acts[name[len("acts/"):]]
+        if name.startswith("inputs/"):
+            return self.inputs[name[len("inputs/"):]]
+        if self.decoded_images is not None and name == f"{self.decoded}_images":
+            return self.decoded_images
+        raise KeyError(f"the store {self.root} has no array {name!r}")
+
+    def check_rows(self, name: str, rows: Iterable[int]) -> None:
+        """Compare the committed samples ``rows`` of array ``name`` with the checksums their markers recorded
+        (each (array, sample) once per process: a sample is checked when it is first read).
+
+        One flipped byte in an array would otherwise move metrics with no error. Markers written before
+        checksums were recorded carry none: those samples are read unchecked. Cost: one XXH3 pass over
+        the bytes read (~10 GB/s), once per sample and process.
+        """
+        arr = None
+        for i in (int(r) for r in rows):
+            if (name, i) in self._verified:
+                continue
+            sums = (self._records.get(i) or {}).get("checksums") or {}
+            want = sums.get(name) if sums.get("algorithm") == FAST_DIGEST else None
+            if want is not None:
+                arr = arr or self.array_named(name)
+                got = arr.row_digest(i)
+                if got != want:
+                    at = ""
+                    if isinstance(want, list) and isinstance(got, list) and len(got) == len(want):
+                        steps = self.manifest["capture"]["steps"]
+                        bad = [steps[s] if s < len(steps) else s for s, (a, b) in enumerate(zip(got, want)) if a != b]
+                        at = f" at step {bad[0]}" if len(bad) == 1 else f" at steps {', '.join(map(str, bad))}"
+                    raise CorruptSample(
+                        f"{arr.path}: sample {i}{at} does not match the checksum its commit marker "
+                        f"{self.commits._path(i)} recorded when it was written: the file changed since (a flipped "
+                        f"bit on the disk, an interrupted copy, an edit). Restore the file, delete that marker (sample "
+                        f"{i} is generated again), or delete the store folder {self.root} to regenerate it all", i)
+            self._verified.add((name, i))
+
+    def verify(self) -> int:
+        """Check every committed sample of every array against its recorded checksum; returns how many
+        (array, sample) pairs carried one. Raises on the first mismatch (:meth:`check_rows`)."""
+        checked = 0
+        for i, rec in sorted(self._records.items()):
+            for name in (rec.get("checksums") or {}):
+                if name != "algorithm":
+                    self.check_rows(name, [i])
+                    checked += 1
+        return checked
 

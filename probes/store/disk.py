@@ -6,46 +6,61 @@ check, generated everything, and was refused while labelling. This module adds u
 run will write (activations and images not yet generated, labels not yet computed, decoded
 intermediate images and their labels) so that the data module and the pre-flight check refuse up front.
 
-The activation layout comes from the U-Net's *config* (a model built on the meta device: no
-weights, no memory), so it is known before the model is loaded.
+The activation layout comes from the denoiser's *config* (a U-Net or transformer of the model's
+family built on the meta device: no weights, no memory), so it is known before the model is loaded.
 """
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from probes.diffusion.loading import DiffusionSpec, load_architecture
+from probes.diffusion.families.spec import get_family, native_side
+from probes.diffusion.layers import LayerRegistry
+from probes.diffusion.loading import DiffusionSpec, load_architecture, local_model_dir
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, InsufficientDisk, decoded_latent, human_bytes
 from probes.store.manifest import capture_section, inputs_section, resolve_capture
 
 
-def unet_config(diffusion: DiffusionSpec) -> tuple[dict[str, Any], int] | None:
-    """``(unet config, VAE scale factor)`` without loading weights; None when the config is not cached."""
+def denoiser_config(diffusion: DiffusionSpec) -> tuple[dict[str, Any], int] | None:
+    """``(denoiser config, VAE scale factor)`` without loading weights: from the random architecture,
+    the local folder or the cached Hub snapshot, else (a Hub id not downloaded yet) the layer-fixing
+    fields :mod:`probes.diffusion.families.sizes` keeps for the real models; None when none has it."""
+    family = get_family(diffusion.family_name)
     if diffusion.is_random:
         arch = load_architecture(diffusion.architecture)
+        if "components" in arch:                         # a family's tiny architecture
+            comps = arch["components"]
+            return dict(comps[family.denoiser]["config"]), 2 ** (len(comps["vae"]["config"]["block_out_channels"]) - 1)
         return dict(arch["unet"]), 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
     try:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+        import diffusers
 
         kw = dict(revision=diffusion.revision, cache_dir=diffusion.cache_dir, local_files_only=True)
-        unet = UNet2DConditionModel.load_config(diffusion.model_id, subfolder="unet", **kw)
-        vae = AutoencoderKL.load_config(diffusion.model_id, subfolder="vae", **kw)
+        model_id = str(local_model_dir(diffusion.model_id) or diffusion.model_id)
+        den = getattr(diffusers, family.denoiser_class).load_config(model_id, subfolder=family.denoiser, **kw)
+        vae = diffusers.AutoencoderKL.load_config(model_id, subfolder="vae", **kw)
     except Exception:  # not cached yet: the pre-flight check reports the missing weights
-        return None
-    return dict(unet), 2 ** (len(vae["block_out_channels"]) - 1)
+        from probes.diffusion.families.sizes import real_models
+
+        entry = real_models().get(diffusion.model_id)
+        if entry is None or entry["family"] != family.name:
+            return None
+        return dict(entry["denoiser"]["config"]), int(entry["vae_scale_factor"])
+    return dict(den), 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def vae_config(diffusion: DiffusionSpec) -> dict[str, Any] | None:
     """The VAE's config without loading weights (for ``vae.mid``'s channels); None when not cached."""
     if diffusion.is_random:
-        return dict(load_architecture(diffusion.architecture)["vae"])
+        arch = load_architecture(diffusion.architecture)
+        return dict(arch["components"]["vae"]["config"] if "components" in arch else arch["vae"])
     try:
         from diffusers import AutoencoderKL
 
@@ -55,32 +70,49 @@ def vae_config(diffusion: DiffusionSpec) -> dict[str, Any] | None:
         return None
 
 
+def planned_registry(diffusion: DiffusionSpec, height: int | None = None, width: int | None = None,
+                     kinds: Iterable[str] | None = None) -> tuple[LayerRegistry, tuple[int, int]] | None:
+    """The model's layers at ``height`` x ``width`` (default: its native size) and that size, from its
+    denoiser's config on the meta device (:func:`denoiser_config`); None when the config is unknown."""
+    import diffusers
+    import torch
+
+    from probes.diffusion.families.layers import denoiser_registry, latent_hw
+
+    found = denoiser_config(diffusion)
+    if found is None:
+        return None
+    family = get_family(diffusion.family_name)
+    cfg, f = found
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    native = native_side(family, cfg, f)
+    h, w = height or native, width or native
+    with torch.device("meta"):
+        denoiser = getattr(diffusers, family.denoiser_class).from_config(cfg)
+    return denoiser_registry(family, denoiser, latent_hw(family, f, h, w), kinds), (h, w)
+
+
 def planned_layout(diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
                    num_samples: int, store_activations: bool = True) -> dict[str, Any] | None:
     """The part of a store manifest that fixes its size (what ``ActivationStore.layout`` reads), or None."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from probes.diffusion.families.layers import latent_hw
+    from probes.diffusion.layers import vae_mid_layer
 
-    from probes.diffusion.layers import LayerRegistry, vae_mid_layer
-
-    found = unet_config(diffusion)
-    if found is None:
+    planned = planned_registry(diffusion, generation.height, generation.width)
+    if planned is None:
         return None
-    cfg, f = found
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    native = int(cfg.get("sample_size", 64)) * f
-    h, w = generation.height or native, generation.width or native
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
-    registry = LayerRegistry.from_unet(unet, (h // f, w // f))
-    vae = vae_config(diffusion) if any(str(p).startswith("vae") for p in capture.layers) else None
+    registry, (h, w) = planned
+    family = get_family(diffusion.family_name)
+    cfg, f = denoiser_config(diffusion)
+    hw = latent_hw(family, f, h, w)
+    vae = vae_config(diffusion) if family.is_unet and any(str(p).startswith("vae") for p in capture.layers) else None
     if vae is not None and vae.get("mid_block_add_attention", True):   # vae.mid: the decoder's mid-block width
-        registry.register(vae_mid_layer(int(vae["block_out_channels"][-1]), (h // f, w // f)))
+        registry.register(vae_mid_layer(int(vae["block_out_channels"][-1]), hw))
     layers, steps = resolve_capture(registry, capture, generation)
     inputs = inputs_section(int(cfg.get("in_channels", 4)), (h // f, w // f), generation.guidance_scale > 1, 77,
                             int(cfg.get("cross_attention_dim", 768))) if capture.record_inputs else None
     return {"num_samples": num_samples, "generation": dict(asdict(generation), height=h, width=w),
-            "capture": capture_section(layers, steps, capture, store_activations, inputs=inputs)}
+            "capture": capture_section(layers, steps, capture, store_activations, family=family, inputs=inputs)}
 
 
 def _row_bytes(shape: Sequence[int], dtype: str) -> int:

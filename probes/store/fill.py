@@ -5,6 +5,7 @@ whole batches into the same store, and a rerun generates only what is missing.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -46,6 +47,9 @@ def open_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
                 refuse_orphaned_data(store_dir)  # before loading the model, not after
                 pipe = load_pipeline(diffusion, device)
                 create_store(pipe, store_dir, records, diffusion, generation, capture, store_activations)
+                for note in stores_left_behind(store_dir, store_request(diffusion, generation, capture, records,
+                                                                        store_activations)):
+                    print(note, flush=True)
     barrier()
     store = ActivationStore(store_dir)
     new = store_request(diffusion, generation, capture, records, store_activations)
@@ -69,6 +73,51 @@ def create_store(pipe, store_dir: Path, records: Sequence[PromptRecord], diffusi
             if store_activations else "images only (streaming: activations are not stored)")
     print(f"[store] {store_dir}: {len(records)} images, {what} -> {human_bytes(need)} on disk", flush=True)
     return ActivationStore.create(store_dir, manifest)
+
+
+def _other_than_batch(request: dict[str, Any]) -> dict[str, Any]:
+    req = json.loads(json.dumps(request, default=str))
+    req.get("generation", {}).pop("batch_size", None)
+    return req
+
+
+def disk_usage(folder: Path) -> int:
+    """Bytes a folder occupies on disk (allocated blocks: a preallocated array counts only what was written)."""
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if p.is_file() and not p.is_symlink():
+            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+    return total
+
+
+def stores_left_behind(store_dir: Path, request: dict[str, Any]) -> list[str]:
+    """One notice per store beside ``store_dir`` made with the same settings but another
+    ``generation.batch_size``: a rerun with another batch size gets a new store (another batch
+    composition gives other activations), and the old one, often half-finished, would otherwise stay
+    on disk without a word."""
+    parent, notes = Path(store_dir).parent, []
+    want = _other_than_batch(request)
+    for folder in sorted(p for p in parent.iterdir() if p.is_dir() and p != Path(store_dir)) if parent.is_dir() else []:
+        try:
+            old = json.loads((folder / "manifest.json").read_text())
+            same = _other_than_batch(old["request"]) == want
+            size, n = old["request"]["generation"]["batch_size"], int(old["num_samples"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not same:
+            continue
+        done = sum(1 for p in (folder / "commits").glob("*.json") if p.stem.isdigit())
+        state = "half-finished: " if done < n else ""
+        notes.append(f"[store] note: {folder} holds a {state}store of the same settings made with "
+                     f"generation.batch_size={size} ({done} of {n} samples committed, {human_bytes(disk_usage(folder))} "
+                     f"on disk). Another batch size gives other activations, so it is not reused: this run makes "
+                     f"{store_dir}. Delete {folder} if you no longer need it, or rerun with "
+                     f"generation.batch_size={size} to finish and use it.")
+    return notes
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[str]:

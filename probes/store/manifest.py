@@ -12,9 +12,11 @@ from typing import Any
 
 from probes.common.hashing import sha256_json
 from probes.common.version import code_version
-from probes.diffusion.layers import LayerInfo, LayerRegistry
+from probes.diffusion.families.layers import latent_hw, registry_for
+from probes.diffusion.families.spec import Family, family_of
+from probes.diffusion.layers import LayerInfo, LayerRegistry, vae_mid_channels, vae_mid_layer
 from probes.diffusion.loading import DiffusionSpec, resolved_revision
-from probes.generation.sampling import CaptureSpec, GenerationSpec, image_size, sampler_timesteps
+from probes.generation.sampling import CaptureSpec, GenerationSpec, image_size, sampler_schedule
 from probes.prompts.sets import PromptRecord, prompts_fingerprint
 
 
@@ -33,9 +35,10 @@ def store_request(diffusion: DiffusionSpec, generation: GenerationSpec, capture:
     from x0 must never be read as the noisy-latent baseline). It is written as the key stores had
     before ``decode`` existed (``decode_x0: false/true`` for ``none``/``x0``), plus ``decode:
     noisy`` for the new value, so that existing stores (hours of SD v1.4 generation) keep their
-    fingerprints and folders.
+    fingerprints and folders; so are the options added with the model families (``true_cfg_scale``,
+    ``max_sequence_length``, ``diffusion.family``), left out at their SD v1.x values.
     """
-    gen = asdict(generation)
+    gen = generation.fingerprint_fields()
     decode = gen.pop("decode")
     gen["decode_x0"] = decode == "x0"
     if decode == "noisy":
@@ -69,14 +72,27 @@ def resolve_capture(registry: LayerRegistry, capture: CaptureSpec,
 
 
 def capture_section(layers: Sequence[LayerInfo], steps: Sequence[int], capture: CaptureSpec, store_activations: bool,
-                    timesteps: Sequence[float] | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The manifest's ``capture`` section (without timesteps: the part a disk estimate needs); ``inputs``
-    (:func:`inputs_section`) with ``capture.record_inputs``."""
+                    timesteps: Sequence[float] | None = None, family: Family | None = None, cfg: str | None = None,
+                    sigmas: Sequence[float | None] | None = None, inputs: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """The manifest's ``capture`` section (without timesteps: the part a disk estimate needs).
+
+    "step" is the index of the denoising step, "timestep" what the scheduler reports for it
+    (``timesteps``: the captured steps'; ``all_timesteps``: every step's) and ``sigmas`` its noise
+    level where it has one (flow matching: ``timestep / 1000``). ``cfg`` is how guidance laid out
+    the denoiser's batch (:data:`probes.diffusion.families.spec.CFG_LAYOUTS`), ``hook`` what a
+    layer's output is; ``inputs`` (:func:`inputs_section`) with ``capture.record_inputs``.
+    """
     section: dict[str, Any] = {"layers": [layer.to_dict() for layer in layers], "steps": list(steps)}
     if timesteps is not None:
         section.update(timesteps=[timesteps[s] for s in steps], all_timesteps=list(timesteps))
+    if sigmas is not None:
+        section.update(sigmas=[sigmas[s] for s in steps], all_sigmas=list(sigmas))
+    hook = family.hook if family is not None else "attn1.to_out.0 output (before dropout and residual)"
     section.update(halves=["cond"] if capture.halves == "cond" else ["uncond", "cond"], dtype=capture.dtype,
-                   hook="attn1.to_out.0 output (before dropout and residual)", store_activations=store_activations)
+                   hook=hook, store_activations=store_activations)
+    if cfg is not None:
+        section["cfg"] = cfg
     if capture.record_inputs:
         if inputs is None:
             raise ValueError("capture.record_inputs needs the shapes of the denoiser's inputs (inputs_section)")
@@ -94,21 +110,50 @@ def inputs_section(in_channels: int, latent_hw: tuple[int, int], guidance: bool,
             "dtypes": dict(dtypes or {})}
 
 
+def family_registry(pipe, height: int, width: int) -> LayerRegistry:
+    """The layers of a loaded pipeline of any family at an image size; for the U-Net families also the
+    VAE decoder's ``vae.mid`` (opt-in: see :mod:`probes.diffusion.layers`)."""
+    family = family_of(pipe)
+    registry = registry_for(pipe, height, width, family)
+    vae = getattr(pipe, "vae", None)
+    if family.is_unet and vae is not None and vae_mid_channels(vae) is not None:
+        registry.register(vae_mid_layer(vae_mid_channels(vae), latent_hw(family, pipe.vae_scale_factor, height, width)))
+    return registry
+
+
+def check_image_size(height: int, width: int, multiple: int) -> None:
+    """Token grids must divide the labels evenly: the image side is a multiple of the VAE factor x the
+    grid's coarsest stride (U-Nets: 8 x the VAE's 8 x; transformers: the token stride, 2 x)."""
+    if height % multiple or width % multiple:
+        raise ValueError(f"generation height/width must be multiples of {multiple} (token grids must divide the "
+                         f"labels evenly); got {height}x{width}")
+
+
+def size_multiple(family: Family, vae_scale_factor: int) -> int:
+    """What :func:`check_image_size` requires of a family: 8 latent pixels (a U-Net's three halvings)
+    or 2 (a transformer's 2x2 patches or packing), times the VAE's scale factor."""
+    return (8 if family.is_unet else 2) * int(vae_scale_factor)
+
+
 def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
                    records: Sequence[PromptRecord], store_activations: bool = True) -> dict[str, Any]:
+    from probes.diffusion.families.spec import denoiser_of
+
+    family = family_of(pipe)
     height, width = image_size(pipe, generation)
-    f = pipe.vae_scale_factor
-    if height % (8 * f) or width % (8 * f):
-        raise ValueError(f"generation height/width must be multiples of {8 * f} (token grids must divide the "
-                         f"labels evenly); got {height}x{width}")
-    registry = LayerRegistry.from_pipeline(pipe, (height // f, width // f))   # U-Net layers, and vae.mid (opt-in)
+    check_image_size(height, width, size_multiple(family, pipe.vae_scale_factor))
+    registry = family_registry(pipe, height, width)
     layers, steps = resolve_capture(registry, capture, generation)
-    timesteps = sampler_timesteps(pipe, generation)
+    timesteps, sigmas = sampler_schedule(pipe, generation)
     request = store_request(diffusion, generation, capture, records, store_activations)
     model = dict(diffusion.identity(), resolved_revision=resolved_revision(pipe), is_random=diffusion.is_random,
-                 dtype=str(pipe.unet.dtype).replace("torch.", ""))
+                 dtype=str(denoiser_of(pipe).dtype).replace("torch.", ""))
     inputs = None
     if capture.record_inputs:
+        if not family.is_unet:
+            raise ValueError(f"data.capture.record_inputs covers U-Net families (text-conditioned U-Nets); "
+                             f"{family.name} is not one: set record_inputs: false")
+        f = pipe.vae_scale_factor
         inputs = inputs_section(pipe.unet.config.in_channels, (height // f, width // f), generation.guidance_scale > 1,
                                 pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)
     return {
@@ -117,8 +162,10 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
         "code_version": code_version(),
         "model": model,
         "generation": dict(asdict(generation), height=height, width=width,
-                           latent_init="torch.manual_seed(seed); torch.randn(1, C, H/8, W/8) on CPU, unscaled"),
-        "capture": capture_section(layers, steps, capture, store_activations, timesteps, inputs),
+                           latent_init="torch.manual_seed(seed); torch.randn(1, C, H/8, W/8) on CPU, unscaled"
+                           + (" (packed 2x2 as the pipeline packs)" if family.packed_latents else "")),
+        "capture": capture_section(layers, steps, capture, store_activations, timesteps, family,
+                                   generation.cfg_layout(family), sigmas, inputs),
         "num_samples": len(records),
         "prompts": [asdict(r) for r in records],
     }

@@ -1,39 +1,44 @@
 """Prompt sets for the toy world: captions of scenes the renderer would draw.
 
 The toy diffusion model learnt captions of rendered scenes, so prompts for it are captions of
-fresh scenes (a seed the training set never used), written as a CSV (``prompt,seed``; the seed
-is the diffusion noise seed) that ``data.prompts.source`` reads like any other prompt file.
-``diffusion-probes toy-prompts --n 256 --out data/prompts/toy.csv`` made the shipped set.
+fresh scenes of the world it was trained on (a seed the training set never used), written as a
+CSV (``prompt,seed``; the seed is the diffusion noise seed) that ``data.prompts.source`` reads like
+any other prompt file. ``diffusion-probes toy-prompts --n 256 --out data/prompts/toy.csv`` made the
+shipped set (world :data:`~probes.toy.world.SHIPPED_WORLD`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from probes.common.csv_rows import write_csv
-from probes.toy.world import scene_for
+from probes.toy.world import SHIPPED_WORLD, scene_for
 
 #: scene seed of prompt sets; the toy model's training scenes use other seeds
 PROMPT_SCENE_SEED = 777
 FIRST_NOISE_SEED = 1000
 
 
-def toy_prompts(n: int, scene_seed: int = PROMPT_SCENE_SEED, first_seed: int = FIRST_NOISE_SEED) -> list[tuple[str, int]]:
-    """``n`` (caption, noise seed) pairs, deterministic."""
-    return [(scene_for(scene_seed, i).caption(), first_seed + i) for i in range(n)]
+def toy_prompts(n: int, scene_seed: int = PROMPT_SCENE_SEED, first_seed: int = FIRST_NOISE_SEED,
+                world: str = SHIPPED_WORLD) -> list[tuple[str, int]]:
+    """``n`` (caption, noise seed) pairs of ``world``'s scenes, deterministic."""
+    return [(scene_for(scene_seed, i, world=world).caption(), first_seed + i) for i in range(n)]
 
 
-def write_prompt_csv(path: Path, n: int, scene_seed: int = PROMPT_SCENE_SEED) -> Path:
+def write_prompt_csv(path: Path, n: int, scene_seed: int = PROMPT_SCENE_SEED, world: str = SHIPPED_WORLD) -> Path:
     """``n`` captions of fresh scenes as a prompt CSV (``prompt,seed``) that ``data.prompts.source`` reads."""
-    return write_csv(({"prompt": p, "seed": s} for p, s in toy_prompts(n, scene_seed)), ("prompt", "seed"), path)
+    rows = ({"prompt": p, "seed": s} for p, s in toy_prompts(n, scene_seed, world=world))
+    return write_csv(rows, ("prompt", "seed"), path)
 
 
-def toy_prompt_set(out: Path = Path("data/prompts/toy.csv"), n: int = 256, scene_seed: int = PROMPT_SCENE_SEED) -> Path:
+def toy_prompt_set(out: Path = Path("data/prompts/toy.csv"), n: int = 256, scene_seed: int = PROMPT_SCENE_SEED,
+                   world: str = SHIPPED_WORLD) -> Path:
     """``diffusion-probes toy-prompts``: write ``n`` captions of fresh toy scenes to ``out``.
 
     :param out: the CSV to write.
     :param n: how many prompts.
     :param scene_seed: the scenes' seed (the toy model's training scenes use other seeds).
+    :param world: the world the scenes are drawn from: the prompted model's (``v1``, ``v2``).
     """
-    path = write_prompt_csv(out, n, scene_seed)
+    path = write_prompt_csv(out, n, scene_seed, world)
     print(path)
     return path

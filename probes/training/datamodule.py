@@ -24,6 +24,8 @@ from jsonargparse.typing import Path_fr
 from torch.utils.data import DataLoader, Dataset
 
 from probes.contract import ProbeSpec
+from probes.diffusion.families.layers import check_patterns
+from probes.diffusion.families.spec import get_family
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.generation.sampling import CaptureSpec, GenerationSpec
 from probes.labels import check_labeler
@@ -72,7 +74,9 @@ def selects_on_validation(model: Any) -> bool:
 class ActivationDataModule(pl.LightningDataModule):
     """Prompts -> (generated, captured) activation store -> labels -> train/val/test loaders.
 
-    :param diffusion: the model (``source: hub`` for SD v1.4, ``random`` for tiny/benchmarks).
+    :param diffusion: the model (``source: hub`` for SD v1.4 or another family's Hub id, ``random``
+        for tiny/benchmarks); its family decides the layer names ``capture.layers`` may use
+        (checked here, before any compute) and the samplers it runs.
     :param prompts: prompt set and splits.
     :param generation: sampler settings (K-LMS, 15 steps, guidance 7.5, 512x512 by default).
     :param capture: layers, steps, halves and dtype to capture.
@@ -135,6 +139,9 @@ class ActivationDataModule(pl.LightningDataModule):
             check_labeler(cfg["name"])
         self.target_norm = check_target_norm(target_norm, tuple(self.labels))  # before any compute
         self.replay = replay
+        family = get_family(diffusion.family_name)    # the layer names and the call depend on the model family
+        generation.check_family(family)
+        check_patterns(family, capture.layers)
         self.mode, self.store_dir, self.store_root = mode, store_dir, store_root
         self.batch_size, self.num_workers, self.device, self.progress = batch_size, num_workers, device, progress
         self.store: ActivationStore | None = None
@@ -172,6 +179,7 @@ class ActivationDataModule(pl.LightningDataModule):
         return cls(diffusion=DiffusionSpec(**cfg["diffusion"]), prompts=PromptSpec(**cfg["prompts"]),
                    generation=GenerationSpec(**cfg["generation"]), capture=CaptureSpec(**cfg["capture"]),
                    labels=cfg["labels"], mode=cfg.get("mode", "cached"), store_dir=cfg.get("store_dir"),
+                   store_root=cfg.get("store_root") or "outputs/stores",
                    batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
                    device=cfg.get("device", "auto"), progress=cfg.get("progress", True),
                    target_norm=cfg.get("target_norm"),
@@ -348,7 +356,9 @@ class ActivationDataModule(pl.LightningDataModule):
             self.label_caches, self.decoded_label_caches = labels_stage.label_store(
                 store, labelers, shard_of(range(store.num_samples), batch, rank, world),
                 shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier)
-            self.datasets = {s: ActivationDataset(store, idx, self.label_caches) for s, idx in splits.items() if idx}
+            self.datasets = {s: ActivationDataset(store, idx, self.label_caches,
+                                                  {i: describe_sample(self, i) for i in idx})
+                             for s, idx in splits.items() if idx}
             stats, self.label_ranges = scan_caches(self.label_caches, store.num_samples, splits["train"],
                                                    lambda i: describe_sample(self, i))
         stats = resolve_target_stats(stats, self.target_norm)

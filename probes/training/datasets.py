@@ -1,7 +1,7 @@
 """Datasets that feed the probes: cached activations from the store, or a live generation stream."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,22 +12,39 @@ from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
 from probes.labels.cache import LabelCache
 from probes.prompts.sets import PromptRecord
-from probes.store.activations import ActivationStore
+from probes.store.activations import ActivationStore, CorruptSample
 from probes.store.fill import commit_records, decoded_missing, input_rows
 
 
 class ActivationDataset(Dataset):
-    """One item per image: its conditional-half activations of every layer and its raw labels."""
+    """One item per image: its conditional-half activations of every layer and its raw labels.
 
-    def __init__(self, store: ActivationStore, indices: Sequence[int], labels: dict[str, LabelCache]) -> None:
+    Each sample is checked against the checksums its commit marker recorded when it is first read
+    (:meth:`ActivationStore.check_rows`); ``descriptions`` (the data module's words for each sample:
+    split, seed, prompt) are put in front of a mismatch's message.
+    """
+
+    def __init__(self, store: ActivationStore, indices: Sequence[int], labels: dict[str, LabelCache],
+                 descriptions: Mapping[int, str] | None = None) -> None:
         self.store, self.indices, self.labels = store, list(indices), labels
+        self.descriptions = dict(descriptions or {})
         self.cond = store.manifest["capture"]["halves"].index("cond")
+
+    def _check(self, name: str, rows: Sequence[int]) -> None:
+        try:
+            self.store.check_rows(name, rows)
+        except CorruptSample as err:
+            if err.index not in self.descriptions:
+                raise
+            raise CorruptSample(f"{self.descriptions[err.index]}: {err}", err.index) from None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]
+        for n in self.store.layer_names:
+            self._check(f"acts/{n}", [i])
         acts = {n: torch.from_numpy(np.array(self.store.activation(n, i)[:, self.cond]))
                 for n in self.store.layer_names}
         labels = {t: torch.from_numpy(np.array(c.array()[i])) for t, c in self.labels.items()}
@@ -46,6 +63,7 @@ class ActivationDataset(Dataset):
         rows = idx[order]
         acts = {}
         for n in self.store.layer_names:
+            self._check(f"acts/{n}", rows)      # each sample against its checksum, when first read
             arr = self.store.acts[n].array()
             data = arr[rows, :, self.cond] if arr.shape[2] > 1 else arr[rows][:, :, 0]
             acts[n] = torch.from_numpy(data[back] if len(rows) > 1 else data)

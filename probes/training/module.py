@@ -375,6 +375,9 @@ class ProbeModule(pl.LightningModule):
         hint = ("Lower the learning rate of these tasks (model.init_args.lr, now "
                 f"{lr if lr is not None else 'the protocol default'}).") if not self.one_pass else \
             "Raise the smallest ridge strength (model.init_args.lambdas)."
+        if self.restored:   # not fitted here: no training setting of this run made them
+            hint = ("These probes were read from an export, not trained in this run: its weights give non-finite "
+                    "outputs on finite inputs (overflow); retrain them, or evaluate another export.")
         raise_non_finite(what, split, heads, batch, [l.name for l in self.spec.layers], list(self.banks),
                          list(self.spec.steps), getattr(self._trainer, "datamodule", None), hint)
 

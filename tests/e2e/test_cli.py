@@ -152,7 +152,8 @@ def test_evaluate_reproduces_the_test_metrics(demo_run, tmp_path):
     run, _ = demo_run
     from probes.cli.main import evaluate_main
 
-    evaluate_main(["--probes", str(run / "probes"), "--out", str(tmp_path / "eval")])
+    evaluate_main(["--probes", str(run / "probes"), "--out", str(tmp_path / "eval"),
+                   "--store_root", str(run.parent / "stores")])   # the demo's store root: its store is found again
     read = lambda p: [r for r in csv.DictReader(open(p)) if r["split"] == "test"]  # noqa: E731
     ours, theirs = read(run / "metrics.csv"), read(tmp_path / "eval" / "metrics.csv")
     assert len(ours) == len(theirs) > 0

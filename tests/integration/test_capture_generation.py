@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from probes.diffusion.layers import LayerRegistry
+from probes.generation.call import initial_latents
 from probes.generation.capture import ActivationCapture, HookNeverFired
 from probes.generation.sampling import (
     CaptureSpec,
     GenerationSpec,
     generate,
-    initial_latents,
     make_scheduler,
     sampler_timesteps,
 )

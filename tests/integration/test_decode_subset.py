@@ -24,9 +24,9 @@ def count_decodes(monkeypatch) -> list[int]:
     seen: list[int] = []
     real = sampling.decode_latents
 
-    def counting(pipe, latents, chunk=8):
+    def counting(pipe, latents, *args, **kwargs):
         seen.append(len(latents))
-        return real(pipe, latents, chunk)
+        return real(pipe, latents, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "decode_latents", counting)
     return seen

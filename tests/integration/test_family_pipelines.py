@@ -1,10 +1,13 @@
 """Every family end to end on a tiny random pipeline saved as a folder and reloaded offline.
 
-Per family, with the stock pipeline class: (a) two images with capture on three layers, steps and
-the scheduler's timesteps recorded; (b) the captured readout equals a direct forward of the same
-module on the same inputs, rule applied; for transformers, a block's image tokens are what the
-model hands the next module; (c) the conditional half is the one the text changes; (d) the image is
-bit-identical with and without capture. FLUX also runs with true CFG (two calls per step).
+Per family, through the store's own generation path (:func:`probes.generation.sampling.generate`
+on a pipeline from :func:`probes.diffusion.loading.load_pipeline`): (a) two images with capture on
+three layers, steps, the scheduler's timesteps and sigmas recorded; (b) the captured readout equals
+a direct forward of the same module on the same inputs, rule applied; for transformers, a block's
+image tokens are what the model hands the next module; (c) the conditional half is the one the text
+changes; (d) the image is bit-identical with and without capture; (e) the last step's decoded
+latent is the pipeline's image (FLUX's unpacking, the VAE's shift). FLUX also runs with true CFG
+(two calls per step), and the saved SD 1.x folder samples the protocol's K-LMS timesteps.
 """
 from __future__ import annotations
 
@@ -14,11 +17,13 @@ import torch
 from torch.utils._pytree import tree_map
 
 from probes.diffusion.families.layers import registry_for
-from probes.diffusion.families.loading import family_of_folder, load_family_pipeline
-from probes.diffusion.families.readout import read_tokens
-from probes.diffusion.families.run import generate
+from probes.diffusion.families.loading import FamilyMismatch, family_of_folder
 from probes.diffusion.families.spec import get_family
 from probes.diffusion.families.tiny import build_tiny_pipeline, save_tiny_pipeline
+from probes.diffusion.loading import DiffusionSpec, load_pipeline
+from probes.diffusion.readout import read_tokens
+from probes.generation.sampling import CaptureSpec, GenerationSpec, generate, make_scheduler, sampler_schedule
+from probes.prompts.sets import PromptRecord
 
 FAMILIES = ["sd1", "sd2", "sdxl", "sd3", "pixart_alpha", "pixart_sigma", "flux"]
 #: three layers per family: first, a middle one, last (FLUX: a double- and two single-stream blocks)
@@ -32,25 +37,41 @@ SEEDS, STEPS, SIZE = [11, 12], 3, 32
 #: cross-attention, on a latent and a time embedding that do not depend on the prompt (SDXL's time
 #: embedding carries the pooled text, so its first self-attention does depend on it)
 TEXT_FREE_AT_STEP0 = {("sd1", "down0.0"), ("sd2", "down0.0")}
+#: family -> its saved pipeline folder (the module fixture's)
+FOLDERS: dict = {}
 
 
-def options(family: str, **kw):
-    """Call options: K-LMS for SD 1.x (PNDM, its hub scheduler, calls the U-Net once more than it has
-    steps), short T5 sequences for the transformers."""
-    opts = dict(steps=STEPS, height=SIZE, width=SIZE, dtype=torch.float32)
-    if family == "sd1":
-        opts["scheduler"] = "LMSDiscreteScheduler"
-    if not get_family(family).is_unet:
-        opts["max_sequence_length"] = 16
-    return {**opts, **kw}
+def spec_for(family: str, **kw) -> GenerationSpec:
+    """K-LMS (the protocol's) for the U-Nets, the model's own scheduler for the transformers; short T5
+    sequences; both images in one batch."""
+    unet = get_family(family).is_unet
+    opts = dict(steps=STEPS, height=SIZE, width=SIZE, batch_size=2, scheduler="lms" if unet else "native",
+                max_sequence_length=None if unet else 16,
+                guidance_scale=1.0 if get_family(family).guidance == "distilled" else 5.0)
+    return GenerationSpec(**{**opts, **kw})
+
+
+def run(pipe, prompts, layers=(), halves="cond", **kw):
+    """One batch of the store's generation; ``layers=()``: no capture hooks at all."""
+    family = pipe.family
+    records = [PromptRecord(index=i, prompt=p, seed=s, split="train") for i, (p, s) in enumerate(zip(prompts, SEEDS))]
+    (batch,) = list(generate(pipe, records, range(len(records)), spec_for(family, **kw), list(layers),
+                             CaptureSpec(layers=["*"], halves=halves, dtype="float32"), progress=False))
+    return batch
+
+
+def guided(family: str) -> bool:
+    return get_family(family).guidance == "cfg"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request, tmp_path_factory):
     family = request.param
-    folder = save_tiny_pipeline(family, tmp_path_factory.mktemp(family) / "pipeline")
+    folder = FOLDERS[family] = save_tiny_pipeline(family, tmp_path_factory.mktemp(family) / "pipeline")
     assert family_of_folder(folder).name == family
-    pipe = load_family_pipeline(folder, local_files_only=True)
+    pipe = load_pipeline(DiffusionSpec(model_id=str(folder), precision="fp32", tokenizer="default",
+                                       local_files_only=True))
+    assert pipe.family == family
     return family, pipe
 
 
@@ -86,25 +107,6 @@ class InputRecorder:
             h.remove()
 
 
-def test_reloaded_folder_generates_what_the_built_pipeline_does(tiny):
-    """Weights, configs and tokenizers survive save_pretrained/from_pretrained. Each runs its own
-    scheduler: one swapped in with ``from_config`` would not match, because the saved config spells
-    out every default (PNDM's ``timestep_spacing: leading``) that the in-memory one leaves to the
-    new class (K-LMS: ``linspace``)."""
-    family, pipe = tiny
-    built = build_tiny_pipeline(family)
-    opts = {k: v for k, v in options(family).items() if k != "scheduler"}
-    a = generate(pipe, PROMPTS, SEEDS, capture=False, **opts)
-    b = generate(built, PROMPTS, SEEDS, capture=False, **opts)
-    assert np.array_equal(a.images, b.images)
-    assert type(pipe).__name__ == get_family(family).pipeline
-    for path, value in FAMILY_FACTS.get(family, {}).items():
-        obj = pipe
-        for part in path.split("."):
-            obj = getattr(obj, part)
-        assert (type(obj).__name__ if path.count(".") == 0 else obj) == value, path
-
-
 #: what makes each family itself, checked on the reloaded folder
 FAMILY_FACTS = {
     "sd2": {"scheduler.config.prediction_type": "v_prediction", "unet.config.use_linear_projection": True},
@@ -119,30 +121,65 @@ FAMILY_FACTS = {
 }
 
 
-def test_capture_shapes_steps_and_timesteps(tiny):
+def test_reloaded_folder_generates_what_the_built_pipeline_does(tiny):
+    """Weights, configs and tokenizers survive save_pretrained/from_pretrained, and a sampler built
+    from the saved folder's scheduler config is the one built from the in-memory one: the saved
+    config spells out every default (PNDM's ``timestep_spacing: leading``), which
+    :func:`probes.generation.sampling.portable_config` leaves to the new class, as diffusers does
+    for the in-memory config."""
+    family, pipe = tiny
+    built = build_tiny_pipeline(family)
+    built.family, built.native_scheduler = family, built.scheduler
+    a, b = run(pipe, PROMPTS), run(built, PROMPTS)
+    assert np.array_equal(a.images, b.images) and a.timesteps == b.timesteps
+    assert type(pipe).__name__ == get_family(family).pipeline
+    for path, value in FAMILY_FACTS.get(family, {}).items():
+        obj = pipe
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        assert (type(obj).__name__ if path.count(".") == 0 else obj) == value, path
+
+
+def test_saved_sd1_folder_samples_the_protocols_k_lms_timesteps(tiny):
+    """K-LMS from a saved SD v1.x folder visits linspace(999, 0, 15), as from the Hub's sparse config;
+    without :func:`portable_config` it read PNDM's spelled-out ``leading`` spacing (925, 859, ...)."""
+    family, pipe = tiny
+    if family != "sd1":
+        pytest.skip("the protocol's sampler on SD v1.x")
+    assert pipe.native_scheduler.config.timestep_spacing == "leading"    # spelled out by save_pretrained
+    timesteps, sigmas = sampler_schedule(pipe, GenerationSpec(steps=15, scheduler="lms"))
+    np.testing.assert_allclose(timesteps, np.linspace(999, 0, 15), rtol=1e-6, atol=1e-4)
+    assert sigmas[0] == pytest.approx(14.6146, rel=1e-4) and make_scheduler(pipe, "lms").config.timestep_spacing == \
+        "linspace"
+    assert make_scheduler(pipe, "native").config.timestep_spacing == "leading"   # the model's own, as saved
+
+
+def test_capture_shapes_steps_timesteps_and_sigmas(tiny):
     family, pipe = tiny
     layers = layers_of(family, pipe)
-    guided = get_family(family).guidance == "cfg"
-    batch = generate(pipe, PROMPTS, SEEDS, layers, halves="both" if guided else "cond", **options(family))
+    batch = run(pipe, PROMPTS, layers, halves="both" if guided(family) else "cond")
     assert batch.images.shape == (2, SIZE, SIZE, 3)
     for info in layers:
-        assert batch.acts[info.name].shape == (2, STEPS, 2 if guided else 1, info.tokens, info.channels)
-    assert batch.steps == list(range(STEPS)) and batch.denoiser_calls == STEPS
+        assert batch.acts[info.name].shape == (2, STEPS, 2 if guided(family) else 1, info.tokens, info.channels)
+    assert batch.unet_calls == STEPS
     assert batch.timesteps == [float(t) for t in pipe.scheduler.timesteps]   # step i <-> the scheduler's i-th
-    if type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":   # flow matching: t = 1000 sigma
+    assert batch.timesteps == sampler_schedule(pipe, spec_for(family))[0]     # the manifest's, known beforehand
+    if get_family(family).flow_matching:                                       # flow matching: t = 1000 sigma
         np.testing.assert_allclose(batch.sigmas, np.array(batch.timesteps) / 1000, rtol=1e-5)
         assert batch.sigmas[0] == 1.0
+    elif family != "pixart_alpha" and family != "pixart_sigma":                # K-LMS: sigma of the step's input
+        assert batch.sigmas[0] == pytest.approx(float(pipe.scheduler.sigmas[0]))
 
 
 def test_capture_equals_a_direct_forward_of_the_module(tiny):
     family, pipe = tiny
-    layers = layers_of(family, pipe, kinds=None if get_family(family).is_unet else ("block", "attn"),
-                       names=LAYERS[family] + ([] if get_family(family).is_unet else [LAYERS[family][-1] + ".attn"]))
+    unet = get_family(family).is_unet
+    layers = layers_of(family, pipe, kinds=None if unet else ("block", "attn"),
+                       names=LAYERS[family] + ([] if unet else [LAYERS[family][-1] + ".attn"]))
     step = STEPS - 1
     rec = InputRecorder(pipe, family, [info.module for info in layers], calls={step})
     try:
-        batch = generate(pipe, PROMPTS, SEEDS, layers, halves="both" if get_family(family).guidance == "cfg"
-                         else "cond", **options(family))
+        batch = run(pipe, PROMPTS, layers, halves="both" if guided(family) else "cond")
     finally:
         rec.remove()
     for info in layers:
@@ -158,12 +195,10 @@ def test_block_image_tokens_are_what_the_next_module_reads(tiny):
     family, pipe = tiny
     if get_family(family).is_unet:
         pytest.skip("U-Net self-attention outputs are single tensors")
-    reg = registry_for(pipe, SIZE, SIZE)
-    blocks = list(reg)
+    blocks = list(registry_for(pipe, SIZE, SIZE))
     rec = InputRecorder(pipe, family, [b.module for b in blocks] + ["norm_out"], calls={0})
     try:
-        batch = generate(pipe, PROMPTS, SEEDS, blocks, halves="both" if family != "flux" else "cond",
-                         **options(family))
+        batch = run(pipe, PROMPTS, blocks, halves="both" if guided(family) else "cond")
     finally:
         rec.remove()
     for info, nxt in zip(blocks, [b.module for b in blocks[1:]] + ["norm_out"]):
@@ -179,10 +214,8 @@ def test_conditional_half_is_the_one_the_text_changes(tiny):
     is unchanged and its conditional half moves; image 1 (same prompt) is unchanged throughout."""
     family, pipe = tiny
     layers = layers_of(family, pipe)
-    guided = get_family(family).guidance == "cfg"
-    halves = "both" if guided else "cond"
-    a = generate(pipe, PROMPTS, SEEDS, layers, halves=halves, **options(family))
-    b = generate(pipe, OTHER, SEEDS, layers, halves=halves, **options(family))
+    halves = "both" if guided(family) else "cond"
+    a, b = run(pipe, PROMPTS, layers, halves), run(pipe, OTHER, layers, halves)
     for info in layers:
         xa, xb = a.acts[info.name], b.acts[info.name]
         cond = xa.shape[2] - 1
@@ -190,19 +223,36 @@ def test_conditional_half_is_the_one_the_text_changes(tiny):
             assert torch.equal(xa[0, 0], xb[0, 0]), info.name
             continue
         assert (xa[0, 0, cond] - xb[0, 0, cond]).abs().max() > 1e-3 * xa[0, 0, cond].abs().max(), info.name
-        if guided:
+        if guided(family):
             assert torch.equal(xa[0, 0, 0], xb[0, 0, 0]), info.name
         torch.testing.assert_close(xa[1], xb[1], rtol=1e-5, atol=1e-6)
-    if not guided:
+    if not guided(family):
         with pytest.raises(ValueError, match="needs classifier-free guidance"):
-            generate(pipe, PROMPTS, SEEDS, layers, halves="both", **options(family))
+            run(pipe, PROMPTS, layers, halves="both")
 
 
-def test_image_is_bit_identical_with_and_without_capture(tiny):
+def test_image_is_bit_identical_with_and_without_capture_and_the_last_decoded_step_is_it(tiny):
     family, pipe = tiny
-    plain = generate(pipe, PROMPTS, SEEDS, capture=False, **options(family))
-    captured = generate(pipe, PROMPTS, SEEDS, layers_of(family, pipe), **options(family))
+    plain = run(pipe, PROMPTS)
+    captured = run(pipe, PROMPTS, layers_of(family, pipe), decode="noisy")
     assert np.array_equal(plain.images, captured.images)
+    # x_(t-1) after the last step is the final latent: decoded as the pipeline decodes it (FLUX unpacks,
+    # SD3/FLUX add the VAE's shift), it is the image
+    last = captured.decoded_images[:, -1].astype(int)
+    assert captured.decoded_images.shape == (2, STEPS, SIZE, SIZE, 3)
+    assert np.abs(last - captured.images.astype(int)).max() <= 1
+
+
+def test_flow_matching_x0_is_x_t_minus_sigma_v_and_the_last_one_is_the_image(tiny):
+    """``decode: x0`` on a flow-matching scheduler, which reports no x0: ``x_t - sigma v``. At the last
+    step the next sigma is 0, so the sampler's update lands exactly there: its x0 is the image."""
+    family, pipe = tiny
+    if not get_family(family).flow_matching:
+        pytest.skip("flow matching's x0")
+    batch = run(pipe, PROMPTS, decode="x0")
+    assert batch.decoded_images.shape == (2, STEPS, SIZE, SIZE, 3)
+    assert np.abs(batch.decoded_images[:, -1].astype(int) - batch.images.astype(int)).max() <= 1
+    assert not np.array_equal(batch.decoded_images[:, 0], batch.images)     # step 0's x0 is a guess, not the image
 
 
 def test_flux_true_cfg_runs_two_calls_per_step_cond_first(tiny):
@@ -212,14 +262,13 @@ def test_flux_true_cfg_runs_two_calls_per_step_cond_first(tiny):
     if family != "flux":
         pytest.skip("true CFG is FLUX's")
     layers = layers_of(family, pipe, ["joint0", "single1"])
-    opts = options(family, true_cfg_scale=2.0, halves="both")
     rec = InputRecorder(pipe, family, [info.module for info in layers], calls={0, 1})
     try:
-        a = generate(pipe, PROMPTS, SEEDS, layers, **opts)
+        a = run(pipe, PROMPTS, layers, halves="both", true_cfg_scale=2.0)
     finally:
         rec.remove()
-    b = generate(pipe, OTHER, SEEDS, layers, **opts)
-    assert a.cfg == "sequential" and a.denoiser_calls == 2 * STEPS
+    b = run(pipe, OTHER, layers, halves="both", true_cfg_scale=2.0)
+    assert a.unet_calls == 2 * STEPS
     for info in layers:
         cond_call = read_tokens(info, rec.rerun(info.module, 0))
         uncond_call = read_tokens(info, rec.rerun(info.module, 1))
@@ -227,5 +276,13 @@ def test_flux_true_cfg_runs_two_calls_per_step_cond_first(tiny):
         torch.testing.assert_close(a.acts[info.name][:, 0, 0], uncond_call, rtol=1e-5, atol=1e-6)
         assert torch.equal(a.acts[info.name][0, 0, 0], b.acts[info.name][0, 0, 0])
         assert not torch.equal(a.acts[info.name][0, 0, 1], b.acts[info.name][0, 0, 1])
-    plain = generate(pipe, PROMPTS, SEEDS, capture=False, **{k: v for k, v in opts.items() if k != "halves"})
-    assert np.array_equal(plain.images, a.images)
+    assert np.array_equal(run(pipe, PROMPTS, true_cfg_scale=2.0).images, a.images)
+
+
+def test_a_folder_of_another_family_is_refused_naming_it(tiny):
+    family, pipe = tiny
+    if family != "sd3":
+        pytest.skip("one family is enough")
+    folder = FOLDERS[family]
+    with pytest.raises(FamilyMismatch, match="holds a sd3 pipeline .* not flux .*set data.diffusion.family=sd3"):
+        load_pipeline(DiffusionSpec(model_id=folder, family="flux", tokenizer="default", local_files_only=True))

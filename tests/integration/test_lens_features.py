@@ -36,7 +36,7 @@ from probes.experiments.lens.experiments import (
 )
 from probes.experiments.lens.features import FeatureExtractor, FeatureSpec, denoise_schedule, noise_for
 from probes.experiments.lens.pooling import IGNORE_ID, pool_instances
-from probes.toy.world import scene_for
+from probes.toy.world import SHIPPED_WORLD, scene_for
 
 # -- the registry -------------------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ def test_toy_items_have_the_loader_format_and_exact_classes():
     item = ds[0]
     assert item["image"].shape == (64, 64, 3) and item["image"].dtype == np.uint8
     assert item["instances"].shape == (64, 64) and item["instances"].dtype == np.int32
-    scene = scene_for(3, 0)
+    scene = scene_for(3, 0, world=SHIPPED_WORLD)                    # the shipped model's world by default
     for k, c in item["classes"].items():
         assert class_table("shape")[c] == scene.objects[k - 1].shape
         assert (item["instances"] == k).sum() >= 16
@@ -210,6 +210,12 @@ def test_toy_items_have_the_loader_format_and_exact_classes():
     assert tiny["classes"] == {} and (tiny["instances"] == IGNORE_ID).any()
     with pytest.raises(ValueError, match="unknown class_by 'size'"):
         ToyWorld(2, class_by="size")
+    v1 = ToyWorld(6, seed=3, world="v1")                              # V1 stays selectable
+    assert v1.fingerprint() != ds.fingerprint() and not np.array_equal(v1[0]["image"], item["image"])
+    for k, c in v1[0]["classes"].items():
+        assert class_table("shape")[c] == scene_for(3, 0, world="v1").objects[k - 1].shape
+    with pytest.raises(ValueError, match="unknown world"):
+        ToyWorld(2, world="v3")
 
 
 @pytest.mark.parametrize("motion,step", [("camera", 10.0), ("object", 0.15)])
@@ -217,7 +223,7 @@ def test_toy_video_frames_keep_instance_ids(motion, step):
     videos = ToyVideos(sequences=2, frames=4, motion=motion, step=step, seed=7)
     seq = videos.sequences[1]
     frames = list(videos.frames(seq))
-    first = scene_for(7, 1)
+    first = scene_for(7, 1, world=SHIPPED_WORLD)
     assert [f["frame"] for f in frames] == [0, 1, 2, 3] and all(f["sequence"] == seq for f in frames)
     for f in frames:
         for k, c in f["classes"].items():        # instance k is scene.objects[k - 1] in every frame

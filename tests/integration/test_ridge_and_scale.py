@@ -142,7 +142,8 @@ def test_ddp_two_processes_share_one_store_and_reduce_metrics_exactly(tmp_path):
     # was repeated or dropped, and the sums were all-reduced
     from probes.cli.evaluate import evaluate
 
-    evaluate(tmp_path / "run" / "probes", out=tmp_path / "eval", accelerator="cpu", plots=False)
+    evaluate(tmp_path / "run" / "probes", out=tmp_path / "eval", store_root=str(tmp_path / "stores"), accelerator="cpu",
+             plots=False)
     ddp_rows, one = rows(tmp_path / "run" / "metrics.csv"), rows(tmp_path / "eval" / "metrics.csv")
     test_keys = [k for k in ddp_rows if k[0] == "test"]
     assert test_keys and max(abs(ddp_rows[k] - one[k]) for k in test_keys) < 1e-6  # float32 batching noise only

@@ -88,6 +88,23 @@ def test_recipe_trains_writes_checkpoint_and_resumes(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
+def test_recipe_stops_after_the_vae_for_the_labelers_and_continues_from_there(tmp_path: Path) -> None:
+    """``make toy-model`` runs ``--until vae``, then the labelers (on the VAE) beside the rest."""
+    from probes.recipes.toy_model import recipe
+
+    work, out = tmp_path / "work", tmp_path / "model"
+    config = tiny_config(tmp_path / "a.yaml", 2)
+    recipe.run(config, out, work, "test", until="vae")
+    assert torch.load(work / "vae.ckpt", weights_only=False)["step"] == 2      # the finished VAE
+    assert not (work / "unet.ckpt").exists() and not out.exists()
+    vae_mtime = (work / "vae.ckpt").stat().st_mtime_ns
+    recipe.run(config, out, work, "test")
+    assert (work / "vae.ckpt").stat().st_mtime_ns == vae_mtime                 # not retrained
+    assert torch.load(work / "unet.ckpt", weights_only=False)["step"] == 2 and (out / "model_index.json").exists()
+    with pytest.raises(ValueError, match="until='unet'"):
+        recipe.run(config, out, work, "test", until="unet")
+
+
 def test_saved_tokenizer_matches_offline_tokenizer(tmp_path: Path) -> None:
     from transformers import CLIPTokenizer
 
@@ -142,10 +159,10 @@ def test_shipped_model_loads_like_sd(shipped_pipe) -> None:
 
 
 def test_shipped_vae_scaling_gives_unit_latents(shipped_pipe) -> None:
-    from probes.recipes.toy_model.autoencoder import to_pixels
-    from probes.toy.world import render_many
+    from probes.diffusion.toy_vae import to_pixels
+    from probes.toy.world import SHIPPED_WORLD, render_many
 
-    rgb = render_many(48, seed=12345, size=64, fields=("rgb",))["rgb"]
+    rgb = render_many(48, seed=12345, size=64, fields=("rgb",), world=SHIPPED_WORLD)["rgb"]
     with torch.no_grad():
         z = shipped_pipe.vae.encode(to_pixels(rgb)).latent_dist.mean * shipped_pipe.vae.config.scaling_factor
     assert z.shape == (48, 4, 16, 16)

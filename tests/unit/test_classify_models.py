@@ -125,15 +125,19 @@ def test_bad_images_and_options_are_refused(vgg16):
 
 
 def test_toy_classifier_names_the_shape_of_one_object_renders():
-    n, seed = 120, 4242
-    images = render_many(n, seed, max_objects=1, fields=("rgb",))["rgb"]
-    truth = np.array([SHAPES.index(scene_for(seed, i, 1).objects[0].shape) for i in range(n)])
+    from probes.labels.toy_nets import WEIGHTS_DIR, trained_world
+
+    n, seed, world = 120, 4242, trained_world(WEIGHTS_DIR)     # the world the shipped classifier knows
+    images = render_many(n, seed, max_objects=1, fields=("rgb",), world=world)["rgb"]
+    truth = np.array([SHAPES.index(scene_for(seed, i, 1, world).objects[0].shape) for i in range(n)])
     clf = load_classifier("toy")
     assert clf.categories == list(SHAPES) and clf.num_classes == 4 and clf.multi_label
     probs = clf(images)
     assert probs.shape == (n, 4) and float(probs.min()) >= 0 and float(probs.max()) <= 1
     accuracy = float((probs.argmax(1).numpy() == truth).mean())
-    assert accuracy >= 0.95, accuracy
+    # the V2 classifier's one-object top-1 on validation renders is 0.952 (data/toy/labelers/RECIPE.md; V1's
+    # was 0.996 here): 0.9 is that less two binomial standard deviations of 120 scenes (0.02 each)
+    assert accuracy >= 0.9, accuracy
     assert len(set(truth.tolist())) == 4            # every class was tested
 
 

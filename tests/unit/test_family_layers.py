@@ -4,19 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probes.diffusion.families.layers import (
-    ReadoutLayer,
-    check_patterns,
-    denoiser_registry,
-    transformer_registry,
-)
-from probes.diffusion.families.readout import READOUTS, read_tokens, tokens_to_grid
+from probes.diffusion.families.layers import check_patterns, denoiser_registry, transformer_registry
 from probes.diffusion.families.sizes import bytes_per_image, meta_denoiser, real_registry
 from probes.diffusion.families.spec import FAMILIES, family_of_pipeline_class, get_family
 from probes.diffusion.families.tiny import list_tiny, t5_vocabulary, tiny_architecture, tiny_t5_tokenizer
 from probes.diffusion.layers import LayerInfo
+from probes.diffusion.loading import DiffusionSpec
+from probes.diffusion.readout import READOUTS, read_tokens, tokens_to_grid, write_tokens
 
-LAYER = ReadoutLayer("joint0", "transformer_blocks.0", channels=8, grid=(2, 3))   # 6 image tokens
+LAYER = LayerInfo("joint0", "transformer_blocks.0", channels=8, grid=(2, 3), readout="second")   # 6 image tokens
 
 
 def tiny_denoiser(family: str) -> torch.nn.Module:
@@ -33,25 +29,25 @@ def tiny_denoiser(family: str) -> torch.nn.Module:
 # -- readout rules -----------------------------------------------------------------------------
 def test_tokens_rule_passes_tokens_and_refuses_other_shapes():
     x = torch.randn(2, 6, 8)
-    assert read_tokens(ReadoutLayer("block0", "m", 8, (2, 3), "tokens"), x) is x
+    assert read_tokens(LayerInfo("block0", "m", 8, (2, 3), "tokens"), x) is x
     with pytest.raises(RuntimeError, match=r"shape \(2, 6, 8\); expected \[batch, 9, 8\]"):
-        read_tokens(ReadoutLayer("block0", "m", 8, (3, 3), "tokens"), x)
+        read_tokens(LayerInfo("block0", "m", 8, (3, 3), "tokens"), x)
     with pytest.raises(RuntimeError, match="not one tensor"):
-        read_tokens(ReadoutLayer("block0", "m", 8, (2, 3), "tokens"), (x, x))
+        read_tokens(LayerInfo("block0", "m", 8, (2, 3), "tokens"), (x, x))
 
 
 def test_pair_rules_pick_the_image_item_and_catch_a_swapped_order():
     text, image = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
-    assert read_tokens(ReadoutLayer("joint0", "m", 8, (2, 3), "second"), (text, image)) is image
-    assert read_tokens(ReadoutLayer("joint0", "m", 8, (2, 3), "second"), (None, image)) is image   # SD3's last block
-    assert read_tokens(ReadoutLayer("joint0.attn", "m", 8, (2, 3), "first"), (image, text)) is image
+    assert read_tokens(LayerInfo("joint0", "m", 8, (2, 3), "second"), (text, image)) is image
+    assert read_tokens(LayerInfo("joint0", "m", 8, (2, 3), "second"), (None, image)) is image   # SD3's last block
+    assert read_tokens(LayerInfo("joint0.attn", "m", 8, (2, 3), "first"), (image, text)) is image
     with pytest.raises(RuntimeError, match="are item 0, not 1"):
-        read_tokens(ReadoutLayer("joint0", "m", 8, (2, 3), "second"), (image, text))
+        read_tokens(LayerInfo("joint0", "m", 8, (2, 3), "second"), (image, text))
 
 
 def test_after_text_reads_a_pair_or_the_tail_of_one_stream():
     text, image = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
-    layer = ReadoutLayer("single0", "m", 8, (2, 3), "after_text")
+    layer = LayerInfo("single0", "m", 8, (2, 3), "after_text")
     assert read_tokens(layer, (text, image)) is image
     assert torch.equal(read_tokens(layer, torch.cat([text, image], 1)), image)
     with pytest.raises(RuntimeError, match="text then 6 image tokens"):
@@ -60,19 +56,43 @@ def test_after_text_reads_a_pair_or_the_tail_of_one_stream():
 
 def test_channels_first_is_row_major_tokens():
     fmap = torch.arange(2 * 8 * 2 * 3, dtype=torch.float32).reshape(2, 8, 2, 3)
-    tokens = read_tokens(ReadoutLayer("down0.res0", "m", 8, (2, 3), "channels_first"), fmap)
+    tokens = read_tokens(LayerInfo("down0.res0", "m", 8, (2, 3), "channels_first"), fmap)
     assert torch.equal(tokens_to_grid(tokens, (2, 3)).permute(0, 3, 1, 2), fmap)
 
 
 def test_layer_round_trips_through_its_dict_and_rejects_unknown_rules():
-    assert ReadoutLayer.from_dict(LAYER.to_dict()) == LAYER
-    assert LayerInfo.from_dict(LAYER.to_dict()) == LayerInfo("joint0", "transformer_blocks.0", 8, (2, 3))
+    assert LayerInfo.from_dict(LAYER.to_dict()) == LAYER and LAYER.to_dict()["readout"] == "second"
     unet_layer = LayerInfo("down0.0", "x", 8, (2, 3))
-    assert ReadoutLayer.from_dict(unet_layer.to_dict()).readout == "tokens"
-    assert ReadoutLayer.of(unet_layer).to_dict() == unet_layer.to_dict()       # U-Net manifests unchanged
+    assert unet_layer.to_dict() == {"name": "down0.0", "module": "x", "channels": 8, "grid": [2, 3]}   # as before
+    assert LayerInfo.from_dict(unet_layer.to_dict()).readout == "tokens"
     with pytest.raises(ValueError, match="unknown readout rule 'third'"):
-        ReadoutLayer("joint0", "m", 8, (2, 3), "third")
+        LayerInfo("joint0", "m", 8, (2, 3), "third")
     assert set(READOUTS) == {"tokens", "first", "second", "after_text", "channels_first"}
+    assert [LayerInfo(n, "m", 8, (2, 3)).kind for n in ("joint3", "single0.attn", "block12", "down0.1")] == \
+        ["block", "attn", "block", "attn1"]
+
+
+@pytest.mark.parametrize("rule,out", [
+    ("tokens", lambda t, i: i),
+    ("second", lambda t, i: (t, i)),
+    ("second", lambda t, i: (None, i)),                 # SD3's last block has no text stream
+    ("first", lambda t, i: (i, t)),
+    ("after_text", lambda t, i: (t, i)),
+    ("after_text", lambda t, i: torch.cat([t, i], 1)),  # older diffusers: one stream, text first
+    ("channels_first", lambda t, i: i.transpose(1, 2).reshape(2, 8, 2, 3)),
+])
+def test_writing_image_tokens_is_the_inverse_of_reading_them(rule, out):
+    """What the intervention needs: the edited tokens come back from the rule, the text stays."""
+    text, image = torch.randn(2, 5, 8), torch.randn(2, 6, 8)
+    layer, new = LayerInfo("x0", "m", 8, (2, 3), rule), torch.randn(2, 6, 8)
+    original = out(text, image)
+    torch.testing.assert_close(read_tokens(layer, original), image, rtol=0, atol=0)
+    written = write_tokens(layer, original, new)
+    torch.testing.assert_close(read_tokens(layer, written), new, rtol=0, atol=0)
+    if isinstance(original, tuple) and original[0] is not None and rule != "first":
+        assert written[0] is original[0]                     # the text stream is the module's own
+    if rule == "after_text" and not isinstance(original, tuple):
+        assert torch.equal(written[:, :5], text)
 
 
 # -- the installed diffusers' output orders ----------------------------------------------------------
@@ -155,7 +175,23 @@ def test_misspelt_family_fails_with_the_valid_names():
         get_family("fluxx")
     with pytest.raises(ValueError, match="fluxx"):
         tiny_architecture("fluxx")
+    with pytest.raises(ValueError, match="diffusion.family: unknown model family 'fluxx'; valid families: sd1, sd2"):
+        DiffusionSpec(model_id="black-forest-labs/FLUX.1-schnell", family="fluxx", tokenizer="default")
+    with pytest.raises(ValueError, match="architecture='tiny_sd3' is a sd3 architecture"):
+        DiffusionSpec(source="random", architecture="tiny_sd3", family="flux", tokenizer="default")
+    with pytest.raises(ValueError, match="no CLIP tokenizer: set diffusion.tokenizer=default"):
+        DiffusionSpec(source="random", architecture="tiny_pixart_alpha")
     assert set(list_tiny()) == set(FAMILIES)
+
+
+def test_family_of_a_spec_and_the_identity_of_sd1_stores():
+    """SD v1.x configs name no family and their stores' identity is what it was (no ``family`` key);
+    other families' stores name theirs."""
+    assert DiffusionSpec().family_name == "sd1" and "family" not in DiffusionSpec().identity()
+    assert DiffusionSpec(source="random", architecture="tiny").family_name == "sd1"
+    flux = DiffusionSpec(model_id="black-forest-labs/FLUX.1-schnell", tokenizer="default")
+    assert flux.family_name == "flux" and flux.identity()["family"] == "flux"      # a Hub id the table names
+    assert DiffusionSpec(source="random", architecture="tiny_sd3", tokenizer="default").identity()["family"] == "sd3"
 
 
 def test_family_of_pipeline_class():
@@ -238,14 +274,25 @@ def test_real_model_layer_counts_from_their_configs():
 
 
 def test_cli_lists_layers_and_sizes(capsys):
-    from probes.diffusion.families.__main__ import main
+    """``diffusion-probes layers`` / ``sizes`` through the one CLI convention (configs only, no weights)."""
+    from probes.cli.main import main
 
-    main(["layers", "--family", "flux", "--pattern", "single*", "--kinds", "block,attn"])
+    main(["layers", "--model", "tiny_flux", "--pattern", "single*", "--kinds", "block,attn"])
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out] == ["single0", "single0.attn", "single1", "single1.attn"]
-    assert "8x8" in out[0] and "after_text" in out[0] and "single_transformer_blocks.0" in out[0]
+    assert "tiny_flux (model family flux) at 256x256" in out[0]          # FLUX's native: 128 latent px x 2
+    assert [line.split()[0] for line in out[1:-1]] == ["single0", "single0.attn", "single1", "single1.attn"]
+    assert "64x64" in out[1] and "after_text" in out[1] and "single_transformer_blocks.0" in out[1]
+    main(["layers", "--model", "tiny_flux", "--size", "32", "--pattern", "joint0"])
+    assert capsys.readouterr().out.splitlines()[1].split()[:5] == ["joint0", "block", "32", "ch", "8x8"]
     main(["layers", "--model", "black-forest-labs/FLUX.1-schnell", "--pattern", "joint18"])
-    assert capsys.readouterr().out.split()[:5] == ["joint18", "block", "3072", "ch", "64x64"]
+    assert capsys.readouterr().out.splitlines()[1].split()[:5] == ["joint18", "block", "3072", "ch", "64x64"]
+    main(["layers", "--model", "sd3"])                                   # a family: its real model
+    out = capsys.readouterr().out.splitlines()
+    assert "stable-diffusion-3.5-medium (model family sd3) at 1024x1024: 24 of 24 layers" in out[0]
+    main(["layers", "--model", "sd1", "--pattern", "up3*"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]] == ["up3.0", "up3.1", "up3.2"]
+    with pytest.raises(KeyError, match="'jiont3' matches no layer of model family flux; valid layers: joint0"):
+        main(["layers", "--model", "flux", "--pattern", "jiont3"])
     main(["sizes"])
     out = capsys.readouterr().out
     assert "black-forest-labs/FLUX.1-schnell" in out and "1.4 GB" in out     # 57 x 4096 x 3072 x 2 bytes per step

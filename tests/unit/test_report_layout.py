@@ -10,7 +10,7 @@ import matplotlib.figure
 import pytest
 
 from probes.reporting.html import write_report
-from probes.reporting.markup import fmt_timestep, fmt_value
+from probes.reporting.markup import fmt_percent, fmt_timestep, fmt_value
 from probes.reporting.plots import plot_all, plot_metric_vs_step, rank_layers
 from probes.reporting.tables import emergence_step, format_table, write_metrics_csv
 
@@ -81,6 +81,16 @@ def test_numbers_are_written_as_people_read_them(tmp_path):
     assert "0.000" in table and "0.0" in table
     write_metrics_csv(rows, tmp_path / "metrics.csv")
     assert "927.6428833007812" in (tmp_path / "metrics.csv").read_text()   # full precision kept in the data
+    assert fmt_percent(0.9354) == "93.5%" and fmt_percent(float("nan")) == "nan" and fmt_percent(None) == "—"
+
+
+def test_sections_measured_beside_the_probes_come_first(tmp_path):
+    rows = rows_for("foreground", "dice", {"up1.0": [0.1, 0.2, 0.3, 0.3]})
+    md, html = write_report(tmp_path, rows, is_random=False,
+                            sections=[("Sample quality", "| a | b |\n|---|---|\n| 1 | 2 |", "<table><tr><td>1</td></tr></table>")])
+    text = md.read_text()
+    assert text.index("## Sample quality") < text.index("## Best (layer, step)") and "| 1 | 2 |" in text
+    assert "<h2>Sample quality</h2><table><tr><td>1</td></tr></table>" in html.read_text().replace("\n", "")
 
 
 # -- plots -------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The U-Net families (SD 1.x, SD 2.x, SDXL) keep today's names and modules
 (:meth:`probes.diffusion.layers.LayerRegistry.from_unet`: ``down0.0`` … ``up3.2``, and SDXL's
-``down2.1.7`` where a transformer holds several blocks), read with the ``tokens`` rule. The
+``down2.1.7`` where a transformer holds several blocks), read with the ``tokens`` rule
+(:mod:`probes.diffusion.readout`). The
 diffusion transformers get names per block, in forward order:
 
 ======================  =========================  ==================================  =============
@@ -28,81 +29,32 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
 
-from probes.diffusion.families.readout import READOUTS
 from probes.diffusion.families.spec import Family, get_family
 from probes.diffusion.layers import LayerInfo, LayerRegistry, check_layer_patterns
 
 #: layer kinds per architecture; the first is the default
 TRANSFORMER_KINDS = ("block", "attn")
 UNET_KINDS = ("attn1",)
-_TRANSFORMER_NAME = re.compile(r"^(joint|single|block)(\d+)(\.attn)?$")
 #: plausible transformer depths, for checking patterns before a model is loaded
 _MAX_BLOCKS = 64
+#: per transformer family: (name prefix, module list, block rule, attention module, attention rule)
+_STACKS: dict[str, tuple[tuple[str, str, str, str, str], ...]] = {
+    "sd3": (("joint", "transformer_blocks", "second", "attn", "first"),),
+    "flux": (("joint", "transformer_blocks", "second", "attn", "first"),
+             ("single", "single_transformer_blocks", "after_text", "attn", "after_text")),
+    "pixart": (("block", "transformer_blocks", "tokens", "attn1.to_out.0", "tokens"),),
+}
 
 
-@dataclass(frozen=True)
-class ReadoutLayer(LayerInfo):
-    """A :class:`LayerInfo` whose module output is read by the rule ``readout`` (:data:`READOUTS`)."""
-
-    readout: str = "tokens"
-
-    def __post_init__(self) -> None:
-        if self.readout not in READOUTS:
-            raise ValueError(f"layer {self.name}: unknown readout rule {self.readout!r}; valid: {', '.join(READOUTS)}")
-
-    @property
-    def kind(self) -> str:
-        m = _TRANSFORMER_NAME.match(self.name)
-        if m:
-            return "attn" if m.group(3) else "block"
-        return super().kind
-
-    def to_dict(self) -> dict:
-        """:meth:`LayerInfo.to_dict`, plus the rule when it is not ``tokens`` (so a U-Net layer's
-        dict, in manifests and exports, stays what it was)."""
-        d = super().to_dict()
-        if self.readout == "tokens":
-            d.pop("readout")
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ReadoutLayer:
-        return cls(name=d["name"], module=d["module"], channels=int(d["channels"]), grid=tuple(d["grid"]),
-                   readout=d.get("readout", "tokens"))
-
-    @classmethod
-    def of(cls, info: LayerInfo, readout: str = "tokens") -> ReadoutLayer:
-        return cls(info.name, info.module, info.channels, tuple(info.grid), readout)
-
-
-class FamilyRegistry(LayerRegistry):
-    """A :class:`LayerRegistry` of one family's layers; its errors name the family and its names."""
-
-    def __init__(self, family: str, layers: Iterable[LayerInfo] = ()) -> None:
-        self.family = family
-        super().__init__(layers)
-
-    def get(self, name: str) -> LayerInfo:
-        try:
-            return self._layers[name]
-        except KeyError:
-            raise KeyError(f"unknown layer {name!r} for model family {self.family}; valid layers: "
-                           f"{', '.join(self._layers)}") from None
-
-    def select(self, patterns: str | Iterable[str] = "*") -> list[LayerInfo]:
-        pats = [patterns] if isinstance(patterns, str) else list(patterns)
-        pats = ["*" if p == "all" else p for p in pats]
-        for pat in pats:
-            if not self.list(pat):
-                raise KeyError(f"layer {pat!r} matches no layer of model family {self.family}; valid layers: "
-                               f"{', '.join(self._layers)} (fnmatch patterns like 'joint*' or module paths like "
-                               f"'transformer_blocks.1*' also work)")
-        return super().select(pats)
+def _stacks(family: Family) -> tuple[tuple[str, str, str, str, str], ...]:
+    key = "pixart" if family.name.startswith("pixart") else family.name
+    if key not in _STACKS:
+        raise ValueError(f"model family {family.name} has no transformer layers")
+    return _STACKS[key]
 
 
 def _channels(model: nn.Module) -> int:
@@ -118,7 +70,7 @@ def token_stride(family: Family, denoiser: nn.Module) -> int:
 
 
 def transformer_registry(family: Family, denoiser: nn.Module, latent_hw: tuple[int, int],
-                         kinds: Iterable[str] = ("block",)) -> FamilyRegistry:
+                         kinds: Iterable[str] = ("block",)) -> LayerRegistry:
     """The blocks (and, with kind ``attn``, their attention outputs) of a diffusion transformer."""
     kinds = tuple(kinds)
     bad = sorted(set(kinds) - set(TRANSFORMER_KINDS))
@@ -131,82 +83,72 @@ def transformer_registry(family: Family, denoiser: nn.Module, latent_hw: tuple[i
         raise ValueError(f"a {h}x{w} latent does not split into {s}x{s} tokens ({family.name}); choose a height and "
                          f"width that are multiples of {s} x the VAE's scale factor")
     grid, channels = (h // s, w // s), _channels(denoiser)
-    reg = FamilyRegistry(family.name)
-    if family.name == "sd3":
-        stacks = [("joint", "transformer_blocks", "second", "attn", "first")]
-    elif family.name == "flux":
-        stacks = [("joint", "transformer_blocks", "second", "attn", "first"),
-                  ("single", "single_transformer_blocks", "after_text", "attn", "after_text")]
-    elif family.name.startswith("pixart"):
-        stacks = [("block", "transformer_blocks", "tokens", "attn1.to_out.0", "tokens")]
-    else:
-        raise ValueError(f"model family {family.name} has no transformer layers")
-    for prefix, attr, rule, attn_path, attn_rule in stacks:
+    reg = LayerRegistry(family=family.name)
+    for prefix, attr, rule, attn_path, attn_rule in _stacks(family):
         for i, _ in enumerate(getattr(denoiser, attr)):
             if "block" in kinds:
-                reg.register(ReadoutLayer(f"{prefix}{i}", f"{attr}.{i}", channels, grid, rule))
+                reg.register(LayerInfo(f"{prefix}{i}", f"{attr}.{i}", channels, grid, rule))
             if "attn" in kinds:
-                reg.register(ReadoutLayer(f"{prefix}{i}.attn", f"{attr}.{i}.{attn_path}", channels, grid, attn_rule))
+                reg.register(LayerInfo(f"{prefix}{i}.attn", f"{attr}.{i}.{attn_path}", channels, grid, attn_rule))
     return reg
 
 
-def unet_registry(family: Family, unet: nn.Module, latent_hw: tuple[int, int]) -> FamilyRegistry:
-    """Today's U-Net self-attention layers (names, modules, grids unchanged), read as tokens."""
-    base = LayerRegistry.from_unet(unet, latent_hw)
-    return FamilyRegistry(family.name, [ReadoutLayer.of(info, "tokens") for info in base])
+def unet_registry(family: Family, unet: nn.Module, latent_hw: tuple[int, int],
+                  kinds: Iterable[str] = UNET_KINDS) -> LayerRegistry:
+    """Today's U-Net layers (names, modules, grids unchanged: :meth:`LayerRegistry.from_unet`), read as
+    tokens, in a registry that names the family in its errors."""
+    return LayerRegistry(LayerRegistry.from_unet(unet, latent_hw, kinds), family=family.name)
 
 
 def denoiser_registry(family: Family | str, denoiser: nn.Module, latent_hw: tuple[int, int],
-                      kinds: Iterable[str] | None = None) -> FamilyRegistry:
+                      kinds: Iterable[str] | None = None) -> LayerRegistry:
     """The layers of a family's denoiser at ``latent_hw`` (a model on the meta device will do: only
     its structure and config are read). ``kinds``: ``("block",)`` by default for transformers, add
-    ``"attn"`` for the attention outputs; U-Nets have ``attn1``."""
+    ``"attn"`` for the attention outputs; U-Nets have ``attn1`` by default and every kind of
+    :data:`probes.diffusion.layers.ALL_KINDS` on request (the lens reads them)."""
     family = get_family(family) if isinstance(family, str) else family
     if family.is_unet:
-        if kinds is not None and tuple(kinds) != UNET_KINDS:
-            raise ValueError(f"model family {family.name}: layer kinds {list(kinds)} are not readable here; U-Net "
-                             f"families have {', '.join(UNET_KINDS)} (the lens reads the others itself)")
-        return unet_registry(family, denoiser, latent_hw)
+        return unet_registry(family, denoiser, latent_hw, tuple(kinds or UNET_KINDS))
     return transformer_registry(family, denoiser, latent_hw, kinds or ("block",))
 
 
-def latent_hw(family: Family | str, pipe: Any, height: int, width: int) -> tuple[int, int]:
+def latent_hw(family: Family | str, vae_scale_factor: int, height: int, width: int) -> tuple[int, int]:
     """The latent grid the pipeline denoises for an image of ``height`` x ``width``."""
     family = get_family(family) if isinstance(family, str) else family
-    f = int(pipe.vae_scale_factor)
+    f = int(vae_scale_factor)
     if family.packed_latents:           # FluxPipeline.prepare_latents: 2 * (size // (f * 2))
         return 2 * (height // (f * 2)), 2 * (width // (f * 2))
     return height // f, width // f
 
 
 def registry_for(pipe: Any, height: int, width: int, family: Family | str | None = None,
-                 kinds: Iterable[str] | None = None) -> FamilyRegistry:
+                 kinds: Iterable[str] | None = None) -> LayerRegistry:
     """The layers of a loaded pipeline at an image size (family read off the pipeline if not given)."""
     from probes.diffusion.families.spec import family_of
 
     family = family_of(pipe) if family is None else (get_family(family) if isinstance(family, str) else family)
     denoiser = getattr(pipe, family.denoiser)
-    return denoiser_registry(family, denoiser, latent_hw(family, pipe, height, width), kinds)
+    return denoiser_registry(family, denoiser, latent_hw(family, pipe.vae_scale_factor, height, width), kinds)
 
 
 def plausible_names(family: Family | str, kinds: Iterable[str] | None = None) -> list[str]:
-    """Names any model of the family can have, for checking patterns before a model is loaded."""
+    """Names any model of a transformer family can have, for checking patterns before it is loaded."""
     family = get_family(family) if isinstance(family, str) else family
     if family.is_unet:
         return []
-    prefixes = {"sd3": ("joint",), "flux": ("joint", "single")}.get(family.name, ("block",))
     kinds = tuple(kinds or ("block",))
-    names = [f"{p}{i}" for p in prefixes for i in range(_MAX_BLOCKS)]
+    names = [f"{stack[0]}{i}" for stack in _stacks(family) for i in range(_MAX_BLOCKS)]
     return names + ([f"{n}.attn" for n in names] if "attn" in kinds else [])
 
 
 def check_patterns(family: Family | str, patterns: str | Iterable[str], kinds: Iterable[str] | None = None,
                    option: str = "capture.layers") -> None:
     """Fail at config time on a layer pattern no model of the family can match (``jiont3``,
-    ``down0.0`` for FLUX, ``single3`` for SD3)."""
+    ``down0.0`` for FLUX, ``single3`` for SD3), naming the family's layers. U-Net families check as
+    :func:`probes.diffusion.layers.check_layer_patterns` (``kinds``: U-Net kinds)."""
     family = get_family(family) if isinstance(family, str) else family
     if family.is_unet:
-        check_layer_patterns(patterns, option=option)
+        check_layer_patterns(patterns, kinds=tuple(kinds or UNET_KINDS), option=option)
         return
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
     universe = plausible_names(family, kinds)

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import yaml
 
-from probes.diffusion.families.layers import FamilyRegistry, denoiser_registry
+from probes.diffusion.families.layers import denoiser_registry, latent_hw
 from probes.diffusion.families.spec import get_family
 from probes.diffusion.families.tiny import FAMILY_ARCH_DIR
-from probes.diffusion.layers import LayerInfo
+from probes.diffusion.layers import LayerInfo, LayerRegistry
 
 REAL_MODELS_FILE = FAMILY_ARCH_DIR / "real.yaml"
 
@@ -44,15 +44,13 @@ def meta_denoiser(cls_name: str, config: dict[str, Any]) -> torch.nn.Module:
 
 
 def real_registry(model_id: str, height: int | None = None, width: int | None = None,
-                  kinds: Iterable[str] | None = None) -> FamilyRegistry:
+                  kinds: Iterable[str] | None = None) -> LayerRegistry:
     """The layers of a real model at ``height`` x ``width`` (default: its native resolution)."""
     entry = real_model(model_id)
     family = get_family(entry["family"])
     h, w = height or entry["native"], width or entry["native"]
-    f = int(entry["vae_scale_factor"])
     den = meta_denoiser(entry["denoiser"]["class"], entry["denoiser"]["config"])
-    hw = (2 * (h // (f * 2)), 2 * (w // (f * 2))) if family.packed_latents else (h // f, w // f)
-    return denoiser_registry(family, den, hw, kinds)
+    return denoiser_registry(family, den, latent_hw(family, int(entry["vae_scale_factor"]), h, w), kinds)
 
 
 def bytes_per_image(layers: Sequence[LayerInfo], steps: int, halves: int = 1, bytes_per_value: int = 2) -> int:

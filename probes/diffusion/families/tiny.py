@@ -6,7 +6,9 @@ As diffusers' own tests do, every component is its real class (``UNet2DCondition
 pipeline runs the real code paths: joint attention, packing, v-prediction, added time ids, flow
 matching. The configs live in ``data/architectures/families/tiny_<family>.yaml``; a pipeline is
 saved as a local folder with ``save_pretrained`` and read back by the same ``from_pretrained`` the
-real models go through (:func:`probes.diffusion.families.loading.load_family_pipeline`).
+real models go through (:func:`probes.diffusion.families.loading.load_family_pipeline`). A config
+names one as ``diffusion: {source: random, architecture: tiny_<family>}``
+(:func:`probes.diffusion.loading.build_random_pipeline` builds it here).
 
 Tokenizers the Hub would provide are built offline: CLIP's from open_clip's bundled BPE vocabulary
 (:func:`probes.diffusion.tokenizer.offline_clip_tokenizer`; SD 2.x's and SDXL's second tokenizer pad
@@ -97,11 +99,12 @@ def _component(name: str, spec: dict[str, Any]):
     return cls(**cfg)
 
 
-def build_tiny_pipeline(family_or_path: str, init_seed: int = 0):
-    """The family's stock pipeline class around tiny random components (seeded, CPU, float32)."""
+def build_tiny_pipeline(family_or_path: str | dict[str, Any], init_seed: int = 0):
+    """The family's stock pipeline class around tiny random components (seeded, CPU, float32);
+    ``family_or_path``: a family, a YAML path, or the architecture itself."""
     import diffusers
 
-    arch = tiny_architecture(family_or_path)
+    arch = family_or_path if isinstance(family_or_path, dict) else tiny_architecture(family_or_path)
     family = get_family(arch["family"])
     components: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from probes.common.env import offline
+from probes.common.hashing import sha256_file
 from probes.common.hub import hub_cache_dir
 from probes.common.progress import progress_bar
 from probes.common.registry import Registry
@@ -161,6 +163,20 @@ def _torchvision_weights(model: str, weights: str | None):
         raise ValueError(f"classifier 'torchvision:{model}' has no weights {weights!r}; choose 'DEFAULT', one of "
                          f"{list(enum.__members__)}, a path to a state-dict file, or None (random weights)")
     return enum[key]
+
+
+def verify_hub_checkpoint(path: Path) -> None:
+    """torch.hub's ``check_hash`` for a checkpoint already in the cache: its sha256 must start with the hash in
+    its name (``vgg16-397923af.pth``). torchvision checks a file when it downloads it, not when it finds it
+    cached, so a damaged or swapped file in the cache would otherwise load silently."""
+    m = re.search(torch.hub.HASH_REGEX, path.name)
+    if not path.is_file() or m is None:
+        return
+    got = sha256_file(path)
+    if not got.startswith(m.group(1)):
+        raise ValueError(f"{path} has sha256 {got[:16]}..., but its name says it starts with {m.group(1)} (torch.hub's "
+                         f"check_hash): the cached weights are damaged or not the published ones; delete the file "
+                         f"(it is downloaded again and checked) or pass weights=<a state-dict file you trust>")
 
 
 def _torch_hub_dir(cache_dir: str | os.PathLike | None) -> Path:
@@ -357,7 +373,8 @@ def _build_torchvision(model: str, weights: str | None, cache_dir: str | None, v
         if file is not None:
             net.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     else:
-        with _hub_dir_set(cache_dir):
+        verify_hub_checkpoint(_torch_hub_dir(cache_dir) / "checkpoints" / os.path.basename(urlparse(w.url).path))
+        with _hub_dir_set(cache_dir):   # a download is checked by torchvision itself (check_hash=True)
             net = get_model(model, weights=w)
     if w is None:
         raise ValueError(f"classifier 'torchvision:{model}' has no weights metadata, so its preprocessing is "

@@ -98,6 +98,7 @@ def classifier_rows(cfg: Mapping[str, Any] | None, dm: Any, split: str = "test",
     if not idx:
         return []
     clf = load_classifier(device=dm._device(), **cfg)
+    store.check_rows(f"{store.decoded}_images", idx)
     images = store.decoded_images.array()
     probs = []
     bar = progress_bar(len(range(0, len(idx), chunk)), f"classifier ({clf.name}) on decoded {store.decoded} images",

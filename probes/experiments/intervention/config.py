@@ -56,6 +56,8 @@ class InterventionConfig:
     :param wandb_project: log to a new W&B run in this project (offline without credentials);
         without it, results are logged only into an already active run.
     :param progress: progress bars.
+    :param allow_other_model: edit even when the export's data config names another model than the one its
+        probes were trained on (another init seed, revision, permutation or architecture): refused by default.
     """
 
     probes: str
@@ -84,6 +86,7 @@ class InterventionConfig:
     device: str = "auto"
     wandb_project: str | None = None
     progress: bool = True
+    allow_other_model: bool = False
 
     def __post_init__(self) -> None:
         self.conditions = list(self.conditions or CONDITIONS)

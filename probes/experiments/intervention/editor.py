@@ -1,16 +1,20 @@
 """The activation editor: the intervention as an object that swaps a layer's output, not a new loop.
 
 Like :class:`probes.generation.capture.ActivationCapture`, an :class:`ActivationEditor` puts one
-forward hook on each selected layer's hooked module (``attn1.to_out.0``), is set and removed
-explicitly (a context manager), and learns the current denoising step from the pipeline's
-``callback_on_step_end`` (:meth:`on_step_end`), so the stock diffusers pipeline runs unchanged.
-Where capture hooks only read, the editor's hooks return a replacement output at the planned
-(step, layer) pairs:
+forward hook on each selected layer's hooked module (``attn1.to_out.0`` of a U-Net, a block of a
+diffusion transformer), is set and removed explicitly (a context manager), and learns the current
+denoising step from the pipeline's step callback (:meth:`on_step_end`), so the stock diffusers
+pipeline runs unchanged. Where capture hooks only read, the editor's hooks return a replacement
+output at the planned (step, layer) pairs:
 
-1. take the conditional half of the output (the CFG batch is ``[uncond, cond]``);
+1. read the image tokens with the layer's readout rule (:mod:`probes.diffusion.readout`) and take
+   their conditional half (the CFG batch is ``[uncond, cond]``; with FLUX's true CFG the
+   conditional call is the step's first, without CFG the whole batch is conditional);
 2. run Adam on that activation itself (lr 5e-3, 128 iterations by default) to minimise the
    exported probe's task loss against the counterfactual target (:mod:`.objective`);
-3. return the output with the optimised conditional half; the unconditional half is untouched.
+3. write the optimised tokens back with the rule's inverse (a transformer block's text stream, or
+   a single stream's text tokens, stay as they were) and return that output; the unconditional
+   half is untouched.
 
 Layers fire in forward order, so within a step each edit starts from activations that already
 carry the edits of earlier layers. At every other (step, layer) the hook returns ``None``: the
@@ -31,8 +35,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from probes.diffusion.families.spec import CFG_LAYOUTS
 from probes.diffusion.hooks import ModuleHooks
 from probes.diffusion.layers import LayerInfo, LayerRegistry
+from probes.diffusion.readout import read_tokens, write_tokens
 from probes.experiments.intervention.objective import BINARY_LOSSES, ProbeObjective
 from probes.export.probeset import LinearProbe, ProbeSet
 
@@ -124,18 +130,25 @@ def optimise_activation(acts: Tensor, objective: Callable[[Tensor], Tensor],
 class ActivationEditor(ModuleHooks):
     """Replace the conditional half of chosen layers' outputs at chosen steps (module docstring).
 
-    :param unet: the U-Net the hooks go on.
+    :param unet: the denoiser (U-Net or transformer) the hooks go on.
     :param probes: one exported probe per edited (step, layer) (see :func:`plan_edits`).
-    :param layers: the model's layers (for each probe's hooked module), e.g. the export's ``spec.layers``.
+    :param layers: the model's layers (for each probe's hooked module and readout rule), e.g. the
+        export's ``spec.layers``.
     :param target: ``[B, H, W]`` counterfactual targets in probe units, one per image of the batch.
     :param settings: the optimiser's settings.
-    :param guidance: whether the batch is a CFG batch (uncond half first, then cond).
+    :param guidance: whether the batch is a CFG batch (uncond half first, then cond): ``cfg``
+        ``batched`` (True) or ``none`` (False).
     :param on_edit: called after every edit (progress bars).
+    :param cfg: the CFG layout (:data:`probes.diffusion.families.spec.CFG_LAYOUTS`); overrides
+        ``guidance`` when given (``sequential``: FLUX's true CFG, the conditional call first).
     """
 
     def __init__(self, unet: nn.Module, probes: Sequence[LinearProbe], layers: Sequence[LayerInfo], target: Tensor,
                  settings: EditSettings = EditSettings(), guidance: bool = True,
-                 on_edit: Callable[[EditRecord], None] | None = None) -> None:
+                 on_edit: Callable[[EditRecord], None] | None = None, cfg: str | None = None) -> None:
+        cfg = cfg if cfg is not None else ("batched" if guidance else "none")
+        if cfg not in CFG_LAYOUTS:
+            raise ValueError(f"cfg layout must be one of {', '.join(CFG_LAYOUTS)}, got {cfg!r}")
         by_name = {layer.name: layer for layer in layers}
         self.plan: dict[tuple[int, str], LinearProbe] = {}
         for p in probes:
@@ -148,7 +161,8 @@ class ActivationEditor(ModuleHooks):
             self.plan[key] = p
         names = {layer for _, layer in self.plan}
         self.layers = [layer for layer in layers if layer.name in names]      # hooked modules, forward order
-        self.unet, self.target, self.settings, self.guidance = unet, target, settings, guidance
+        self.unet, self.target, self.settings, self.cfg = unet, target, settings, cfg
+        self.guidance = cfg == "batched"
         self.on_edit = on_edit
         self._objectives: dict[tuple[int, str], ProbeObjective] = {}
         self.reset()
@@ -161,14 +175,22 @@ class ActivationEditor(ModuleHooks):
     def hooks(self):
         return [(layer.module, self._make_hook(layer)) for layer in self.layers]
 
+    def pre_hooks(self):
+        return [("", self._count_call)]
+
     def reset(self) -> None:
         """Back to step 0, with no edits recorded (one editor can serve several pipeline calls)."""
         self._step = 0
+        self._calls_in_step = 0
         self.records: list[EditRecord] = []
+
+    def _count_call(self, module: nn.Module, args: Any) -> None:
+        self._calls_in_step += 1
 
     def on_step_end(self, pipe: Any, i: int, t: Any, callback_kwargs: dict) -> dict:
         """``callback_on_step_end`` of diffusers pipelines: the next hooks belong to step ``i + 1``."""
         self._step = i + 1
+        self._calls_in_step = 0
         return callback_kwargs
 
     # -- the edit --------------------------------------------------------------------------
@@ -185,21 +207,25 @@ class ActivationEditor(ModuleHooks):
         return optimise_activation(acts, objective, self.settings)
 
     def _make_hook(self, layer: LayerInfo):
-        def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+        def hook(module: nn.Module, args: Any, out: Any) -> Any:
             key = (self._step, layer.name)
             if key not in self.plan:
                 return None                        # not edited here: the module's own output, untouched
-            n = out.shape[0]
-            cond = out[n // 2:] if self.guidance else out
+            if self.cfg == "sequential" and self._calls_in_step != 1:
+                return None                        # FLUX's true CFG: the unconditional call, untouched
+            tokens = read_tokens(layer, out)       # [batch, tokens, channels] of image tokens
+            n = tokens.shape[0]
+            cond = tokens[n // 2:] if self.guidance else tokens
             if cond.shape[0] != self.target.shape[0]:
                 raise ValueError(f"the editor holds targets for {self.target.shape[0]} images but layer {layer.name} "
                                  f"produced a batch of {cond.shape[0]} (conditional half); give one target per image")
-            z, before, after = self._optimise(key, cond, self._objective(key, out.device))
+            z, before, after = self._optimise(key, cond, self._objective(key, tokens.device))
             if self.guidance:
-                new = out.clone()
-                new[n // 2:] = z.to(out.dtype)
+                new = tokens.clone()
+                new[n // 2:] = z.to(tokens.dtype)
             else:
-                new = z.to(out.dtype)
+                new = z.to(tokens.dtype)
+            new = write_tokens(layer, out, new)
             record = EditRecord(step=key[0], layer=layer.name, loss_before=before.tolist(), loss_after=after.tolist())
             self.records.append(record)
             if self.on_edit is not None:

@@ -109,7 +109,11 @@ class LatentGuidance(ModuleHooks):
             raise ValueError("latent guidance needs at least one probe (a step and layer to read)")
         names = {name for step in self.plan.values() for name in step}
         self.layers = [layer for layer in layers if layer.name in names]        # forward order
-        self.pipe, self.unet, self.target = pipe, pipe.unet, target
+        unet = getattr(pipe, "unet", None)
+        if unet is None:
+            raise ValueError(f"latent guidance steps a U-Net's variance-preserving latent through its scheduler; "
+                             f"{type(pipe).__name__} has no U-Net: use the activation editor (method: edit)")
+        self.pipe, self.unet, self.target = pipe, unet, target
         self.settings, self.guidance, self.on_edit = settings, guidance, on_edit
         self._objectives: dict[tuple[int, str], ProbeObjective] = {}
         self.reset()

@@ -3,7 +3,8 @@
 :func:`probes.generation.sampling.generate` runs the pipeline under ``inference_mode``, which is
 right for capture but forbids what the editor does inside its hooks (autograd on the activation).
 This is the same call, built from the same pieces (the sampler from ``make_scheduler``, the
-reference's initial latents and the pipeline's precision from ``start_latents`` and ``denoising``:
+family's call with the reference's initial latents from ``pipeline_kwargs``, the pipeline's
+precision from ``denoising``:
 one precision path, so ``diffusion.precision`` means the same here), under ``no_grad`` instead,
 with any number of hook objects: each is entered (its hooks registered, in
 the order given, so an editor listed before a capture is captured edited) and receives the
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from probes.generation.sampling import GenerationSpec, denoising, image_size, make_scheduler, start_latents
+from probes.generation.sampling import GenerationSpec, denoising, make_scheduler, pipeline_kwargs
 from probes.prompts.sets import PromptRecord
 
 
@@ -35,8 +36,6 @@ def sample_images(pipe, records: Sequence[PromptRecord], spec: GenerationSpec,
                   hooks: Sequence[StepHooks] = ()) -> np.ndarray:
     """Generate ``records`` (one batch) with ``hooks`` active; uint8 images ``[B, H, W, 3]``."""
     pipe.scheduler = make_scheduler(pipe, spec.scheduler)
-    height, width = image_size(pipe, spec)
-    latents = start_latents(pipe, [r.seed for r in records], spec)
 
     def on_step_end(pipe_: Any, i: int, t: Any, kwargs: dict) -> dict:
         for h in hooks:
@@ -49,7 +48,6 @@ def sample_images(pipe, records: Sequence[PromptRecord], spec: GenerationSpec,
             stack.enter_context(h)
         # no_grad, not inference_mode: the editor runs autograd inside its hooks
         with denoising(pipe, autograd_in_hooks=True):
-            out = pipe(prompt=[r.prompt for r in records], negative_prompt=[spec.negative_prompt] * len(records),
-                       num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, height=height,
-                       width=width, latents=latents, output_type="np", callback_on_step_end=on_step_end)
+            out = pipe(**pipeline_kwargs(pipe, [r.prompt for r in records], [r.seed for r in records], spec,
+                                         on_step_end))
     return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)

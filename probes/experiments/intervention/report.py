@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from probes.common.files import atomic_write_text, save_figure  # noqa: E402
 from probes.reporting.markup import fmt_value, table  # noqa: E402
 
 #: metrics shown in the report's table, per task kind, in this order (all are in metrics.csv)
@@ -76,8 +77,7 @@ def write_grid(results: Sequence[ImageResult], condition: str, kind: str, path: 
         _show(row[3], c.image, kind, f"edited{verdict}")
         _show(row[4], c.relabel, kind, "re-labelled")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -107,5 +107,5 @@ def write_markdown(path: Path, summary: Sequence[dict], kind: str, settings: dic
         lines += [f"## {c}", "", f"![{c}]({g.name})", ""]
     if video:
         lines += ["## Video", "", f"![video]({video['gif'].name}) ([mp4]({video['mp4'].name}))", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path

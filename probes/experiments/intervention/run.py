@@ -88,7 +88,7 @@ def intervene(config: InterventionConfig) -> Path:
     settings = EditSettings(iterations=c.iterations, lr=c.lr, huber_delta=c.huber_delta, binary_loss=binary_loss,
                             optimizer=c.optimizer)
     plan = plan_edits(probeset, c.task, c.edit_layers(), c.edit_steps())
-    session = InterventionSession(probeset, c.task, c.device, c.prompts_dir)
+    session = InterventionSession(probeset, c.task, c.device, c.prompts_dir, allow_other_model=c.allow_other_model)
     out_dir = Path(c.out) if c.out else Path("outputs/interventions") / f"{c.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"probes": str(c.probes), "task": c.task, "layers": list(dict.fromkeys(p.info.layer for p in plan)),

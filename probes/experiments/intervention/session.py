@@ -9,11 +9,13 @@ labeler, so everything here comes from that record; nothing is specific to one m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from probes.diffusion.loading import DiffusionSpec, load_pipeline
+from probes.diffusion.families.spec import denoiser_of, family_of
+from probes.diffusion.loading import DiffusionSpec, load_pipeline, resolved_revision
 from probes.experiments.intervention.editor import ActivationEditor, EditRecord, EditSettings
 from probes.experiments.intervention.pipeline import sample_images
 from probes.export.probeset import LinearProbe, ProbeSet
@@ -24,6 +26,56 @@ from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts
 
 #: labelers that read stored label files instead of looking at the image: they cannot re-label an edit
 NOT_IMAGE_LABELERS = ("files",)
+
+
+#: what a store manifest's ``model`` records beside the model's identity
+NOT_IDENTITY = ("resolved_revision", "is_random", "dtype")
+OVERRIDE = "set allow_other_model: true (--allow_other_model true) to edit it anyway"
+
+
+def _describe(model: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(model.items()) if k not in NOT_IDENTITY)
+
+
+def check_same_model(probes: ProbeSet, diffusion: DiffusionSpec) -> None:
+    """Refuse to edit a model the probes were not trained on: the model the export's data config would
+    load must have the identity the probes' store recorded (model id, revision or init seed, permute
+    seed, architecture fingerprint, precision, tokenizer). An export whose two records disagree was
+    edited or assembled by hand; its edits would be meaningless (probes read another model's space)."""
+    recorded = dict(probes.spec.model)
+    trained = {k: v for k, v in recorded.items() if k not in NOT_IDENTITY}
+    loading = diffusion.identity()
+    if trained.get("revision") == "main" and recorded.get("resolved_revision") == loading.get("revision"):
+        trained["revision"] = loading["revision"]     # "main" was that very commit when the store was made
+    differ = sorted(k for k in set(trained) | set(loading) if trained.get(k, "absent") != loading.get(k, "absent"))
+    if differ:
+        parts = "; ".join(f"{k}: trained on {trained.get(k, 'absent')}, would load {loading.get(k, 'absent')}"
+                          for k in differ)
+        raise ValueError(f"the probes at {probes.path} were trained on the model ({_describe(trained)}), but the "
+                         f"export's data config would load another one ({_describe(loading)}): {parts}. Use probes "
+                         f"exported from a run of the model you want to edit, or {OVERRIDE}")
+
+
+def check_loaded_model(probes: ProbeSet, pipe: Any) -> None:
+    """The loaded model must be the one the probes saw: the commit the store resolved (hub models), and
+    every probed U-Net layer's width (architecture)."""
+    trained = dict(probes.spec.model).get("resolved_revision")
+    loaded = resolved_revision(pipe)
+    if trained and loaded and trained != loaded:
+        raise ValueError(f"the probes at {probes.path} were trained on commit {trained} of "
+                         f"{dict(probes.spec.model).get('model_id')}, the loaded model is commit {loaded}; pin "
+                         f"diffusion.revision to {trained}, or {OVERRIDE}")
+    for layer in probes.spec.layers:
+        if layer.in_vae:
+            continue
+        try:
+            width = getattr(denoiser_of(pipe).get_submodule(layer.module), "out_features", layer.channels)
+        except AttributeError:
+            raise ValueError(f"the probes at {probes.path} read layer {layer.name} ({layer.module}), which the loaded "
+                             f"model does not have: another architecture; {OVERRIDE}") from None
+        if width != layer.channels:
+            raise ValueError(f"the probes at {probes.path} read {layer.channels} channels at layer {layer.name}, the "
+                             f"loaded model has {width} there: another architecture; {OVERRIDE}")
 
 
 def resolve_device(device: str) -> str:
@@ -39,10 +91,12 @@ class InterventionSession:
     :param prompts_dir: local folder with the reference prompt CSVs (as ``evaluate.py``'s).
     :param pipe: an already loaded pipeline (tests; default: load the recorded model).
     :param labeler: an already built labeler (default: the recorded one for ``task``).
+    :param allow_other_model: edit even when the model to load is not the one the probes were trained
+        on (:func:`check_same_model`): another seed, revision or architecture.
     """
 
     def __init__(self, probes: ProbeSet, task: str, device: str = "auto", prompts_dir: str | None = None,
-                 pipe=None, labeler: Labeler | None = None) -> None:
+                 pipe=None, labeler: Labeler | None = None, allow_other_model: bool = False) -> None:
         self.probes, self.task = probes, task
         spec = probes.spec
         if task not in spec.tasks:
@@ -51,13 +105,18 @@ class InterventionSession:
         if not cfg:
             raise ValueError(f"the export at {probes.path} records no data config; re-export it with this version "
                              f"(python evaluate.py needs it too)")
+        diffusion = DiffusionSpec(**dict(cfg["diffusion"]))
+        if not allow_other_model:
+            check_same_model(probes, diffusion)              # before the model is loaded
         self.device = resolve_device(device)
         self.generation = GenerationSpec(**dict(cfg["generation"]))
         prompts = dict(cfg["prompts"], **({"local_dir": prompts_dir} if prompts_dir else {}))
         self.records = [r for r in load_prompts(PromptSpec(**prompts)) if r.split == "test"]
         if not self.records:
             raise ValueError(f"the export's prompt set ({prompts.get('source')}) has no test prompts")
-        self.pipe = pipe if pipe is not None else load_pipeline(DiffusionSpec(**dict(cfg["diffusion"])), self.device)
+        self.pipe = pipe if pipe is not None else load_pipeline(diffusion, self.device)
+        if not allow_other_model:
+            check_loaded_model(probes, self.pipe)
         if labeler is None:
             label_cfg = dict(cfg["labels"][task])
             name = label_cfg.pop("name")
@@ -74,7 +133,12 @@ class InterventionSession:
 
     @property
     def guidance(self) -> bool:
-        return self.generation.guidance_scale > 1.0
+        return self.cfg != "none"
+
+    @property
+    def cfg(self) -> str:
+        """How the recorded generation lays out classifier-free guidance for this model's denoiser."""
+        return self.generation.cfg_layout(family_of(self.pipe))
 
     def generate(self, records: Sequence[PromptRecord]) -> np.ndarray:
         """The unedited images of ``records`` (one pipeline call)."""
@@ -84,8 +148,9 @@ class InterventionSession:
              settings: EditSettings, on_edit: Callable[[EditRecord], None] | None = None
              ) -> tuple[np.ndarray, list[EditRecord]]:
         """The images of ``records`` generated with the ``plan``'s edits towards ``targets`` [B, H, W]."""
-        editor = ActivationEditor(self.pipe.unet, plan, self.probes.spec.layers,
-                                  torch.as_tensor(np.asarray(targets, np.float32)), settings, self.guidance, on_edit)
+        editor = ActivationEditor(denoiser_of(self.pipe), plan, self.probes.spec.layers,
+                                  torch.as_tensor(np.asarray(targets, np.float32)), settings, on_edit=on_edit,
+                                  cfg=self.cfg)
         images = sample_images(self.pipe, records, self.generation, [editor])
         return images, editor.records
 

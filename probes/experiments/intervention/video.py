@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from probes.common.files import atomic_path, atomic_write
 from probes.common.progress import progress_bar
 
 
@@ -36,24 +37,25 @@ def upscale(frames: np.ndarray, factor: int) -> np.ndarray:
 def write_mp4(frames: np.ndarray, path: Path, fps: float) -> Path:
     """``frames [T, H, W, 3]`` RGB uint8 -> an MPEG-4 file (OpenCV's ``mp4v`` codec)."""
     t, h, w, _ = frames.shape
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot write {path} with the mp4v codec (this OpenCV build has no video "
-                           f"encoder); install opencv-python-headless from PyPI, whose wheels include FFmpeg")
-    try:
-        for f in frames:
-            writer.write(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
+    with atomic_path(path) as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+        if not writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot write {path} with the mp4v codec (this OpenCV build has no video "
+                               f"encoder); install opencv-python-headless from PyPI, whose wheels include FFmpeg")
+        try:
+            for f in frames:
+                writer.write(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
     return path
 
 
 def write_gif(frames: np.ndarray, path: Path, fps: float) -> Path:
     """``frames [T, H, W, 3]`` RGB uint8 -> an endlessly looping GIF (Pillow)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(round(1000 / fps)), loop=0)
+    images = [Image.fromarray(np.ascontiguousarray(frame)) for frame in frames]
+    with atomic_write(path, "wb") as f:
+        images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=int(round(1000 / fps)),
+                       loop=0)
     return path
 
 

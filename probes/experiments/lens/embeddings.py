@@ -33,13 +33,15 @@ from typing import Any
 
 import numpy as np
 
+from probes.common.files import atomic_write_text
 from probes.common.hashing import sha256_text
 from probes.common.progress import progress_bar
 from probes.common.version import code_version
 from probes.diffusion.layers import LayerInfo
 from probes.experiments.lens.datasets.common import LensItem
 from probes.experiments.lens.pooling import instance_ids, pool_instances
-from probes.store.activations import CommitLog, PreallocatedArray, atomic_write_text, check_disk
+from probes.store.activations import CommitLog, PreallocatedArray, check_disk
+from probes.store.locks import sweep_temporaries
 from probes.store.manifest import request_fingerprint
 
 FORMAT_VERSION = 1
@@ -141,13 +143,21 @@ class EmbeddingCache:
         mpath = self.root / "manifest.json"
         if not mpath.exists():
             raise FileNotFoundError(f"no embedding cache at {self.root} (manifest.json missing)")
-        self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        fix = f"delete the folder {self.root} and the cache is computed again"
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+            layers = self.manifest["request"]["layers"]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{mpath} is not valid JSON ({err.msg} at line {err.lineno}): it was truncated or "
+                             f"edited; {fix}") from err
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{mpath} is not an embedding cache manifest (no request.layers); {fix}") from err
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"embedding cache {self.root} has format {self.manifest.get('format_version')}, "
                              f"this code reads {FORMAT_VERSION}; delete the folder to rebuild it")
-        self.layers = [LayerInfo.from_dict(d) for d in self.manifest["request"]["layers"]]
-        self.arrays = {l.name: PreallocatedArray(self.root / "emb" / f"{l.name}.npy") for l in self.layers}
-        self.commits = CommitLog(self.root / "commits")
+        self.layers = [LayerInfo.from_dict(d) for d in layers]
+        self.arrays = {l.name: PreallocatedArray(self.root / "emb" / f"{l.name}.npy", fix=fix) for l in self.layers}
+        self.commits = CommitLog(self.root / "commits", self.num_items)
 
     # -- creation ------------------------------------------------------------------------------
     @classmethod
@@ -160,6 +170,7 @@ class EmbeddingCache:
         fp = request_fingerprint(request)
         root = Path(cache_root) / fp
         if (root / "manifest.json").exists():
+            sweep_temporaries(root)          # what a killed lens run left half-written
             cache = cls(root)
             if cache.manifest["request"] != json.loads(json.dumps(request, default=str)):
                 raise RuntimeError(f"embedding cache {root} was written for other settings than its fingerprint "
@@ -302,6 +313,15 @@ class EmbeddingCache:
                 slot.append(s)
         item_a, slot_a = np.asarray(item, np.int64), np.asarray(slot, np.int64)
         vectors = {n: np.asarray(self.arrays[n].array()[item_a, slot_a], dtype=np.float32) for n in names}
+        for n, v in vectors.items():   # committed slots are finite by construction (_pool): NaN means damage
+            bad = ~np.isfinite(v).all(axis=1)
+            if bad.any():
+                k = int(np.argmax(bad))
+                raise ValueError(f"{self.arrays[n].path}: the committed embedding of item {int(item_a[k])} (slot "
+                                 f"{int(slot_a[k])}, {int(bad.sum())} object(s) in all) is not finite: the file was "
+                                 f"damaged or edited after it was written, and a NaN would silently move every "
+                                 f"distance; delete {self.commits._path(int(item_a[k]))} (that item is computed again) "
+                                 f"or delete the cache folder {self.root}")
         return ObjectEmbeddings(item_a, np.asarray(inst, np.int64), np.asarray(label, np.int64),
                                 np.asarray(seq, dtype=object), np.asarray(frame, np.int64), vectors)
 

@@ -1,4 +1,10 @@
-"""U-Net features of real images: image -> VAE latent -> noise to t -> one U-Net pass -> hooks.
+"""Denoiser features of real images: image -> VAE latent -> noise to t -> one denoiser pass -> hooks.
+
+Any model family (:mod:`probes.diffusion.families`): the U-Nets' layers of every kind, the
+diffusion transformers' blocks and attention outputs (read through their readout rules, so a
+block's image tokens, not its text stream, become the feature map); the pass itself is
+:func:`probes.diffusion.families.forward.denoiser_pass`, and flow-matching models (SD3, FLUX) are
+noised along their straight line ``(1 - sigma) x_0 + sigma noise`` with ``sigma = t / 1000``.
 
 The semantic lens reads what the U-Net "sees" in an existing image, not in one it generates, so
 there is no sampling loop here: the image is encoded (``latent_dist.mean`` x the VAE's scaling
@@ -30,8 +36,13 @@ import torch
 import torch.nn as nn
 
 from probes.common.hashing import sha256_text
+from probes.diffusion.families.forward import denoiser_pass, encode_condition, flow_sigma
+from probes.diffusion.families.layers import TRANSFORMER_KINDS, denoiser_registry, latent_hw, token_stride
+from probes.diffusion.families.spec import Family, family_of
+from probes.diffusion.families.spec import native_size as family_native_size
 from probes.diffusion.hooks import HookNeverFired, ModuleHooks
 from probes.diffusion.layers import ALL_KINDS, LayerInfo, LayerRegistry
+from probes.diffusion.readout import read_tokens
 
 
 @dataclass
@@ -109,15 +120,32 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def native_image_size(pipe: Any) -> int:
-    """The side the model was trained at: U-Net sample size x the VAE's down-sampling."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The side the model was trained at: denoiser sample size x the VAE's down-sampling."""
+    return family_native_size(pipe)[0]
+
+
+def lens_kinds(family: Family) -> tuple[str, ...]:
+    """Every kind of layer the lens reads in a family: the U-Net's :data:`ALL_KINDS`, a
+    transformer's blocks and attention outputs."""
+    return ALL_KINDS if family.is_unet else TRANSFORMER_KINDS
+
+
+def lens_registry(pipe: Any, latent: tuple[int, int]) -> LayerRegistry:
+    """Every layer the lens can read in ``pipe``'s denoiser at a latent size."""
+    family = family_of(pipe)
+    return denoiser_registry(family, getattr(pipe, family.denoiser), latent, lens_kinds(family))
 
 
 def as_feature_map(out: Any, layer: LayerInfo) -> torch.Tensor:
     """A hooked module's output as ``[B, C, h, w]``, whatever the module returns: a tensor (ResNet,
     sampler, mid/up block), a tuple (Transformer2DModel with ``return_dict=False``, a down block's
     ``(hidden_states, skips)``), an output object with ``.sample``, or tokens ``[B, h*w, C]``
-    (self-attention). The shape is checked against the registry, so a wrong resolution fails here."""
+    (self-attention); a layer with another readout rule (a transformer block's pair of token streams)
+    is read by its rule. The shape is checked against the registry, so a wrong resolution fails here."""
+    if layer.readout != "tokens":
+        tokens = read_tokens(layer, out)
+        h, w = layer.grid
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], layer.channels, h, w)
     if isinstance(out, (tuple, list)):
         out = out[0]
     out = getattr(out, "sample", out)
@@ -182,7 +210,7 @@ class FeatureCapture(ModuleHooks):
 class FeatureExtractor:
     """Features of batches of RGB images from one pipeline (see the module docstring).
 
-    :param pipe: a diffusers Stable Diffusion pipeline (real, toy or random weights).
+    :param pipe: a diffusers pipeline of any family (real, toy or random weights).
     :param spec: the :class:`FeatureSpec`.
     :param device: where the VAE and the U-Net run (default: the U-Net's device).
     """
@@ -191,36 +219,43 @@ class FeatureExtractor:
         from diffusers import DDPMScheduler
 
         self.pipe, self.spec = pipe, spec
-        self.device = torch.device(device) if device is not None else pipe.unet.device
+        self.family = family_of(pipe)
+        self.denoiser = getattr(pipe, self.family.denoiser)
+        self.device = torch.device(device) if device is not None else self.denoiser.device
         self.size = spec.image_size or native_image_size(pipe)
         factor = int(pipe.vae_scale_factor)
-        if self.size % (factor * 8):
-            raise ValueError(f"features.image_size={self.size} must be a multiple of {factor * 8} (VAE factor "
-                             f"{factor} x the U-Net's 3 down-samplings); the native size is {native_image_size(pipe)}")
-        self.latent_hw = (self.size // factor, self.size // factor)
-        self.registry = LayerRegistry.from_unet(pipe.unet, self.latent_hw, kinds=ALL_KINDS)
+        stride = 8 if self.family.is_unet else token_stride(self.family, self.denoiser)
+        if self.size % (factor * stride):
+            what = "the U-Net's 3 down-samplings" if self.family.is_unet else f"the {stride}x{stride} token patches"
+            raise ValueError(f"features.image_size={self.size} must be a multiple of {factor * stride} (VAE factor "
+                             f"{factor} x {what}); the native size is {native_image_size(pipe)}")
+        self.latent_hw = latent_hw(self.family, factor, self.size, self.size)
+        self.registry = lens_registry(pipe, self.latent_hw)
         self.layers = self.registry.select(["*" if p == "all" else p for p in spec.layers])
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        t_max = int(self.noise_scheduler.config.num_train_timesteps) - 1
+        sched = getattr(pipe, "native_scheduler", None) or pipe.scheduler
+        self.flow = self.family.flow_matching
+        self.num_train_timesteps = int(sched.config.num_train_timesteps)
+        if not self.flow:
+            self.noise_scheduler = DDPMScheduler.from_config(sched.config)
+        t_max = self.num_train_timesteps - 1
         top = max(spec.timestep, spec.denoise_from if spec.denoise_steps else 0)
         if top > t_max:
             raise ValueError(f"timestep {top} is beyond the scheduler's last training timestep {t_max}")
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
+        self.prediction_type = "flow" if self.flow else self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "flow"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}: epsilon or v_prediction")
-        self._prompt_embeds: torch.Tensor | None = None
+        self._cond: dict[str, torch.Tensor] | None = None
 
     # -- pieces ------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
 
-    def prompt_embeds(self) -> torch.Tensor:
-        """``[1, tokens, dim]`` text embedding of the prompt, computed once."""
-        if self._prompt_embeds is None:
-            embeds, _ = self.pipe.encode_prompt(self.spec.prompt, self.device, 1, False)
-            self._prompt_embeds = embeds.to(self.dtype)
-        return self._prompt_embeds
+    def condition(self) -> dict[str, torch.Tensor]:
+        """The prompt's conditioning (batch 1) as the family's denoiser takes it, computed once."""
+        if self._cond is None:
+            self._cond = encode_condition(self.pipe, self.family, self.spec.prompt, self.device)
+        return self._cond
 
     @torch.no_grad()
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -238,7 +273,22 @@ class FeatureExtractor:
     def _alpha(self, t: int) -> float:
         return float(self.noise_scheduler.alphas_cumprod[t])
 
+    def _sigma(self, t: int) -> float:
+        return flow_sigma(t, self.num_train_timesteps)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """``latents`` forward-noised to ``t``: DDPM's ``add_noise``, or flow matching's interpolation."""
+        if self.flow:
+            s = self._sigma(t)
+            return (1 - s) * latents + s * noise
+        t0 = torch.full((latents.shape[0],), t, dtype=torch.long)
+        return self.noise_scheduler.add_noise(latents, noise, t0.to(latents.device))
+
     def _eps_and_x0(self, model_out: torch.Tensor, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flow:           # v = noise - x0, x_t = (1 - s) x0 + s noise
+            s = self._sigma(t)
+            x0 = x - s * model_out
+            return x + (1 - s) * model_out, x0
         a = self._alpha(t)
         if self.prediction_type == "epsilon":
             eps = model_out
@@ -248,9 +298,16 @@ class FeatureExtractor:
             eps = a ** 0.5 * model_out + (1 - a) ** 0.5 * x
         return eps, x0
 
-    def _unet(self, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
-        ts = torch.full((x.shape[0],), t, device=self.device, dtype=torch.long)
-        return self.pipe.unet(x, ts, encoder_hidden_states=cond).sample
+    def _step_to(self, eps: torch.Tensor, x0: torch.Tensor, t_next: int) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0), or its flow-matching counterpart, to ``t_next``."""
+        if self.flow:
+            s = self._sigma(t_next)
+            return (1 - s) * x0 + s * eps
+        a_next = self._alpha(t_next)
+        return a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
+
+    def _unet(self, x: torch.Tensor, t: int, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return denoiser_pass(self.pipe, self.family, x, t, cond)
 
     # -- the extraction ------------------------------------------------------------------------
     @torch.no_grad()
@@ -271,12 +328,10 @@ class FeatureExtractor:
         latents = self.encode(images)
         noise = noise_for(keys, spec.noise_seed, tuple(latents.shape[1:])).to(self.device, latents.dtype)
         schedule = denoise_schedule(spec.denoise_from, spec.timestep, spec.denoise_steps)
-        t0 = torch.full((len(images),), schedule[0], dtype=torch.long)
-        x = self.noise_scheduler.add_noise(latents, noise, t0.to(self.device))
-        cond = self.prompt_embeds().expand(len(images), -1, -1)
+        x = self.noised(latents, noise, schedule[0])
+        cond = self.condition()
         for t, t_next in zip(schedule[:-1], schedule[1:]):     # deterministic DDIM (eta = 0)
             eps, x0 = self._eps_and_x0(self._unet(x, t, cond), x, t)
-            a_next = self._alpha(t_next)
-            x = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * eps
-        with FeatureCapture(self.pipe.unet, self.layers) as capture:
+            x = self._step_to(eps, x0, t_next)
+        with FeatureCapture(self.denoiser, self.layers) as capture:
             return capture.run(lambda: self._unet(x, schedule[-1], cond))

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from probes.common.csv_rows import write_csv  # noqa: E402
+from probes.common.files import atomic_write_text, save_figure  # noqa: E402
 from probes.experiments.lens import transforms as T  # noqa: E402
 from probes.experiments.lens.distances import DEFAULT_DISTANCES  # noqa: E402
 from probes.experiments.lens.experiments import COLUMNS, COMBO_SEP, control_gap, csv_rows, ranking  # noqa: E402
@@ -68,8 +69,7 @@ def _models(rows: Sequence[dict]) -> list[str]:
 def _save(fig: Any, path: Path) -> Path:
     """Figures are made with the constrained layout: unlike tight_layout it gives a suptitle its
     own row and keeps colorbars beside their panels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -376,8 +376,8 @@ def write_report(out: Path, rows: Sequence[dict], plots: Sequence[Path], distanc
         md.append(f"![{p.stem}](plots/{p.name})")
         hs.append(embed_png(p))
     md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text("\n".join(md) + "\n")
-    html_path.write_text(html_page("Semantic lens", hs))
+    atomic_write_text(md_path, "\n".join(md) + "\n")
+    atomic_write_text(html_path, html_page("Semantic lens", hs))
     return md_path, html_path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from probes.common.files import atomic_write_text
 from probes.diffusion.loading import DiffusionSpec
 from probes.experiments.lens.embeddings import PoolingSpec
 from probes.experiments.lens.features import FeatureSpec
@@ -73,7 +74,7 @@ def lens(data: DataSpec = DataSpec(), diffusion: DiffusionSpec = DiffusionSpec()
               "control_permute_seed": control_permute_seed, "labels": list(labels), "out": str(dest),
               "cache_root": cache_root, "device": device, "wandb": wandb, "wandb_project": wandb_project,
               "wandb_group": wandb_group, "compare": compare, "compare_labels": compare_labels, "title": title}
-    (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(dest / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     started = time.time()
     result = run_lens(diffusion, data, video, features, pooling, experiments, cache_root, device,
                       control_permute_seed, (labels[0], labels[1]), progress)
@@ -105,7 +106,7 @@ def lens(data: DataSpec = DataSpec(), diffusion: DiffusionSpec = DiffusionSpec()
     bar = summary(result.rows, distance, labels)
     if "control" in bar:
         facts["control"] = bar["control"]
-    (dest / "summary.json").write_text(json.dumps(facts, indent=1, default=str))
+    atomic_write_text(dest / "summary.json", json.dumps(facts, indent=1, default=str))
     if wandb:
         from probes.reporting.wandb_logger import start_wandb_run
 

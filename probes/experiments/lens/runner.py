@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from probes.common.hashing import sha256_text
-from probes.diffusion.layers import ALL_KINDS, check_layer_patterns
 from probes.diffusion.loading import DiffusionSpec, load_pipeline, local_model_dir
 from probes.experiments.lens import transforms as T
 from probes.experiments.lens.datasets.common import LensItem
@@ -49,6 +48,7 @@ from probes.experiments.lens.experiments import (
     video_rows,
 )
 from probes.experiments.lens.features import FeatureExtractor, FeatureSpec
+from probes.toy.world import SHIPPED_WORLD
 
 DATA_KINDS = ("toy", "coco", "voc", "davis", "toy_video")
 EXPERIMENTS = ("semantic", "robustness", "timestep", "steps", "video")
@@ -78,6 +78,7 @@ class DataSpec:
     :param frames: toy_video: frames per sequence.
     :param motion: toy_video: ``camera`` (orbit) or ``object`` (the first object slides).
     :param step: toy_video: degrees (camera) or world units (object) per frame.
+    :param world: toy: the toy world drawn (``v1``, ``v2``); default the shipped model's.
     """
 
     kind: str = "toy"
@@ -98,6 +99,7 @@ class DataSpec:
     frames: int = 8
     motion: str = "camera"
     step: float = 8.0
+    world: str = SHIPPED_WORLD
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -112,8 +114,8 @@ class DataSpec:
 
     def relevant(self) -> dict[str, Any]:
         """The fields this kind of dataset uses (what reports print)."""
-        used = {"toy": ("n", "seed", "size", "class_by", "min_pixels"),
-                "toy_video": ("n", "frames", "motion", "step", "seed", "size", "class_by", "min_pixels"),
+        used = {"toy": ("n", "seed", "size", "class_by", "min_pixels", "world"),
+                "toy_video": ("n", "frames", "motion", "step", "seed", "size", "class_by", "min_pixels", "world"),
                 "coco": ("root", "split", "annotation_file", "image_dir", "category_ids", "min_area"),
                 "voc": ("root", "split"), "davis": ("root", "split", "resolution", "year")}[self.kind]
         return {"kind": self.kind, **{k: getattr(self, k) for k in (*used, "limit") if getattr(self, k) is not None}}
@@ -147,10 +149,10 @@ def build_dataset(spec: DataSpec) -> Any:
 
     if spec.kind == "toy":
         return ToyWorld(spec.n if spec.limit is None else min(spec.n, spec.limit), spec.seed, spec.size,
-                        spec.class_by, spec.min_pixels)
+                        spec.class_by, spec.min_pixels, world=spec.world)
     if spec.kind == "toy_video":
         return ToyVideos(spec.n if spec.limit is None else min(spec.n, spec.limit), spec.frames, spec.motion,
-                         spec.step, spec.seed, spec.size, spec.class_by, spec.min_pixels)
+                         spec.step, spec.seed, spec.size, spec.class_by, spec.min_pixels, world=spec.world)
     if spec.kind == "coco":
         ds = CocoInstances(spec.root, spec.split or "val2017", spec.annotation_file, spec.image_dir,
                            spec.category_ids, spec.min_area)
@@ -416,9 +418,13 @@ def run_lens(diffusion: DiffusionSpec, data: DataSpec, video: DataSpec | None, f
              control_permute_seed: int | None = 0, labels: tuple[str, str] = ("model", "control"),
              progress: bool = True) -> LensResult:
     """The model's experiments, then its permuted-weights control's (see the module docstring)."""
-    from probes.diffusion.layers import LayerRegistry, first_at_grid
+    from probes.diffusion.families.layers import check_patterns
+    from probes.diffusion.families.spec import get_family
+    from probes.diffusion.layers import first_at_grid
+    from probes.experiments.lens.features import lens_kinds, lens_registry
 
-    check_layer_patterns(features.layers, kinds=ALL_KINDS, option="features.layers")
+    family = get_family(diffusion.family_name)
+    check_patterns(family, features.layers, kinds=lens_kinds(family), option="features.layers")
     if data.is_video:
         raise ValueError(f"data.kind={data.kind} is a video dataset; put it under `video:` and give `data:` an "
                          f"image dataset (toy, coco or voc)")
@@ -431,8 +437,7 @@ def run_lens(diffusion: DiffusionSpec, data: DataSpec, video: DataSpec | None, f
     pipe = load_pipeline(diffusion, device)
     try:
         ext = FeatureExtractor(pipe, features)
-        full = LayerRegistry.from_unet(pipe.unet, ext.latent_hw, kinds=ALL_KINDS)
-        result.first_at_16 = first_at_grid(full, (16, 16))
+        result.first_at_16 = first_at_grid(lens_registry(pipe, ext.latent_hw), (16, 16))
         run_model(pipe, model_identity(diffusion), labels[0], experiments.run, dataset, videos, features, pooling,
                   experiments, cache_root, result, progress)
     finally:

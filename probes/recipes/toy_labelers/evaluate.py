@@ -5,6 +5,7 @@ Dice 0.996" here means what a probe's Dice means.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,31 +47,58 @@ class Scores:
     classifier_exact_match: float       # the whole set of visible shapes right
     n_images: int
     seed: int
+    world: str = "v1"
+    images: str = "renders"             # what the labelers saw: the renders, or e.g. their VAE reconstructions
 
 
-def evaluate(weights_dir: Path | None = None, n: int = 512, seed: int = 20_231_108) -> Scores:
-    """Score the shipped labelers on renders they never saw (``seed`` differs from training's)."""
-    data = render_many(n, seed, fields=("rgb", "foreground", "inv_depth", "shading", "classes"))
-    rgb = data["rgb"]
+EVAL_FIELDS = ("rgb", "foreground", "inv_depth", "shading", "classes")
+
+
+def score(rgb: np.ndarray, truth: dict[str, np.ndarray], named: np.ndarray,
+          weights_dir: Path | None = None, seed: int = -1, world: str = "v1",
+          images: str = "renders") -> Scores:
+    """Per-image mean scores of the labelers on ``rgb`` against exact labels ``truth`` (the
+    renders' ``foreground``, ``inv_depth``, ``shading``, ``classes``); ``named`` [N, 4] marks the
+    shapes each caption names. ``rgb`` may differ from the renders (e.g. VAE reconstructions):
+    the labels are still the scene's."""
+    n = len(rgb)
     fg = predict("foreground", rgb, weights_dir)
     depth = predict("depth", rgb, weights_dir)
     shading = predict("shading", rgb, weights_dir)
     probs = predict("classifier", rgb, weights_dir)
-    named = np.zeros_like(probs)
-    for i in range(n):
-        for obj in scene_for(seed, i).objects:
-            named[i, SHAPES.index(obj.shape)] = 1.0
-    visible = present_classes(data["classes"])
+    visible = present_classes(truth["classes"])
     decided = probs >= 0.5
     return Scores(
-        foreground_dice=float(dice_per_image(fg >= 0.5, data["foreground"]).mean()),
-        depth_spearman=float(np.nanmean(spearman_per_image(depth, data["inv_depth"]))),
-        shading_spearman=float(np.nanmean(spearman_per_image(shading, data["shading"]))),
+        foreground_dice=float(dice_per_image(fg >= 0.5, truth["foreground"]).mean()),
+        depth_spearman=float(np.nanmean(spearman_per_image(depth, truth["inv_depth"]))),
+        shading_spearman=float(np.nanmean(spearman_per_image(shading, truth["shading"]))),
         shading_spearman_objects=float(np.nanmean(spearman_per_image(
-            shading, data["shading"], data["foreground"]))),
-        depth_spearman_tie_ceiling=float(np.nanmean(tie_ceiling(data["inv_depth"]))),
-        shading_spearman_tie_ceiling=float(np.nanmean(tie_ceiling(data["shading"]))),
+            shading, truth["shading"], truth["foreground"]))),
+        depth_spearman_tie_ceiling=float(np.nanmean(tie_ceiling(truth["inv_depth"]))),
+        shading_spearman_tie_ceiling=float(np.nanmean(tie_ceiling(truth["shading"]))),
         classifier_top1_in_caption=float(named[np.arange(n), probs.argmax(1)].mean()),
         classifier_label_accuracy=float((decided == visible.astype(bool)).mean()),
         classifier_exact_match=float((decided == visible.astype(bool)).all(1).mean()),
-        n_images=n, seed=seed)
+        n_images=n, seed=seed, world=world, images=images)
+
+
+def named_shapes(seed: int, n: int, world: str = "v1") -> np.ndarray:
+    """[n, 4] 0/1: the shapes the caption of ``scene_for(seed, i, world=world)`` names."""
+    named = np.zeros((n, len(SHAPES)), np.float32)
+    for i in range(n):
+        for obj in scene_for(seed, i, world=world).objects:
+            named[i, SHAPES.index(obj.shape)] = 1.0
+    return named
+
+
+def evaluate(weights_dir: Path | None = None, n: int = 512, seed: int = 20_231_108,
+             world: str = "v1", transform: Callable[[np.ndarray], np.ndarray] | None = None,
+             images: str = "renders") -> Scores:
+    """Score the labelers on renders they never saw (``seed`` differs from training's).
+
+    ``transform`` (uint8 NHWC -> uint8 NHWC, e.g. a VAE round trip) changes what the labelers see
+    while the labels stay the scenes' exact ones; ``images`` names it in the scores.
+    """
+    data = render_many(n, seed, fields=EVAL_FIELDS, world=world)
+    rgb = data["rgb"] if transform is None else transform(data["rgb"])
+    return score(rgb, data, named_shapes(seed, n, world), weights_dir, seed, world, images)

@@ -18,20 +18,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from probes.common.progress import progress_bar
+from probes.diffusion.toy_vae import to_pixels
 from probes.recipes.toy_model.checkpoint import LoopResult, run_loop
-
-
-def build_vae(arch: dict[str, Any], seed: int) -> AutoencoderKL:
-    """A seeded ``AutoencoderKL`` from the config's architecture section."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderKL(**arch)
-
-
-def to_pixels(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], SD's pixel convention."""
-    x = torch.as_tensor(np.asarray(rgb))
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def train_vae(vae: AutoencoderKL, rgb: np.ndarray, train: dict[str, Any], ckpt_path: Path,

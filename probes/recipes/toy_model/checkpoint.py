@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +18,14 @@ from typing import Any
 
 import torch
 
+from probes.common.files import atomic_write, atomic_write_text, read_checkpoint
 from probes.common.progress import progress_bar
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write then rename: a reader (or a resumed run) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -95,7 +93,7 @@ def run_loop(name: str, ckpt_path: Path, model: torch.nn.Module, optimizer: torc
     ema = EMA(model, ema_decay) if ema_decay else None
     start, elapsed, losses = 0, 0.0, []
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
@@ -140,7 +138,4 @@ def _mean_tail(losses: list[float], n: int = 50) -> float:
 
 def write_json_atomic(obj: Any, path: Path) -> None:
     """Stage records (``done.json``) are written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))

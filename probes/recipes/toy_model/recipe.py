@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import yaml
 
+from probes.common.files import atomic_write, atomic_write_text
 from probes.common.hashing import sha256_file
 from probes.common.progress import progress_bar
+from probes.diffusion.toy_vae import build_vae
 from probes.paths import REPO_ROOT
 from probes.recipes.toy_model import autoencoder, denoiser
 from probes.recipes.toy_model.checkpoint import write_json_atomic
@@ -64,15 +66,13 @@ def render_dataset(cfg: dict[str, Any], work: Path) -> tuple[np.ndarray, list[st
             n = min(RENDER_CHUNK, d["n_scenes"] - start)
             batch = render_many(n, d["world_seed"], size=d["size"], start=start,
                                 max_objects=d["max_objects"], fields=("rgb",), world=d.get("world", "v1"))
-            tmp = part.with_name(part.stem + ".tmp.npz")
-            np.savez(tmp, rgb=batch["rgb"], captions=np.array(batch["captions"]))
-            os.replace(tmp, part)
+            with atomic_write(part, "wb") as f:
+                np.savez(f, rgb=batch["rgb"], captions=np.array(batch["captions"]))
         chunks = [np.load(p) for p in sorted(parts.glob("[0-9]*.npz"))]
         rgb = np.concatenate([c["rgb"] for c in chunks])
         captions = np.concatenate([c["captions"] for c in chunks])
-        tmp = work / "scenes.tmp.npz"
-        np.savez(tmp, rgb=rgb, captions=captions, seconds=np.array(time.time() - tick))
-        os.replace(tmp, final)
+        with atomic_write(final, "wb") as f:
+            np.savez(f, rgb=rgb, captions=captions, seconds=np.array(time.time() - tick))
         shutil.rmtree(parts)
     data = np.load(final)
     return data["rgb"], [str(c) for c in data["captions"]], float(data["seconds"])
@@ -86,9 +86,8 @@ def cached_latents(vae, rgb: np.ndarray, vae_steps: int, work: Path) -> tuple[np
     tick = time.time()
     lat = autoencoder.encode_latents(vae, rgb)
     seconds = time.time() - tick
-    tmp = work / "latents.tmp.npy"
-    np.save(tmp, lat)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.save(f, lat)
     write_json_atomic({"vae_steps": vae_steps, "seconds": seconds}, meta)
     return lat, seconds
 
@@ -104,7 +103,7 @@ def write_manifest(folder: Path) -> list[str]:
     """``sha256sum``-format lines over every weight file (``sha256sum -c MANIFEST.sha256`` checks them)."""
     files = sorted(p for p in folder.rglob("*.safetensors"))
     lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}" for p in files]
-    (folder / "MANIFEST.sha256").write_text("\n".join(lines) + "\n")
+    atomic_write_text(folder / "MANIFEST.sha256", "\n".join(lines) + "\n")
     return lines
 
 
@@ -113,7 +112,7 @@ def write_scheduler_config(sched: dict[str, Any], path: Path) -> None:
     built ``from_config`` would inherit, moving its 15 timesteps off the protocol's 999 ... 0."""
     import diffusers
 
-    path.write_text(json.dumps(sched | {"_diffusers_version": diffusers.__version__}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(sched | {"_diffusers_version": diffusers.__version__}, indent=2) + "\n")
 
 
 def export_pipeline(vae, text_encoder, tokenizer, unet, cfg: dict[str, Any], out: Path) -> int:
@@ -133,7 +132,7 @@ def export_pipeline(vae, text_encoder, tokenizer, unet, cfg: dict[str, Any], out
     # transformers loads with dtype "auto" (the config's) when no torch_dtype is given: say float32
     # so a bare from_pretrained upcasts the text encoder like diffusers does the U-Net and VAE
     te_cfg = tmp / "text_encoder" / "config.json"
-    te_cfg.write_text(json.dumps(json.loads(te_cfg.read_text()) | {"dtype": "float32"}, indent=2) + "\n")
+    atomic_write_text(te_cfg, json.dumps(json.loads(te_cfg.read_text()) | {"dtype": "float32"}, indent=2) + "\n")
     write_manifest(tmp)
     if out.exists():
         shutil.rmtree(out)
@@ -163,8 +162,9 @@ def sample_grid(out: Path, captions: list[str], cfg: dict[str, Any]) -> float:
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = (img * 255).round().clip(0, 255).astype(np.uint8)
-    Image.fromarray(grid).save(out / "samples.png")
-    (out / "samples.txt").write_text("\n".join(prompts) + "\n")
+    with atomic_write(out / "samples.png", "wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
+    atomic_write_text(out / "samples.txt", "\n".join(prompts) + "\n")
     return time.time() - tick
 
 
@@ -218,11 +218,19 @@ Machine: {rec['machine']}.
 {config_text.rstrip()}
 ```
 """
-    (out / "RECIPE.md").write_text(text)
+    atomic_write_text(out / "RECIPE.md", text)
 
 
-def run(config: Path, out: Path, work: Path, command: str) -> dict[str, Any]:
-    """All stages, each skipped or resumed from ``work`` when already (partly) done."""
+#: stages ``until`` may stop after: what a parallel job waits for (the labelers need the VAE)
+STOP_AFTER = ("vae",)
+
+
+def run(config: Path, out: Path, work: Path, command: str, until: str | None = None) -> dict[str, Any]:
+    """All stages, each skipped or resumed from ``work`` when already (partly) done; ``until="vae"``
+    stops once ``work/vae.ckpt`` holds the finished VAE (``make toy-model`` then trains the labelers,
+    which need it, beside the U-Net)."""
+    if until is not None and until not in STOP_AFTER:
+        raise ValueError(f"until={until!r} is no stage to stop after; use one of {STOP_AFTER} or leave it unset")
     cfg = load_config(config)
     torch.set_num_threads(int(cfg.get("threads", 1)))
     work.mkdir(parents=True, exist_ok=True)
@@ -231,9 +239,11 @@ def run(config: Path, out: Path, work: Path, command: str) -> dict[str, Any]:
 
     rgb, captions, rec["render_s"] = render_dataset(cfg, work)
 
-    vae = autoencoder.build_vae(cfg["vae"]["arch"], seed)
+    vae = build_vae(cfg["vae"]["arch"], seed)
     vres = autoencoder.train_vae(vae, rgb, cfg["vae"]["train"], work / "vae.ckpt", seed)
     rec.update(vae_s=vres.seconds, vae_loss=vres.final_loss, vae_mae=autoencoder.reconstruction_error(vae, rgb[-512:]))
+    if until == "vae":
+        return rec
 
     latents, rec["latents_s"] = cached_latents(vae, rgb, vres.steps, work)
     rec["scaling_factor"] = autoencoder.scaling_factor(latents)
@@ -274,14 +284,16 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def toy_model(out: Path = Path("data/toy/model"), work: Path = Path("outputs/toy"),
-              recipe: Path = DEFAULT_CONFIG) -> dict[str, Any]:
+              recipe: Path = DEFAULT_CONFIG, until: str | None = None) -> dict[str, Any]:
     """``diffusion-probes toy-model`` (``make toy-model``): train the toy world's diffusion model.
 
     :param out: the diffusers pipeline folder to write.
     :param work: caches and checkpoints (a rerun resumes from them).
     :param recipe: the recipe's YAML (architecture, data, training).
+    :param until: stop after this stage (``vae``: the VAE is trained, ``work/vae.ckpt`` final); a
+        rerun without it continues from there.
     """
     command = "diffusion-probes " + " ".join(sys.argv[1:])
-    rec = run(Path(recipe), Path(out), Path(work), command)
+    rec = run(Path(recipe), Path(out), Path(work), command, until=until)
     print(json.dumps({k: v for k, v in rec.items() if k != "params"}, indent=2))
     return rec

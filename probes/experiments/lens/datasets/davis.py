@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from probes.common.files import under_root
 from probes.experiments.lens.datasets.common import LensItem, read_indexed_png, read_rgb, require
 from probes.experiments.lens.pooling import IGNORE_ID
 
@@ -45,6 +46,8 @@ class DavisSequences:
             listing = require(self.root / "ImageSets" / year / f"{split}.txt",
                               f"DAVIS split file for {split!r}", LAYOUT)
             self.sequences = [s.strip() for s in listing.read_text().splitlines() if s.strip()]
+            for sequence in self.sequences:   # a name read from a file must stay inside the dataset's folders
+                under_root(self.images, sequence, "DAVIS sequence", listing)
         self.classes = classes or {}
         self.class_names = dict(class_names) if class_names is not None else None
 

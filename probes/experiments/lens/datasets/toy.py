@@ -1,7 +1,8 @@
 """The toy world (:mod:`probes.toy.world`) as a lens dataset: exact instance masks and classes.
 
 Why: COCO, VOC and DAVIS cannot be downloaded everywhere, and the toy diffusion model was trained
-on this world, so the lens gets real numbers offline. Items have the format of the other loaders
+on this world, so the lens gets real numbers offline. Scenes are drawn from the world the shipped
+model was trained on (:data:`~probes.toy.world.SHIPPED_WORLD`) unless ``world`` says otherwise. Items have the format of the other loaders
 (:mod:`.common`): ``image``, ``instances`` (object ``k`` is ``scene.objects[k - 1]``, ids stable
 across the frames of a video), ``classes``, ``class_names`` and ``id``.
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from probes.experiments.lens.datasets.common import LensItem
 from probes.experiments.lens.pooling import IGNORE_ID
-from probes.toy.world import COLOURS, SHAPES, Scene, render, scene_for
+from probes.toy.world import COLOURS, SHAPES, SHIPPED_WORLD, Scene, render, scene_for, world_config
 
 #: default scene seed of the lens: not the toy model's training seed (0) nor the labelers'
 #: held-out evaluation seed, so the lens measures the model on scenes it never saw
@@ -70,7 +71,7 @@ def scene_item(scene: Scene, item_id: str, size: int, class_by: str, min_pixels:
 
 
 class ToyWorld:
-    """``n`` toy scenes ``scene_for(seed, start .. start + n - 1)``, rendered on demand.
+    """``n`` toy scenes ``scene_for(seed, start .. start + n - 1, world=world)``, rendered on demand.
 
     :param n: number of images.
     :param seed: scene seed (default :data:`LENS_SEED`).
@@ -79,21 +80,24 @@ class ToyWorld:
     :param min_pixels: objects with fewer visible pixels are ignored (see the module docstring).
     :param max_objects: up to this many objects per scene.
     :param start: index of the first scene.
+    :param world: the toy world (``v1``, ``v2``): the probed model's.
     """
 
     def __init__(self, n: int = 200, seed: int = LENS_SEED, size: int = 64, class_by: str = "shape",
-                 min_pixels: int = 16, max_objects: int = 3, start: int = 0) -> None:
+                 min_pixels: int = 16, max_objects: int = 3, start: int = 0, world: str = SHIPPED_WORLD) -> None:
         class_table(class_by)                       # fail early on a bad rule
+        world_config(world)
         if n < 1:
             raise ValueError(f"toy dataset size n must be >= 1, got {n}")
         self.n, self.seed, self.size, self.class_by = n, seed, size, class_by
-        self.min_pixels, self.max_objects, self.start = min_pixels, max_objects, start
+        self.min_pixels, self.max_objects, self.start, self.world = min_pixels, max_objects, start, world
         self.class_names = class_table(class_by)
 
     def fingerprint(self) -> dict:
         """Everything the items depend on (the cache's dataset identity)."""
         return {"dataset": "toy", "n": self.n, "seed": self.seed, "size": self.size, "class_by": self.class_by,
-                "min_pixels": self.min_pixels, "max_objects": self.max_objects, "start": self.start}
+                "min_pixels": self.min_pixels, "max_objects": self.max_objects, "start": self.start,
+                "world": self.world}
 
     def __len__(self) -> int:
         return self.n
@@ -105,7 +109,7 @@ class ToyWorld:
         if not 0 <= index < self.n:
             raise IndexError(f"toy item {index} out of range 0..{self.n - 1}")
         i = self.start + index
-        scene = scene_for(self.seed, i, self.max_objects)
+        scene = scene_for(self.seed, i, self.max_objects, self.world)
         return scene_item(scene, f"toy-{self.seed}-{i}", self.size, self.class_by, self.min_pixels)
 
 
@@ -136,12 +140,14 @@ class ToyVideos:
 
     def __init__(self, sequences: int = 12, frames: int = 8, motion: str = "camera", step: float = 8.0,
                  seed: int = LENS_SEED + 1, size: int = 64, class_by: str = "shape", min_pixels: int = 16,
-                 max_objects: int = 3) -> None:
+                 max_objects: int = 3, world: str = SHIPPED_WORLD) -> None:
         if motion not in MOTIONS:
             raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
         if sequences < 1 or frames < 2:
             raise ValueError(f"toy videos need >= 1 sequence and >= 2 frames, got {sequences} and {frames}")
         class_table(class_by)
+        world_config(world)
+        self.world = world
         self.n_sequences, self.n_frames, self.motion, self.step = sequences, frames, motion, step
         self.seed, self.size, self.class_by = seed, size, class_by
         self.min_pixels, self.max_objects = min_pixels, max_objects
@@ -151,7 +157,8 @@ class ToyVideos:
     def fingerprint(self) -> dict:
         return {"dataset": "toy_videos", "sequences": self.n_sequences, "frames": self.n_frames,
                 "motion": self.motion, "step": self.step, "seed": self.seed, "size": self.size,
-                "class_by": self.class_by, "min_pixels": self.min_pixels, "max_objects": self.max_objects}
+                "class_by": self.class_by, "min_pixels": self.min_pixels, "max_objects": self.max_objects,
+                "world": self.world}
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -161,7 +168,7 @@ class ToyVideos:
         if sequence not in self.sequences:
             raise KeyError(f"unknown toy sequence {sequence!r}; sequences: {self.sequences[0]} .. {self.sequences[-1]}")
         j = self.sequences.index(sequence)
-        first = scene_for(self.seed, j, self.max_objects)
+        first = scene_for(self.seed, j, self.max_objects, self.world)
         for f in range(self.n_frames):
             item = scene_item(video_frame(first, f, self.motion, self.step), f"{sequence}/{f:05d}", self.size,
                               self.class_by, self.min_pixels)

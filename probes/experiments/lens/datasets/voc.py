@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.common.files import under_root
 from probes.experiments.lens.datasets.common import LensItem, read_indexed_png, read_rgb, require
 from probes.experiments.lens.pooling import IGNORE_ID
 
@@ -41,6 +42,8 @@ class VocInstances:
             listing = require(self.root / "ImageSets" / "Segmentation" / f"{split}.txt",
                               f"VOC split file for {split!r}", LAYOUT)
             self.names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+            for name in self.names:   # a name read from a file must stay inside the dataset's folders
+                under_root(self.root / "JPEGImages", name, "VOC image name", listing)
         self.class_names = dict(enumerate(VOC_CLASSES))
 
     def __len__(self) -> int:

@@ -8,8 +8,13 @@ module returns its pair in the other order than the block around it. A layer is 
 module path **plus** the rule that picks its image tokens, and the rule is named by a short
 string so that it can travel in manifests and exports (:data:`READOUTS`).
 
+Each rule also writes: ``rule.write(out, layer, tokens)`` is the module output with its image tokens
+replaced by ``tokens`` and everything else (the text stream, the text tokens of a single stream)
+as it was, the inverse the intervention needs to put edited image tokens back where the next
+module reads them (``rule(rule.write(out, layer, x), layer)`` is ``x``; tested per rule).
+
 Tuple orders in diffusers 0.42.1, checked against the installed version by
-``tests/unit/test_family_readout.py`` (each block's image tokens are what the model hands the next
+``tests/unit/test_family_layers.py`` (each block's image tokens are what the model hands the next
 block as ``hidden_states``):
 
 ==================================  ===========================  ==============  ================
@@ -74,6 +79,10 @@ class Readout:
     def __call__(self, out: Any, layer: _Layer) -> torch.Tensor:
         raise NotImplementedError
 
+    def write(self, out: Any, layer: _Layer, tokens: torch.Tensor) -> Any:
+        """``out`` with its image tokens replaced by ``tokens`` (same shape), the rest untouched."""
+        raise NotImplementedError
+
 
 class Tokens(Readout):
     """The output is already the image tokens (U-Net self-attention, PixArt blocks)."""
@@ -85,6 +94,10 @@ class Tokens(Readout):
             raise RuntimeError(f"layer {layer.name} ({layer.module}) returned {_shapes(out)}, not one tensor of "
                                f"tokens: it needs another readout rule")
         return _check(out, layer, "the output")
+
+    def write(self, out: Any, layer: _Layer, tokens: torch.Tensor) -> Any:
+        self(out, layer)
+        return tokens.to(out.dtype)
 
 
 class PairItem(Readout):
@@ -110,6 +123,12 @@ class PairItem(Readout):
                                f"not a tensor")
         return _check(x, layer, f"item {self.index} of its output")
 
+    def write(self, out: Any, layer: _Layer, tokens: torch.Tensor) -> Any:
+        x = self(out, layer)
+        items = list(out)
+        items[self.index] = tokens.to(x.dtype)
+        return type(out)(items)
+
 
 class AfterText(Readout):
     """The image tokens of a single stream that runs text tokens first, then image tokens (FLUX's
@@ -126,6 +145,12 @@ class AfterText(Readout):
                                f"{layer.tokens} image tokens")
         return _check(out[:, out.shape[1] - layer.tokens:], layer, "its last tokens")
 
+    def write(self, out: Any, layer: _Layer, tokens: torch.Tensor) -> Any:
+        if isinstance(out, (tuple, list)):
+            return PairItem(1, self.name).write(out, layer, tokens)
+        self(out, layer)
+        return torch.cat([out[:, :out.shape[1] - layer.tokens], tokens.to(out.dtype)], 1)
+
 
 class ChannelsFirst(Readout):
     """A feature map ``[B, C, h, w]`` (U-Net ResNets and samplers), read as tokens in row-major order."""
@@ -138,8 +163,12 @@ class ChannelsFirst(Readout):
                                f"{self.name!r} readout expects [batch, channels, h, w]")
         return _check(out.flatten(2).transpose(1, 2), layer, "the flattened feature map")
 
+    def write(self, out: Any, layer: _Layer, tokens: torch.Tensor) -> Any:
+        self(out, layer)
+        return tokens.to(out.dtype).transpose(1, 2).reshape(out.shape)
 
-#: every rule, by the name a :class:`~probes.diffusion.families.layers.ReadoutLayer` carries
+
+#: every rule, by the name a :class:`~probes.diffusion.layers.LayerInfo` carries (``readout``)
 READOUTS: dict[str, Readout] = {r.name: r for r in (Tokens(), PairItem(0, "first"), PairItem(1, "second"),
                                                     AfterText(), ChannelsFirst())}
 
@@ -154,6 +183,11 @@ def readout_rule(name: str) -> Readout:
 def read_tokens(layer: Any, out: Any) -> torch.Tensor:
     """``layer``'s image tokens ``[batch, tokens, channels]`` from its module's output ``out``."""
     return readout_rule(getattr(layer, "readout", "tokens"))(out, layer)
+
+
+def write_tokens(layer: Any, out: Any, tokens: torch.Tensor) -> Any:
+    """``out`` (``layer``'s module output) with its image tokens replaced by ``tokens``."""
+    return readout_rule(getattr(layer, "readout", "tokens")).write(out, layer, tokens)
 
 
 def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
