@@ -77,7 +77,8 @@ def fit_position(targets: Targets, dm: Any, tasks: Sequence[str],
             if not train:
                 raise ValueError("the position baselines are fitted on the train split, which is empty")
             mean = train_mean(targets, task, labels, train)
-        masks = val_masks(targets, task, labels, val) if task.kind == "binary" else None
+        # thresholds on val; a run without val (nothing is selected there) fits them on train, like the map
+        masks = val_masks(targets, task, labels, val or train) if task.kind == "binary" else None
         out[t] = baselines_from_mean(mean, masks, binary=task.kind == "binary")
     return out
 

@@ -47,7 +47,7 @@ def test_tiny_family_config_runs_end_to_end(tmp_path, family):
     assert {r["layer"] for r in probed} == {layer["name"] for layer in cap["layers"]}
     assert {r["task"] for r in probed} == {"foreground", "depth", "shading"}
     assert {float(r["timestep"]) for r in probed} == set(cap["timesteps"])
-    assert {"decoded_noisy", "position"} <= {r["layer"] for r in rows}        # the baselines' rows
+    assert {"decoded_noisy", "prior", "plane"} <= {r["layer"] for r in rows}      # the baselines' rows
     probes = load_probes(run / "probes")
     assert [layer.to_dict() for layer in probes.spec.layers] == cap["layers"]      # readout rules travel along
     assert (run / "report.html").is_file() and "Emergence" in (run / "report.md").read_text()

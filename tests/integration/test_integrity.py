@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from probes.export.probeset import META, WEIGHTS, load_probes
 from probes.generation.sampling import GenerationSpec
-from probes.reporting.tables import read_metrics_csv, write_metrics_csv
+from probes.reporting.tables import COLUMNS, read_metrics_csv, write_metrics_csv
 from probes.store.activations import ActivationStore
 from tests.exports import TINY, small_export
 from tests.integration.test_reporting import fake_rows
@@ -78,10 +78,12 @@ def test_a_truncated_metrics_file_is_refused_even_without_its_record(tmp_path, k
 def test_a_value_cut_short_is_caught_by_the_record(tmp_path):
     run = finished_run(tmp_path)
     path = run / "metrics.csv"
-    text = path.read_text()
-    last = text.rstrip("\n").rsplit(",", 1)
-    assert len(last[1]) > 4
-    path.write_text(last[0] + "," + last[1][:3] + "\n")       # "0.21230..." -> "0.2": a well-formed row
+    lines = path.read_text().rstrip("\n").split("\n")
+    fields = lines[-1].split(",")
+    value = COLUMNS.index("value")
+    assert len(fields[value]) > 4
+    fields[value] = fields[value][:3]                           # "0.21230..." -> "0.2": a well-formed row
+    path.write_text("\n".join([*lines[:-1], ",".join(fields)]) + "\n")
     with pytest.raises(ValueError, match=r"(?s)metrics\.csv does not match.*summary\.json.*half-written"):
         report(run, tmp_path)
 
@@ -90,7 +92,9 @@ def test_a_value_that_is_not_a_number_names_the_line(tmp_path):
     path = tmp_path / "metrics.csv"
     write_metrics_csv(precise_rows(), path)
     lines = path.read_text().splitlines()
-    lines[3] = lines[3].rsplit(",", 1)[0] + ",abc"
+    fields = lines[3].split(",")
+    fields[COLUMNS.index("value")] = "abc"
+    lines[3] = ",".join(fields)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"metrics\.csv, line 4: value 'abc' is not a number"):
         read_metrics_csv(path)

@@ -100,6 +100,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
 ALLOWED_DIRECT_WRITES = {
     ("probes/store/activations.py", "os.open"): "writes sample rows in place into a preallocated array it created",
     ("probes/store/activations.py", "open_memmap(tmp"): "preallocates an array under a temporary name, then renames it",
+    ("probes/reporting/run_outputs.py", "per_image.save("): "PerImageScores.save writes through atomic_write",
     ("probes/store/locks.py", "open("): "the store's lock file (opened for locking, holds only a pid)",
     ("probes/recipes/toy_model/recipe.py", ".model.save("): "the tokenizers library writes the vocabulary into a "
                                                            "temporary folder that is renamed whole",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probes.common.files import atomic_write, atomic_write_text
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.experiments.toy.sample_quality import BARS_NOTE, parse_caption, quality_table, sample_quality
 from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
@@ -105,10 +106,10 @@ def toy_quality(out: Path = Path("outputs/toy_quality"), model: str = "data/toy/
         f"guidance {guidance_scale}; scored by the shipped toy labelers and shape classifier.", "",
         md, "", BARS_NOTE, "",
         "Wall time (s, generation and scoring): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""])
-    (out / "quality.md").write_text(text)
-    (out / "quality.json").write_text(json.dumps({"command": command, "captions": captions, "sample_quality": qualities,
-                                                  "seconds": seconds}, indent=1))
-    np.savez_compressed(out / "images.npz", captions=np.array(captions),
-                        **{k.replace(" ", "_"): v for k, v in images.items()})
+    atomic_write_text(out / "quality.md", text)
+    atomic_write_text(out / "quality.json", json.dumps({"command": command, "captions": captions,
+                                                        "sample_quality": qualities, "seconds": seconds}, indent=1))
+    with atomic_write(out / "images.npz", "wb", encoding=None) as f:
+        np.savez_compressed(f, captions=np.array(captions), **{k.replace(" ", "_"): v for k, v in images.items()})
     print(text, flush=True)
     return qualities
