@@ -118,7 +118,9 @@ def task_summary(rows: list[dict], per_image: PerImageScores | None, task: str,
             return pi.head(task, metric, head["layer"], head["step"], what) if pi.has(task, what) else None
         return pi.baseline(task, metric, what) if pi.has(task, what) else None
 
-    p, wp = scores("probe", probe), scores("with_prior", gain)
+    # a head's scores need that head (none is picked without a validation split)
+    p = scores("probe", probe) if probe is not None else None
+    wp = scores("with_prior", gain) if gain is not None else None
     pr, pl = scores(PRIOR), scores(PLANE)
     out["probe_head"] = probe
     out["gain_head"] = gain
