@@ -48,7 +48,9 @@ def expand_configs(argv: Sequence[str]) -> list[str]:
             k += 1
             continue
         path = Path(value)
-        if path.suffix in (".yaml", ".yml") and path.exists():
+        if path.suffix in (".yaml", ".yml") and not path.exists():
+            raise FileNotFoundError(f"config file {value} does not exist (looked for {path.absolute()})")
+        if path.suffix in (".yaml", ".yml"):
             for p in config_bases(path):
                 out += ["--config", str(p)]
         else:
