@@ -20,3 +20,15 @@ def data_dir() -> Path:
 
 def data_path(*parts: str) -> Path:
     return data_dir().joinpath(*parts)
+
+
+def shipped_or_local(path: str | os.PathLike) -> Path:
+    """A path as a config or a user writes it: the user's file, relative to the working folder, when
+    it exists; else a ``data/...`` path names the shipped data (``data/toy/model``,
+    ``data/prompts/demo.txt``), found wherever the command runs; else the path as given, for the
+    error that names it."""
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute() or not given.parts or given.parts[0] != "data":
+        return given
+    shipped = data_dir().joinpath(*given.parts[1:])
+    return shipped if shipped.exists() else given

@@ -48,7 +48,9 @@ def expand_configs(argv: Sequence[str]) -> list[str]:
             k += 1
             continue
         path = Path(value)
-        if path.suffix in (".yaml", ".yml") and path.exists():
+        if path.suffix in (".yaml", ".yml") and not path.exists():
+            raise FileNotFoundError(f"config file {value} does not exist (looked for {path.absolute()})")
+        if path.suffix in (".yaml", ".yml"):
             for p in config_bases(path):
                 out += ["--config", str(p)]
         else:
@@ -56,8 +58,21 @@ def expand_configs(argv: Sequence[str]) -> list[str]:
     return out
 
 
+class _Applied:
+    """The type of ``defaults:``: parsed to nothing, since :func:`expand_configs` applied the bases
+    already; a printed or saved config that kept them would apply them again, relative to wherever
+    it then lies."""
+
+    def __call__(self, bases: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "list of config files"
+
+
 def add_defaults_key(parser) -> None:
     """Let ``parser`` read config files that name their bases (``defaults:``): the bases are already
-    expanded by :func:`expand_configs`, so the key itself carries nothing and is dropped."""
-    parser.add_argument("--defaults", type=list[str] | None, default=None,
+    expanded by :func:`expand_configs`, so the key itself carries nothing and is dropped (it never
+    reaches a printed or saved config)."""
+    parser.add_argument("--defaults", type=_Applied(), default=None,
                         help="base configs of a config file (relative to it), applied before it")

@@ -17,6 +17,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from probes.cli.compose import add_defaults_key, expand_configs
+from probes.cli.errors import ExplainedParser
 from probes.cli.plugins import load_plugins, strip_imports
 from probes.common.quiet import quiet_known_noise
 from probes.common.threads import apply_thread_policy
@@ -39,7 +40,7 @@ def prepared(argv: Sequence[str] | None, plugins: bool = True) -> list[str]:
 def command_parser(component: Callable[..., Any], prog: str | None = None) -> ArgumentParser:
     """The parser of one typed callable: its parameters (a class: its fields) as options, ``--config``
     files that may name their bases, and ``--print_config``."""
-    parser = ArgumentParser(prog=prog, description=(component.__doc__ or "").split("\n\n")[0] or None)
+    parser = ExplainedParser(prog=prog, description=(component.__doc__ or "").split("\n\n")[0] or None)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config file (several stack; the last wins)")
     add_defaults_key(parser)
     if isinstance(component, type):     # a config class: its fields are the options (not its methods)
@@ -58,7 +59,7 @@ def run_typed(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], 
     """Parse ``argv`` for ``component`` (a function, a config class, or ``{subcommand: function}``)
     and call it with the parsed values; a class is instantiated and handed to ``then``."""
     if isinstance(component, Mapping):
-        parser = ArgumentParser(prog=prog)
+        parser = ExplainedParser(prog=prog)
         subcommands = parser.add_subcommands()
         for name, fn in component.items():
             subcommands.add_subcommand(name, command_parser(fn), help=(fn.__doc__ or "").split("\n")[0])

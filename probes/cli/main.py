@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from probes.cli.convention import run_typed
+from probes.cli.errors import DEBUG_ENV, DEBUG_FLAG, UsageError, guarded, unknown_command
 from probes.cli.train import TRAIN_COMMANDS, train_main
 
 
@@ -71,7 +72,8 @@ COMMANDS: dict[str, Command] = {
 USAGE = ("usage: diffusion-probes {" + ",".join(["fit", *COMMANDS]) + "} [options]\n\n"
          "  fit            train every probe, then test and write outputs    (= python train.py fit ...)\n"
          + "".join(f"  {name:<14} {c.help}\n" for name, c in COMMANDS.items())
-         + "  each takes --help, --config FILE.yaml, --print_config, and key overrides (--key value)\n")
+         + "  each takes --help, --config FILE.yaml, --print_config, and key overrides (--key value)\n"
+         + f"  a mistake prints one line; {DEBUG_FLAG} (or {DEBUG_ENV}=1) shows its traceback\n")
 
 
 def run_command(name: str, argv: Sequence[str] | None = None) -> Any:
@@ -87,11 +89,18 @@ def run_command(name: str, argv: Sequence[str] | None = None) -> Any:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> Any:
     """``evaluate.py``."""
-    return run_command("evaluate", sys.argv[1:] if argv is None else argv)
+    return guarded(lambda rest: run_command("evaluate", rest), sys.argv[1:] if argv is None else argv, "evaluate.py")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``diffusion-probes <command> ...``: a user's mistake exits with its one-line explanation
+    (:mod:`probes.cli.errors`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "diffusion-probes" + (f" {argv[0]}" if argv and argv[0] in (*TRAIN_COMMANDS, *COMMANDS) else "")
+    guarded(_dispatch, argv, prog)
+
+
+def _dispatch(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
@@ -101,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif cmd in COMMANDS:
         run_command(cmd, rest)
     else:
-        sys.exit(f"diffusion-probes: unknown command {cmd!r}\n{USAGE}")
+        raise UsageError(unknown_command(cmd, [*TRAIN_COMMANDS, *COMMANDS]))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from probes.common.env import OFFLINE_ENV, env_flag, offline
 from probes.common.hub import cached_snapshot, download_command, has_any, hub_cache_dir
 from probes.diffusion.families.sizes import real_models
 from probes.diffusion.families.spec import get_family
-from probes.diffusion.loading import DiffusionSpec
+from probes.diffusion.loading import DiffusionSpec, local_model_dir
 from probes.labels import build_labeler
 from probes.labels.base import Missing
 from probes.prompts.replication2024 import LOCAL_DIR_ENV as REPLICATION2024_ENV
@@ -104,10 +104,11 @@ def diffusion_prerequisites(spec: DiffusionSpec) -> list[Missing]:
         return []
     family = get_family(spec.family_name)
     weights = (f"{family.denoiser}/diffusion_pytorch_model*.safetensors", f"{family.denoiser}/diffusion_pytorch_model*.bin")
-    snap = cached_snapshot(spec.model_id, "model_index.json", spec.cache_dir, spec.revision)
+    local = local_model_dir(spec.model_id)        # a folder (``data/toy/model`` from any working folder)
+    snap = cached_snapshot(str(local or spec.model_id), "model_index.json", spec.cache_dir, spec.revision)
     if snap is not None and has_any(snap, weights):
         return []
-    if Path(spec.model_id).expanduser().is_dir():
+    if local is not None:
         return [Missing(f"diffusion model {spec.model_id} (data.diffusion.model_id): not a diffusers pipeline folder "
                         f"(model_index.json and {family.denoiser} weights)", "point data.diffusion.model_id at one")]
     rev = f" (revision {spec.revision})" if spec.revision else ""

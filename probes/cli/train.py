@@ -14,6 +14,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from probes.cli.compose import add_defaults_key
 from probes.cli.convention import prepared
+from probes.cli.errors import ExplainedLightningParser
 from probes.cli.preflight import PreflightFailed, check_prerequisites, format_missing
 from probes.experiments.classify.stage import ClassifierScores
 from probes.reporting.run_outputs import RunOutputs
@@ -59,6 +60,7 @@ class ProbeCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", ExplainedLightningParser)   # a parse error is explained, not a usage dump
         self._run_dir: Path | None = None
         self._run_dir_existed = True
         try:

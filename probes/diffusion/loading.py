@@ -34,7 +34,7 @@ import yaml
 
 from probes.common.env import offline
 from probes.common.hashing import sha256_text
-from probes.paths import data_path
+from probes.paths import data_path, shipped_or_local
 
 ARCH_DIR = data_path("architectures")
 
@@ -393,12 +393,8 @@ def local_model_dir(model_id: str) -> Path | None:
     ``data/...`` ids resolve against the project's data folder (e.g. ``data/toy/model``, the
     toy world's model), so configs work from any working directory.
     """
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        return path
-    if model_id.startswith("data/") and data_path(model_id[len("data/"):]).is_dir():
-        return data_path(model_id[len("data/"):])
-    return None
+    path = shipped_or_local(model_id)
+    return path if path.is_dir() else None
 
 
 def load_pipeline(spec: DiffusionSpec, device: torch.device | str = "cpu"):

@@ -18,7 +18,7 @@ from typing import Any
 
 from probes.common.download import download
 from probes.common.hashing import sha256_text, verify_sha256
-from probes.paths import data_path
+from probes.paths import data_path, shipped_or_local
 from probes.prompts.replication2024 import fetch_replication2024, replication_splits
 
 CHEN2023_COMMIT = "788101cc2f81918b9ea87c76b11be0910e4d96bf"
@@ -204,8 +204,9 @@ def shipped_prompt_sets() -> list[str]:
 
 
 def resolve_source(source: str) -> Path:
-    """A prompt file: a path, or the name of a shipped set; the error lists what exists."""
-    path = Path(source).expanduser()
+    """A prompt file: a path (``data/prompts/...`` found from any folder), or the name of a shipped set;
+    the error lists what exists."""
+    path = shipped_or_local(source)
     if path.exists():
         return path
     for suffix in (".txt", ".csv"):

@@ -20,9 +20,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
-from jsonargparse.typing import Path_fr
 from torch.utils.data import DataLoader, Dataset
 
+from probes.common.config_group import GroupFile
 from probes.contract import ProbeSpec
 from probes.diffusion.families.layers import check_patterns
 from probes.diffusion.families.spec import get_family
@@ -82,7 +82,8 @@ class ActivationDataModule(pl.LightningDataModule):
     :param capture: layers, steps, halves and dtype to capture.
     :param labels: task -> labeler, e.g. ``{foreground: {name: tracer}, depth: {name: midas}}``;
         the extra keys are the labeler's arguments. Or the path of a YAML file holding that
-        mapping (a labels group, ``configs/labels/*.yaml``).
+        mapping (a labels group, ``configs/labels/*.yaml``), read when the config is parsed so that a
+        saved or printed config holds the mapping itself.
     :param mode: ``cached`` (activations written to the store, then read for as many epochs as
         needed: SGD probes) or ``streaming`` (nothing cached: each split is generated while it is
         consumed, for one-pass closed-form probes, ``probes.training.ridge.RidgeProbeModule``).
@@ -112,7 +113,7 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def __init__(self, diffusion: DiffusionSpec = DiffusionSpec(), prompts: PromptSpec = PromptSpec(),
                  generation: GenerationSpec = GenerationSpec(), capture: CaptureSpec = CaptureSpec(),
-                 labels: dict[str, dict[str, Any]] | Path_fr | None = None, mode: str = "cached",
+                 labels: dict[str, dict[str, Any]] | GroupFile | None = None, mode: str = "cached",
                  store_dir: str | None = None, store_root: str = "outputs/stores", batch_size: int = 4,
                  num_workers: int = 0, device: str = "auto", progress: bool = True,
                  exact_train_shards: bool = False, target_norm: dict[str, Any] | None = None,
@@ -128,7 +129,9 @@ class ActivationDataModule(pl.LightningDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers!r} (0: load in the main process)")
         self.diffusion, self.prompts, self.generation, self.capture = diffusion, prompts, generation, capture
-        if isinstance(labels, (str, os.PathLike)):   # a labels group file, e.g. configs/labels/sd14.yaml
+        if isinstance(labels, GroupFile):             # a labels group named in a config, read when parsed
+            labels = labels.content
+        elif isinstance(labels, (str, os.PathLike)):  # a labels group file, e.g. configs/labels/sd14.yaml
             labels = yaml.safe_load(Path(labels).read_text())
         self.labels = dict(labels or {"foreground": {"name": "otsu"}})
         for task, cfg in self.labels.items():

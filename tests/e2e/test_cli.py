@@ -30,15 +30,16 @@ def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProces
     return proc
 
 
-def run_inprocess(*args: str, env_extra: dict | None = None) -> str:
-    """``train.py`` in this process (its entry point, its argv): stdout, for the demo's printed summary."""
+def run_inprocess(*args: str, env_extra: dict | None = None, cwd: os.PathLike | str = REPO) -> str:
+    """``train.py`` in this process (its entry point, its argv): stdout, for the demo's printed summary.
+    Configs are named relative to the repository (``cwd``), as in the README."""
     from probes.cli.main import train_main
 
     env = {"WANDB_MODE": "offline", **(env_extra or {})}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     out, cwd = io.StringIO(), os.getcwd()
-    os.chdir(REPO)                      # configs are named relative to the repository, as in the README
+    os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out):
             train_main(list(args))
@@ -161,6 +162,28 @@ def test_evaluate_reproduces_the_test_metrics(demo_run, tmp_path):
         assert (a["task"], a["layer"], a["step"], a["metric"]) == (b["task"], b["layer"], b["step"], b["metric"])
         assert float(a["value"]) == pytest.approx(float(b["value"]), abs=1e-6)
     assert (tmp_path / "eval" / "plots" / "test_shading_pearson_heatmap.png").is_file()
+
+
+def test_saved_config_reruns_from_another_folder(demo_run, tmp_path):
+    """The run's ``config.yaml`` names no file relative to where the run started (its labels group is
+    inline, its bases are applied): it parses from any folder, to the same config."""
+    run, _ = demo_run
+    saved = (run / "config.yaml").read_text()
+    assert "labels/classical.yaml" not in saved and "otsu" in saved
+    text = run_inprocess("fit", "--config", str(run / "config.yaml"), "--print_config", cwd=tmp_path)
+    assert "name: otsu" in text and "labels/classical.yaml" not in text
+
+
+def test_printed_config_reruns_from_another_folder(tmp_path):
+    """``--print_config`` of a config with ``defaults:`` and relative group paths (``../labels/toy.yaml``)
+    is self-contained: printed again from another folder, it is the same config."""
+    printed = run_inprocess("fit", "--config", "configs/toy/control.yaml", "--print_config")
+    assert "../labels/toy.yaml" not in printed and "toy_foreground" in printed
+    (tmp_path / "control.yaml").write_text(printed)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = run_inprocess("fit", "--config", str(tmp_path / "control.yaml"), "--print_config", cwd=elsewhere)
+    assert again == printed
 
 
 @pytest.mark.parametrize("config", ["foreground", "depth", "shading", "all"])

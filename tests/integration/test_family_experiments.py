@@ -95,7 +95,7 @@ def test_lens_command_runs_on_a_transformer_family(tmp_path):
     assert (tmp_path / "run" / "report.md").is_file()
     cfg["features"]["layers"] = ["down0.res0"]
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ValueError, match="features.layers: 'down0.res0' names no layer of model family pixart_alpha"):
+    with pytest.raises(SystemExit, match="features.layers: 'down0.res0' names no layer of model family pixart_alpha"):
         main(["lens", "--config", str(path), "--out", str(tmp_path / "bad"), "--cache_root", str(tmp_path / "cache")])
 
 

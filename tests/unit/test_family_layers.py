@@ -291,7 +291,7 @@ def test_cli_lists_layers_and_sizes(capsys):
     assert "stable-diffusion-3.5-medium (model family sd3) at 1024x1024: 24 of 24 layers" in out[0]
     main(["layers", "--model", "sd1", "--pattern", "up3*"])
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:-1]] == ["up3.0", "up3.1", "up3.2"]
-    with pytest.raises(KeyError, match="'jiont3' matches no layer of model family flux; valid layers: joint0"):
+    with pytest.raises(SystemExit, match="'jiont3' matches no layer of model family flux; valid layers: joint0"):
         main(["layers", "--model", "flux", "--pattern", "jiont3"])
     main(["sizes"])
     out = capsys.readouterr().out
