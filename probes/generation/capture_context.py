@@ -11,10 +11,15 @@ The store knows the step from the ``callback_on_step_end`` it passes; a user's c
 call and whose ``step`` ends a step, the object-swap diffusers uses for attention processors. The
 pipeline runs unchanged and the hooks only read: images are the same with and without capture.
 
-Hooks are registered on entry. Compiled code keeps what was registered when it was traced (hooks
-added to a module compiled and run before are never called: the capture then says so), so with
-``torch.compile`` compile inside the block, or pass ``compile=True``
-(:mod:`probes.generation.compiled`).
+**torch.compile.** Compiled code keeps the hooks that were there when it was traced: hooks added to
+a denoiser that was compiled and run before are never called. So the hooks go on first and the
+denoiser is compiled after them: ``capture(pipe, ..., compile=True)`` (or a backend name, or
+``torch.compile``'s keyword arguments) registers the hooks, then sets ``pipe.<denoiser>`` to
+``torch.compile(<denoiser>)`` for the length of the block and puts the plain module back on exit.
+A denoiser passed in already compiled is refused with that advice. Dynamo traces the hooks into the
+graph, so the step they read becomes a guard: the denoiser is recompiled once per captured step
+(torch 2.14; past ``torch._dynamo.config.recompile_limit`` the remaining steps run eagerly, still
+captured). Compiled capture equals eager capture (tested on CPU, tiny model).
 """
 from __future__ import annotations
 
@@ -91,6 +96,7 @@ class _Session:
         self.family = family_of(pipe)
         self.cap: ActivationCapture | None = None
         self.step = 0
+        self.open = False
         # the modules and the hook of each, once: they dispatch to the call's capture
         template = ActivationCapture(denoiser, layers, 1, None, halves, dtype, cfg="none" if halves == "cond" else "batched")
         self.paths = [path for path, _ in template.hooks()]
@@ -110,6 +116,8 @@ class _Session:
 
     def forward_hook(self, k: int):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if not self.open:       # compiled code traced inside a block that has ended: nothing to record
+                return None
             if self.cap is None:
                 raise RuntimeError("a captured layer ran outside a pipeline call's denoising loop (the denoiser was "
                                    "called directly, or the pipeline's scheduler was replaced inside the capture block): "
@@ -118,7 +126,7 @@ class _Session:
         return hook
 
     def pre_hook(self, module: nn.Module, args: Any) -> None:
-        if self.cap is not None:
+        if self.open and self.cap is not None:
             self.cap._count_call(module, args)
 
     def end_step(self, timestep: Any, latents: torch.Tensor) -> None:
@@ -169,39 +177,49 @@ class capture:  # noqa: N801  (used as a function: ``with capture(pipe, ...) as 
     :param height: image height the registry's token grids are given for (layer names do not
         depend on it); ``None``: the model's native size.
     :param width: likewise.
+    :param compile: compile the denoiser after the hooks are registered, for the block (module
+        docstring): ``True``, a ``torch.compile`` backend name, or ``torch.compile``'s keyword arguments.
     """
 
     def __init__(self, pipe: Any, layers: str | Sequence[str] = "*", steps: Sequence[int] | None = None,
                  halves: str = "cond", dtype: torch.dtype = torch.float32, cfg: str | None = None,
-                 height: int | None = None, width: int | None = None) -> None:
+                 height: int | None = None, width: int | None = None,
+                 compile: bool | str | dict[str, Any] = False) -> None:  # noqa: A002  (torch.compile's name)
         family = family_of(pipe)
         denoiser = getattr(pipe, family.denoiser)
         if hasattr(denoiser, "_orig_mod"):
             raise ValueError(f"pipe.{family.denoiser} is already compiled: hooks added to compiled code that has run are "
-                             f"never called. Capture on the plain module and compile inside the block, or pass "
-                             f"compile=True to probes.generation.compiled.compiled_capture")
+                             f"never called. Pass the plain module and capture(..., compile=True): it "
+                             f"compiles the denoiser after registering the hooks")
         native = native_size(pipe)
         registry = pipeline_registry(pipe, height or native[0], width or native[1])
         chosen = registry.select([layers] if isinstance(layers, str) else list(layers))
-        self.pipe, self.denoiser = pipe, denoiser
+        self.pipe, self.denoiser, self.attr = pipe, denoiser, family.denoiser
+        self.compile = ({} if compile is True else {"backend": compile} if isinstance(compile, str)
+                        else dict(compile) if isinstance(compile, dict) else None)
         self.acts = CapturedActivations(chosen, halves)
         self.session = _Session(pipe, denoiser, chosen, steps, halves, dtype, cfg, self.acts)
 
     def __enter__(self) -> CapturedActivations:
         s = self.session
+        s.open = True
         self._handles = [self.denoiser.get_submodule(path).register_forward_hook(s.forward_hook(k))
                          for k, path in enumerate(s.paths)]
         self._handles.append(self.denoiser.register_forward_pre_hook(s.pre_hook))
         self._scheduler = self.pipe.scheduler
         self.pipe.scheduler = _reporting_scheduler(self._scheduler, s)
+        if self.compile is not None:          # after the hooks: compiled code keeps what it was traced with
+            setattr(self.pipe, self.attr, torch.compile(self.denoiser, **self.compile))
         return self.acts
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self.pipe.scheduler = self._scheduler
+        if self.compile is not None:
+            setattr(self.pipe, self.attr, self.denoiser)
         unfinished = self.session.cap is not None and self.session.step > 0
-        self.session.cap = None
+        self.session.cap, self.session.open = None, False
         if exc_type is None and unfinished:
             raise HookNeverFired("a pipeline call inside the capture block did not finish its denoising loop "
                                  "(was pipe.scheduler replaced inside the block?): set the scheduler before "
