@@ -41,7 +41,7 @@ FIT_LOSSES = ("cross_entropy", "squared")
 MODULE_FIT_LOSS = {"probes.training.module.ProbeModule": "cross_entropy",
                    "probes.training.ridge.RidgeProbeModule": "squared",
                    "probes.training.mean_difference.MeanDifferenceProbeModule": "squared"}
-WEIGHTS, META = "probes.safetensors", "probes.json"
+WEIGHTS, META, CARD = "probes.safetensors", "probes.json", "README.md"
 EXPORT_HINT = "a run writes its export to <run>/probes/: `python train.py fit --config <run>/config.yaml` makes it anew"
 
 
@@ -172,7 +172,13 @@ class LinearProbe(nn.Module):
 
 
 class ProbeSet:
-    """All probes of an export, addressable by (task, layer, step)."""
+    """All probes of an export, addressable by (task, layer, step).
+
+    Shared the way models are: :meth:`save_pretrained` writes the export (and a model card) into a
+    folder, :meth:`push_to_hub` uploads that folder to a Hugging Face Hub repository, and
+    :meth:`from_pretrained` reads a folder or a Hub repository id (through ``huggingface_hub``'s
+    cache). The files are the export's own, so :func:`load_probes` reads all three the same way.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -324,6 +330,88 @@ class ProbeSet:
                            f"{tasks}, layers {layers}, steps {steps}")
         info = self.infos[key]
         return LinearProbe(info, self.tensors[f"{info.key}/weight"], self.tensors.get(f"{info.key}/bias"))
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({k[0] for k in self.infos})
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(k[1] for k in self.infos))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({k[2] for k in self.infos})
+
+    def __repr__(self) -> str:
+        return f"ProbeSet(tasks={self.tasks}, layers={len(self.layers)}, steps={len(self.steps)})"
+
+    # -- sharing ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write this export into ``save_directory`` (``probes.safetensors``, ``probes.json`` and a
+        ``README.md`` model card, kept if one is there), readable by :meth:`from_pretrained` and
+        :func:`load_probes`."""
+        meta = {k: v for k, v in self.meta.items() if k != "weights_sha256"}
+        out = write_export(ProbeExport(dict(self.tensors), meta), save_directory)
+        if not (out / CARD).exists():
+            atomic_write_text(out / CARD, self._model_card())
+        return out
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None,
+                        cache_dir: str | Path | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False) -> ProbeSet:
+        """A local export folder, or a Hub repository id (``user/probes``) fetched with
+        ``huggingface_hub.snapshot_download`` into its cache (offline: ``HF_HUB_OFFLINE=1`` or
+        ``local_files_only`` read that cache only)."""
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            return cls(path)
+        import huggingface_hub
+        from huggingface_hub.errors import HFValidationError
+
+        name = str(name_or_path)
+        try:
+            folder = huggingface_hub.snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                                       local_files_only=local_files_only,
+                                                       allow_patterns=[META, WEIGHTS, CARD])
+        except HFValidationError as err:
+            raise FileNotFoundError(f"probes {name!r}: no such folder, and not a Hub repository id (user/name): "
+                                    f"{err}") from err
+        except Exception as err:     # network, missing repo or revision, nothing cached offline: all say so
+            raise FileNotFoundError(f"probes {name!r}: no such folder, and the Hub repository could not be read "
+                                    f"({type(err).__name__}: {err}); check the id and revision, or log in "
+                                    f"(`hf auth login`) for a private one") from err
+        return cls(folder)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str | None = None, revision: str | None = None) -> Any:
+        """Create ``repo_id`` on the Hub if needed and upload :meth:`save_pretrained`'s files in one
+        commit; returns ``huggingface_hub``'s ``CommitInfo``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "probes")
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                     commit_message=commit_message or f"Upload {self!r}")
+
+    def _model_card(self) -> str:
+        model = self.meta.get("model") or {}
+        base = model.get("model_id") if isinstance(model, dict) else None
+        lines = ["---", "library_name: diffusion-probes", "tags:", "- linear-probes", "- diffusion"]
+        if base and not (isinstance(model, dict) and model.get("is_random")):
+            lines.append(f"base_model: {base}")
+        lines += ["---", "", "# Linear probes of a diffusion model's activations", "",
+                  f"`{self!r}`: tasks {', '.join(self.tasks)}; layers {', '.join(self.layers)}; steps "
+                  f"{', '.join(map(str, self.steps))}.", "",
+                  "```python", "from probes.export.probeset import ProbeSet",
+                  "probes = ProbeSet.from_pretrained(\"<this repository>\")",
+                  "probe = probes.get(task, layer, step)   # .predict(acts) -> label map", "```", ""]
+        return "\n".join(lines)
 
     def __iter__(self) -> Iterator[LinearProbe]:
         for task, layer, step in self.infos:

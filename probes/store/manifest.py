@@ -12,9 +12,9 @@ from typing import Any
 
 from probes.common.hashing import sha256_json
 from probes.common.version import code_version
-from probes.diffusion.families.layers import latent_hw, registry_for
+from probes.diffusion.families.layers import pipeline_registry
 from probes.diffusion.families.spec import Family, family_of
-from probes.diffusion.layers import LayerInfo, LayerRegistry, vae_mid_channels, vae_mid_layer
+from probes.diffusion.layers import LayerInfo, LayerRegistry
 from probes.diffusion.loading import DiffusionSpec, resolved_revision
 from probes.generation.sampling import CaptureSpec, GenerationSpec, image_size, sampler_schedule
 from probes.prompts.sets import PromptRecord, prompts_fingerprint
@@ -111,14 +111,9 @@ def inputs_section(in_channels: int, latent_hw: tuple[int, int], guidance: bool,
 
 
 def family_registry(pipe, height: int, width: int) -> LayerRegistry:
-    """The layers of a loaded pipeline of any family at an image size; for the U-Net families also the
-    VAE decoder's ``vae.mid`` (opt-in: see :mod:`probes.diffusion.layers`)."""
-    family = family_of(pipe)
-    registry = registry_for(pipe, height, width, family)
-    vae = getattr(pipe, "vae", None)
-    if family.is_unet and vae is not None and vae_mid_channels(vae) is not None:
-        registry.register(vae_mid_layer(vae_mid_channels(vae), latent_hw(family, pipe.vae_scale_factor, height, width)))
-    return registry
+    """The layers of a loaded pipeline of any family at an image size, ``vae.mid`` included for the
+    U-Net families (:func:`probes.diffusion.families.layers.pipeline_registry`)."""
+    return pipeline_registry(pipe, height, width)
 
 
 def check_image_size(height: int, width: int, multiple: int) -> None:

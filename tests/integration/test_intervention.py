@@ -16,6 +16,7 @@ from probes.experiments.intervention.config import InterventionConfig
 from probes.export.probeset import export_probes
 from probes.generation.sampling import CaptureSpec, GenerationSpec, sampler_timesteps
 from probes.prompts.sets import PromptSpec
+from probes.reporting.markup import fmt_value
 from probes.training.module import ProbeModule
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +53,8 @@ def read(path: Path) -> list[dict]:
 def test_intervene_cli_writes_scores_report_and_video(export, tmp_path):
     out = tmp_path / "run"
     main(["intervene", "--config", str(REPO / "configs/intervention/foreground.yaml"), "--probes", str(export),
-          "--steps", "[0, 1]", "--layers", "[up3*]", "--iterations", "4", "--images", "2", "--video_frames", "3",
+          "--steps", "[0, 1]", "--layers", "[up3*]", "--iterations", "4", "--images", "2", "--video", "true",
+          "--video_frames", "3",
           "--out", str(out), "--progress", "false"])
     summary = read(out / "metrics.csv")
     assert list(summary[0]) == ["split", "condition", "metric", "value"]
@@ -74,6 +76,26 @@ def test_intervene_cli_writes_scores_report_and_video(export, tmp_path):
     gif = Image.open(out / "video_foreground.gif")
     assert gif.n_frames == 3 and gif.size == (256, 256)          # 128 px upscaled to >= 256 px
     assert (out / "video_foreground.mp4").stat().st_size > 0
+
+
+def test_default_run_prints_a_verdict_writes_html_and_no_video(export, tmp_path, capsys):
+    """The video is opt-in (most of a run's time); the console says the result in one line; the HTML
+    report holds the verdict, the table and every condition's grid, embedded."""
+    from probes.experiments.intervention.run import intervene
+
+    out = intervene(InterventionConfig(str(export), task="foreground", layers=["up3*"], steps=[0], iterations=2,
+                                       images=2, batch_size=2, out=str(tmp_path / "default"), progress=False))
+    assert not list(out.glob("video_*"))
+    lines = capsys.readouterr().out.splitlines()
+    summary = {(r["condition"], r["metric"]): float(r["value"]) for r in read(out / "metrics.csv")}
+    pct = {c: f"{100 * summary[(c, 'success_rate')]:.0f} %" for c in ("edit", "random")}
+    mae = fmt_value(summary[("noop", "pixel_mae")])
+    expected = f"Intervention: moved {pct['edit']} vs {pct['random']} random, no-op MAE {mae} (0-255) (2 images)"
+    assert expected in lines
+    page = (out / "report.html").read_text()
+    assert expected in page and "success_rate" in page and "RANDOM WEIGHTS" in page
+    assert page.count("data:image/png;base64,") == 3          # the edit, no-op and random grids
+    assert expected in (out / "report.md").read_text()
 
 
 def test_zero_iterations_leave_every_image_unchanged(export, tmp_path):

@@ -34,7 +34,7 @@ from typing import Any
 import torch.nn as nn
 
 from probes.diffusion.families.spec import Family, get_family
-from probes.diffusion.layers import LayerInfo, LayerRegistry, check_layer_patterns
+from probes.diffusion.layers import LayerInfo, LayerRegistry, check_layer_patterns, vae_mid_channels, vae_mid_layer
 
 #: layer kinds per architecture; the first is the default
 TRANSFORMER_KINDS = ("block", "attn")
@@ -129,6 +129,19 @@ def registry_for(pipe: Any, height: int, width: int, family: Family | str | None
     family = family_of(pipe) if family is None else (get_family(family) if isinstance(family, str) else family)
     denoiser = getattr(pipe, family.denoiser)
     return denoiser_registry(family, denoiser, latent_hw(family, pipe.vae_scale_factor, height, width), kinds)
+
+
+def pipeline_registry(pipe: Any, height: int, width: int) -> LayerRegistry:
+    """The layers of a loaded pipeline of any family at an image size; for the U-Net families also the
+    VAE decoder's ``vae.mid`` (opt-in: see :mod:`probes.diffusion.layers`)."""
+    from probes.diffusion.families.spec import family_of
+
+    family = family_of(pipe)
+    registry = registry_for(pipe, height, width, family)
+    vae = getattr(pipe, "vae", None)
+    if family.is_unet and vae is not None and vae_mid_channels(vae) is not None:
+        registry.register(vae_mid_layer(vae_mid_channels(vae), latent_hw(family, pipe.vae_scale_factor, height, width)))
+    return registry
 
 
 def plausible_names(family: Family | str, kinds: Iterable[str] | None = None) -> list[str]:

@@ -75,7 +75,7 @@ def load_family_pipeline(model: str | Path, family: Family | str | None = None, 
             _check_family(family_of_index(json.loads((snap / "model_index.json").read_text()),
                                           json.loads(unet_cfg.read_text()) if unet_cfg.is_file() else None),
                           family, f"the cached snapshot of {model}")
-    kwargs: dict[str, Any] = dict(torch_dtype=dtype, revision=revision, cache_dir=cache_dir,
+    kwargs: dict[str, Any] = dict(dtype=dtype, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only or offline(), **family.load_kwargs)
     if variant:
         kwargs["variant"] = variant

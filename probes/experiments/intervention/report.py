@@ -1,4 +1,4 @@
-"""The intervention's report: a Markdown summary and one PNG grid per condition.
+"""The intervention's report: a one-line verdict, a Markdown and an HTML summary, one PNG grid per condition.
 
 Why a grid per condition: the causal claim is visual first (does the object sit where the target
 says?), so each row shows one test image as original | its label | target | edited | re-labelled,
@@ -6,6 +6,7 @@ for the edit and for each control, next to the numbers that summarise all of the
 """
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from probes.common.files import atomic_write_text, save_figure  # noqa: E402
-from probes.reporting.markup import fmt_value, table  # noqa: E402
+from probes.reporting.markup import embed_png, fmt_value, html_page, table  # noqa: E402
 
 #: metrics shown in the report's table, per task kind, in this order (all are in metrics.csv)
 HEADLINE = {"binary": ("success_rate", "progress", "displacement", "dice_target", "dice_requested", "dice_original",
@@ -82,30 +83,85 @@ def write_grid(results: Sequence[ImageResult], condition: str, kind: str, path: 
     return path
 
 
-def write_markdown(path: Path, summary: Sequence[dict], kind: str, settings: dict, grids: dict[str, Path],
-                   video: dict[str, Path] | None, notes: Sequence[str] = ()) -> Path:
-    """``report.md``: settings, the per-condition table, the grids and the video."""
+def verdict(summary: Sequence[dict], kind: str) -> str:
+    """The run in one line: how often the edit moved the object (or, for depth, ranked closer to the
+    moved target) against the random control, and the no-op's pixel change (its side effect)."""
+    value = {(r["condition"], r["metric"]): r["value"] for r in summary}
+    verb = "moved" if kind == "binary" else "followed the target"
+    parts = []
+    if ("edit", "success_rate") in value:
+        part = f"{verb} {_pct(value[('edit', 'success_rate')])}"
+        if ("random", "success_rate") in value:
+            part += f" vs {_pct(value[('random', 'success_rate')])} random"
+        parts.append(part)
+    if ("noop", "pixel_mae") in value:
+        parts.append(f"no-op MAE {fmt_value(value[('noop', 'pixel_mae')])} (0-255)")
+    n = max((int(v) for (_, m), v in value.items() if m == "n_images"), default=0)
+    return f"Intervention: {', '.join(parts) or 'no condition scored'} ({n} images)"
+
+
+def _pct(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{100 * x:.0f} %"
+
+
+def _definitions(kind: str) -> list[str]:
+    if kind == "binary":
+        success = ("success: the re-labelled foreground's centroid moved at least half the requested distance in "
+                   "the requested direction (projection of its displacement on the requested shift >= 0.5 x |shift|); "
+                   "controls are scored against the edit's requested shift. progress: that projection / |shift|.")
+    else:
+        success = ("success: the re-labelled depth ranks closer to the requested (shifted) target than to the "
+                   "original label (Spearman).")
+    return [success, "pixel_mae / pixel_max: absolute difference to the unedited image (0-255); the no-op's is the "
+                     "edit's side effect."]
+
+
+def _results_table(summary: Sequence[dict], kind: str) -> tuple[str, str]:
     conditions = list(dict.fromkeys(r["condition"] for r in summary))
     value = {(r["condition"], r["metric"]): r["value"] for r in summary}
     metrics = [m for m in HEADLINE[kind] if any((c, m) in value for c in conditions)]
-    lines = [f"# Intervention: {settings.get('task')}", ""]
-    lines += [f"- {k}: `{v}`" for k, v in settings.items()]
     n = {c: int(value.get((c, "n_images"), 0)) for c in conditions}
-    results, _ = table(["metric", *[f"{c} (n={n[c]})" for c in conditions]],
-                       [[m, *[fmt_value(value.get((c, m), math.nan)) for c in conditions]] for m in metrics])
-    lines += ["", "## Results (test split)", "", results]
-    if kind == "binary":
-        lines += ["", "success: the re-labelled foreground's centroid moved at least half the requested distance in "
-                      "the requested direction (projection of its displacement on the requested shift >= 0.5 x |shift|); "
-                      "controls are scored against the edit's requested shift. progress: that projection / |shift|."]
-    else:
-        lines += ["", "success: the re-labelled depth ranks closer to the requested (shifted) target than to the "
-                      "original label (Spearman)."]
-    lines += ["pixel_mae / pixel_max: absolute difference to the unedited image (0-255); the no-op's is the edit's "
-              "side effect.", *notes, ""]
+    return table(["metric", *[f"{c} (n={n[c]})" for c in conditions]],
+                 [[m, *[fmt_value(value.get((c, m), math.nan)) for c in conditions]] for m in metrics])
+
+
+def write_markdown(path: Path, summary: Sequence[dict], kind: str, settings: dict, grids: dict[str, Path],
+                   video: dict[str, Path] | None, notes: Sequence[str] = ()) -> Path:
+    """``report.md``: the verdict, settings, the per-condition table, the grids and the video."""
+    results, _ = _results_table(summary, kind)
+    lines = [f"# Intervention: {settings.get('task')}", "", f"**{verdict(summary, kind)}**", ""]
+    lines += [f"- {k}: `{v}`" for k, v in settings.items()]
+    lines += ["", "## Results (test split)", "", results, ""]
+    d = _definitions(kind)
+    lines += [d[0], d[1], *notes, ""]
     for c, g in grids.items():
         lines += [f"## {c}", "", f"![{c}]({g.name})", ""]
     if video:
         lines += ["## Video", "", f"![video]({video['gif'].name}) ([mp4]({video['mp4'].name}))", ""]
     atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+#: what each condition's grid shows, as its caption says it
+GRID_CAPTIONS = {"edit": "edit: the probes' target moved by the requested shift",
+                 "noop": "no-op: the target is the original label (the edit's side effect alone)",
+                 "random": "random control: another image's label (or an independent shift) as the target"}
+
+
+def write_html(path: Path, summary: Sequence[dict], kind: str, settings: dict, grids: dict[str, Path],
+               video: dict[str, Path] | None, notes: Sequence[str] = ()) -> Path:
+    """``report.html``: :func:`write_markdown`'s content in one self-contained file (grids embedded)."""
+    _, results = _results_table(summary, kind)
+    _, setting_rows = table(["setting", "value"], [[k, str(v)] for k, v in settings.items()])
+    parts = [f"<h1>Intervention: {html.escape(str(settings.get('task')))}</h1>",
+             f"<p><b>{html.escape(verdict(summary, kind))}</b></p>"]
+    parts += [f"<p style='background:#fee;padding:6px'><b>{html.escape(n)}</b></p>" for n in notes if n.strip()]
+    parts += ["<h2>Results (test split)</h2>", results, *[f"<p>{html.escape(d)}</p>" for d in _definitions(kind)]]
+    parts.append("<h2>Grids: original | its label | target | edited | re-labelled</h2>")
+    parts += [embed_png(g, GRID_CAPTIONS.get(c, c)) for c, g in grids.items()]
+    if video:
+        parts += ["<h2>Video</h2>", f"<p><a href='{html.escape(video['gif'].name)}'>GIF</a> | "
+                                    f"<a href='{html.escape(video['mp4'].name)}'>MP4</a></p>"]
+    parts += ["<h2>Settings</h2>", setting_rows]
+    atomic_write_text(path, html_page(f"Intervention: {settings.get('task')}", parts))
     return path

@@ -8,8 +8,10 @@
 4. Regenerate each image once per condition with the editor active, re-label the result, score it
    (:mod:`~probes.experiments.intervention.score`).
 5. Write ``metrics.csv`` (per-condition means, long form), ``per_image.csv`` (every image's
-   scores, long form), ``report.md`` with one PNG grid per condition, and the moving-object video
-   (MP4 + GIF); log them to W&B when asked (``wandb_project``) or when a run is already active.
+   scores, long form), ``report.md`` and a self-contained ``report.html`` with one PNG grid per
+   condition, and, with ``video: true``, the moving-object video (MP4 + GIF: about two thirds of a
+   run's time, so off by default); log them to W&B when asked (``wandb_project``) or when a run is
+   already active. The console gets the verdict in one line (moved x % vs y % random, no-op MAE z).
 """
 from __future__ import annotations
 
@@ -25,7 +27,14 @@ from probes.common.progress import progress_bar
 from probes.experiments.intervention import score as scoring
 from probes.experiments.intervention.config import InterventionConfig
 from probes.experiments.intervention.editor import EditRecord, EditSettings, plan_edits
-from probes.experiments.intervention.report import ConditionResult, ImageResult, write_grid, write_markdown
+from probes.experiments.intervention.report import (
+    ConditionResult,
+    ImageResult,
+    verdict,
+    write_grid,
+    write_html,
+    write_markdown,
+)
 from probes.experiments.intervention.session import InterventionSession
 from probes.experiments.intervention.targets import TargetMaker, offset_path, random_source, sample_shift
 from probes.experiments.intervention.video import active_wandb_run, log_video, render_frames, write_video
@@ -120,12 +129,14 @@ def intervene(config: InterventionConfig) -> Path:
         notes = [] if not probeset.spec.is_random else [
             "", "NOTE: this model has RANDOM WEIGHTS: these numbers only show that the intervention runs."]
         write_markdown(out_dir / "report.md", summary, kind, record, grids, paths, notes)
+        write_html(out_dir / "report.html", summary, kind, record, grids, paths, notes)
         if run is not None:
             _log_wandb(run, summary, per_image, grids, paths)
     finally:
         if own_run and run is not None:
             run.finish()
-    print(f"Intervention: {out_dir / 'report.md'}")
+    print(verdict(summary, plan[0].info.kind))
+    print(f"Report: {out_dir / 'report.html'}")
     return out_dir
 
 

@@ -129,7 +129,7 @@ def export_pipeline(vae, text_encoder, tokenizer, unet, cfg: dict[str, Any], out
     pipe.to(torch.float32)
     save_tokenizer(tokenizer, tmp / "tokenizer")
     write_scheduler_config(cfg["scheduler"], tmp / "scheduler" / "scheduler_config.json")
-    # transformers loads with dtype "auto" (the config's) when no torch_dtype is given: say float32
+    # transformers loads with dtype "auto" (the config's) when no dtype is given: say float32
     # so a bare from_pretrained upcasts the text encoder like diffusers does the U-Net and VAE
     te_cfg = tmp / "text_encoder" / "config.json"
     atomic_write_text(te_cfg, json.dumps(json.loads(te_cfg.read_text()) | {"dtype": "float32"}, indent=2) + "\n")
@@ -148,7 +148,7 @@ def sample_grid(out: Path, captions: list[str], cfg: dict[str, Any]) -> float:
 
     s = cfg["samples"]
     tick = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(out, torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(out, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -207,7 +207,7 @@ Made by
 
 Seed {cfg['seed']} (VAE init seed {cfg['seed']}, text encoder {cfg['seed'] + 1}, U-Net {cfg['seed'] + 2}; every
 training step's batch and noise come from a generator seeded by (stage seed, step)).
-Weights: {mb:.1f} MB of fp16 safetensors (loading with `torch_dtype=torch.float32` upcasts), checked by
+Weights: {mb:.1f} MB of fp16 safetensors (loading with `dtype=torch.float32` upcasts), checked by
 `MANIFEST.sha256` (`cd data/toy/model && sha256sum -c MANIFEST.sha256`).
 Parameters: U-Net {rec['params']['unet'] / 1e6:.2f} M, VAE {rec['params']['vae'] / 1e6:.2f} M, text encoder
 {rec['params']['text_encoder'] / 1e6:.2f} M (of which {rec['params']['token_embedding'] / 1e6:.2f} M token embedding).
