@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
-from probes.generation.sampling import CaptureSpec, GenerationSpec, batches, generate
+from probes.generation.sampling import CaptureSpec, GenerationSpec, batches
+from probes.generation.source import store_batches
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, check_disk, human_bytes, refuse_orphaned_data
 from probes.store.locks import store_lock, sweep_temporaries
@@ -191,8 +192,8 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
             pipe = load_pipeline(diffusion, device)
         layers = store.layers
         calls = 0
-        for batch in generate(pipe, records, todo, generation, layers, capture, progress=progress,
-                              desc=f"generating (rank {rank})" if world > 1 else "generating", decode=test):
+        for batch in store_batches(pipe, records, todo, generation, layers, capture, progress=progress,
+                                   desc=f"generating (rank {rank})" if world > 1 else "generating", decode=test):
             if batch.timesteps != store.manifest["capture"]["all_timesteps"]:
                 raise RuntimeError(f"sampler visited timesteps {batch.timesteps}, the store expects "
                                    f"{store.manifest['capture']['all_timesteps']}")
