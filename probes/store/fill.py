@@ -202,10 +202,15 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
             store.write_batch(batch.indices, batch.images, acts, recs, batch.decoded_images, batch.decoded_indices)
             calls += batch.guided_calls
         store.close()
-        extra = ("; a sample is regenerated in its whole batch, bit-identically"
-                 if calls > len(todo) * generation.steps else "")
-        print(f"[generation] rank {rank}: {len(todo)} images, {calls} guided U-Net calls "
-              f"({generation.steps} per image, every layer and step captured in the same pass{extra})", flush=True)
+        if generation.start == "renders":
+            per = len(store.manifest["capture"]["steps"])
+            print(f"[generation] rank {rank}: {len(todo)} renders, {calls} conditional U-Net calls ({per} per render: "
+                  f"one per captured step, on the render noised to that step)", flush=True)
+        else:
+            extra = ("; a sample is regenerated in its whole batch, bit-identically"
+                     if calls > len(todo) * generation.steps else "")
+            print(f"[generation] rank {rank}: {len(todo)} images, {calls} guided U-Net calls "
+                  f"({generation.steps} per image, every layer and step captured in the same pass{extra})", flush=True)
     del pipe
     barrier()
     return ActivationStore(store_dir)
