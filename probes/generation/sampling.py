@@ -32,6 +32,9 @@ SCHEDULERS = {"lms": "LMSDiscreteScheduler", "ddim": "DDIMScheduler", "pndm": "P
               "euler": "EulerDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler", "native": None}
 #: which latent is decoded into an image at every captured step (``generation.decode``)
 DECODE = ("none", "noisy", "x0")
+#: where a sample's latents come from (``generation.start``): ``noise`` (sampled: the protocol) or
+#: ``renders`` (the toy world's exact-label protocol: a render's latent noised to every step, :mod:`probes.generation.renders`)
+STARTS = ("noise", "renders")
 #: samplers whose ``step`` reports the predicted clean latent (``pred_original_sample``); ``native``
 #: when the model's own reports it, or is a flow-matching one (x0 = x_t - sigma v, computed here)
 X0_SCHEDULERS = ("lms", "ddim", "euler", "native")
@@ -65,6 +68,11 @@ class GenerationSpec:
         distilled guidance needs one pass. Other families guide with ``guidance_scale``.
     :param max_sequence_length: T5 token length of the prompts (SD3, PixArt, FLUX; ``None``: the
         pipeline's default).
+    :param start: ``noise`` (the protocol: sampled from each seed's noise) or ``renders`` (the toy
+        world's exact-label protocol, :mod:`probes.generation.renders`: each record's scene is rendered,
+        encoded, noised to every step's timestep with the seed's noise and run through the denoiser
+        once per captured step, conditional pass only; nothing is sampled, so ``guidance_scale``
+        steers nothing and the store's image is the render).
     :param decode_x0: deprecated (before ``decode`` existed): ``true`` means ``decode: x0``.
     """
 
@@ -78,6 +86,7 @@ class GenerationSpec:
     decode: str = "none"
     true_cfg_scale: float = 1.0
     max_sequence_length: int | None = None
+    start: str = "noise"
     # an init-only alias: configs and probe exports written before ``decode`` keep loading, and it
     # never enters ``asdict`` (the store fingerprint, exported configs)
     decode_x0: InitVar[bool | None] = None
@@ -106,6 +115,11 @@ class GenerationSpec:
             raise ValueError(f"generation.true_cfg_scale must be >= 1 (1: off), got {self.true_cfg_scale}")
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"generation.max_sequence_length must be >= 1 or null, got {self.max_sequence_length}")
+        if self.start not in STARTS:
+            raise ValueError(f"generation.start must be one of {' | '.join(STARTS)}, got {self.start!r}")
+        if self.start == "renders" and self.decode != "none":
+            raise ValueError(f"generation.start=renders samples no trajectory, so there are no intermediate images to "
+                             f"decode (generation.decode={self.decode!r}): set generation.decode=none")
 
     def check_family(self, family: Family) -> None:
         """Refuse, at config time, settings the model family cannot run."""
@@ -115,12 +129,19 @@ class GenerationSpec:
         if family.guidance != "distilled" and self.true_cfg_scale != 1.0:
             raise ValueError(f"generation.true_cfg_scale is FLUX's true CFG; model family {family.name} guides with "
                              f"generation.guidance_scale: leave true_cfg_scale at 1")
+        if self.start == "renders" and (not family.is_unet or family.flow_matching):
+            raise ValueError(f"generation.start=renders noises a latent with the scheduler's add_noise, which the "
+                             f"U-Net families' samplers have; model family {family.name} has another: use "
+                             f"generation.start=noise")
         if family.is_unet and self.max_sequence_length is not None:
             raise ValueError(f"generation.max_sequence_length applies to T5 text encoders; model family {family.name} "
                              f"has none: leave it unset")
 
     def cfg_layout(self, family: Family) -> str:
-        """How this generation lays out classifier-free guidance for ``family``'s denoiser."""
+        """How this generation lays out classifier-free guidance for ``family``'s denoiser (``renders``:
+        the conditional pass alone, ``none``)."""
+        if self.start == "renders":
+            return "none"
         return family.cfg_layout(self.guidance_scale, self.true_cfg_scale)
 
     def fingerprint_fields(self) -> dict:
@@ -131,6 +152,8 @@ class GenerationSpec:
             d.pop("true_cfg_scale")
         if d["max_sequence_length"] is None:
             d.pop("max_sequence_length")
+        if d["start"] == "noise":
+            d.pop("start")
         return d
 
 

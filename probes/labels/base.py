@@ -68,6 +68,13 @@ class Labeler(ABC):
     def load(self, device: str = "cpu") -> None:  # noqa: B027 (an optional hook, not abstract)
         """Load weights / move to ``device``. Called once before the first ``__call__``."""
 
+    def bind(self, store: Any) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """Called by the label cache with the store (an ``ActivationStore``) before labelling it.
+
+        For labelers that label by the record rather than the pixels (the toy world's exact labels
+        read which scene each store index holds from the store's manifest). The default: nothing.
+        """
+
     def prerequisites(self, key: str) -> list[Missing]:
         """What :meth:`load` needs that is not on this machine (weights, packages), without loading it.
 

@@ -83,6 +83,7 @@ class LabelCache:
         if self._loaded_on != device:  # load weights once, not per batch of a streaming run
             self.labeler.load(device)
             self._loaded_on = device
+        self.labeler.bind(self.store)
         images = (self.store.images if self.source == "images" else self.store.decoded_images).array()
         per = 1 if self.source == "images" else self.shape[1]        # labeler images per sample
         bs = max(1, int(getattr(self.labeler, "batch_size", 8)) // per)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
-from probes.generation.sampling import CaptureSpec, GenerationSpec, batches, generate
+from probes.generation.sampling import CaptureSpec, GenerationSpec, batches
+from probes.generation.source import store_batches
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, check_disk, human_bytes, refuse_orphaned_data
 from probes.store.locks import store_lock, sweep_temporaries
@@ -212,8 +213,8 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
             pipe = load_pipeline(diffusion, device)
         layers = store.layers if store.acts else []     # an images-only store: nothing to capture
         calls = 0
-        for batch in generate(pipe, records, todo, generation, layers, capture, progress=progress,
-                              desc=f"generating (rank {rank})" if world > 1 else "generating", decode=test):
+        for batch in store_batches(pipe, records, todo, generation, layers, capture, progress=progress,
+                                   desc=f"generating (rank {rank})" if world > 1 else "generating", decode=test):
             if batch.timesteps != store.manifest["capture"]["all_timesteps"]:
                 raise RuntimeError(f"sampler visited timesteps {batch.timesteps}, the store expects "
                                    f"{store.manifest['capture']['all_timesteps']}")
@@ -223,10 +224,15 @@ def fill_store(store_dir: Path, records: Sequence[PromptRecord], diffusion: Diff
                               input_rows(batch))
             calls += batch.guided_calls
         store.close()
-        extra = ("; a sample is regenerated in its whole batch, bit-identically"
-                 if calls > len(todo) * generation.steps else "")
-        print(f"[generation] rank {rank}: {len(todo)} images, {calls} guided U-Net calls "
-              f"({generation.steps} per image, every layer and step captured in the same pass{extra})", flush=True)
+        if generation.start == "renders":
+            per = len(store.manifest["capture"]["steps"])
+            print(f"[generation] rank {rank}: {len(todo)} renders, {calls} conditional U-Net calls ({per} per render: "
+                  f"one per captured step, on the render noised to that step)", flush=True)
+        else:
+            extra = ("; a sample is regenerated in its whole batch, bit-identically"
+                     if calls > len(todo) * generation.steps else "")
+            print(f"[generation] rank {rank}: {len(todo)} images, {calls} guided U-Net calls "
+                  f"({generation.steps} per image, every layer and step captured in the same pass{extra})", flush=True)
     del pipe
     barrier()
     return ActivationStore(store_dir)

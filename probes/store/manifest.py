@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from probes.common.hashing import sha256_json
+from probes.common.hashing import sha256_json, sha256_text
 from probes.common.version import code_version
 from probes.diffusion.families.layers import pipeline_registry
 from probes.diffusion.families.spec import Family, family_of
 from probes.diffusion.layers import LayerInfo, LayerRegistry
 from probes.diffusion.loading import DiffusionSpec, resolved_revision
+from probes.generation.renders import check_capture
 from probes.generation.sampling import CaptureSpec, GenerationSpec, image_size, sampler_schedule
 from probes.prompts.sets import PromptRecord, prompts_fingerprint
 
@@ -37,6 +38,9 @@ def store_request(diffusion: DiffusionSpec, generation: GenerationSpec, capture:
     noisy`` for the new value, so that existing stores (hours of SD v1.4 generation) keep their
     fingerprints and folders; so are the options added with the model families (``true_cfg_scale``,
     ``max_sequence_length``, ``diffusion.family``), left out at their SD v1.x values.
+
+    A store of ``generation.start=renders`` depends on the scenes rendered too: their names (the
+    records' ``source_id``), which the prompt fingerprint does not read, are hashed in as ``scenes``.
     """
     gen = generation.fingerprint_fields()
     decode = gen.pop("decode")
@@ -48,6 +52,8 @@ def store_request(diffusion: DiffusionSpec, generation: GenerationSpec, capture:
         cap.pop("record_inputs")
     req = {"model": diffusion.identity(), "generation": gen, "capture": cap,
            "prompts": prompts_fingerprint(records), "num_samples": len(records)}
+    if generation.start == "renders":
+        req["scenes"] = sha256_text("".join(f"{r.index}\t{r.source_id}\n" for r in records), 16)
     if not store_activations:
         req["images_only"] = True
     return req
@@ -130,6 +136,17 @@ def size_multiple(family: Family, vae_scale_factor: int) -> int:
     return (8 if family.is_unet else 2) * int(vae_scale_factor)
 
 
+def latent_init(generation: GenerationSpec, family: Family) -> str:
+    """What the manifest says a sample's first latent is."""
+    noise = ("torch.manual_seed(seed); torch.randn(1, C, H/8, W/8) on CPU, unscaled"
+             + (" (packed 2x2 as the pipeline packs)" if family.packed_latents else ""))
+    if generation.start == "renders":
+        return (f"the record's scene rendered, VAE posterior mean x scaling_factor, noised to each captured step's "
+                f"timestep by the scheduler's add_noise with noise {noise}, then scale_model_input; conditional pass "
+                f"only")
+    return noise
+
+
 def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, capture: CaptureSpec,
                    records: Sequence[PromptRecord], store_activations: bool = True) -> dict[str, Any]:
     from probes.diffusion.families.spec import denoiser_of
@@ -139,6 +156,9 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
     check_image_size(height, width, size_multiple(family, pipe.vae_scale_factor))
     registry = family_registry(pipe, height, width)
     layers, steps = resolve_capture(registry, capture, generation)
+    if generation.start == "renders":
+        generation.check_family(family)
+        check_capture(layers, capture)
     timesteps, sigmas = sampler_schedule(pipe, generation)
     request = store_request(diffusion, generation, capture, records, store_activations)
     model = dict(diffusion.identity(), resolved_revision=resolved_revision(pipe), is_random=diffusion.is_random,
@@ -156,9 +176,7 @@ def build_manifest(pipe, diffusion: DiffusionSpec, generation: GenerationSpec, c
         "request": request,
         "code_version": code_version(),
         "model": model,
-        "generation": dict(asdict(generation), height=height, width=width,
-                           latent_init="torch.manual_seed(seed); torch.randn(1, C, H/8, W/8) on CPU, unscaled"
-                           + (" (packed 2x2 as the pipeline packs)" if family.packed_latents else "")),
+        "generation": dict(asdict(generation), height=height, width=width, latent_init=latent_init(generation, family)),
         "capture": capture_section(layers, steps, capture, store_activations, timesteps, family,
                                    generation.cfg_layout(family), sigmas, inputs),
         "num_samples": len(records),

@@ -5,17 +5,37 @@ fresh scenes of the world it was trained on (a seed the training set never used)
 CSV (``prompt,seed``; the seed is the diffusion noise seed) that ``data.prompts.source`` reads like
 any other prompt file. ``diffusion-probes toy-prompts --n 256 --out data/prompts/toy.csv`` made the
 shipped set (world :data:`~probes.toy.world.SHIPPED_WORLD`).
+
+Each row also names its scene (column ``id``, read as the record's ``source_id``: ``world:seed:index``,
+:func:`scene_id`), so the exact-label protocol can render the scene a caption describes and label it
+exactly, whichever rows a run keeps; the prompt fingerprint reads only prompts and seeds, so adding
+the column kept every store's name.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from probes.common.csv_rows import write_csv
-from probes.toy.world import SHIPPED_WORLD, scene_for
+from probes.toy.world import SHIPPED_WORLD, WORLDS, Scene, scene_for
 
 #: scene seed of prompt sets; the toy model's training scenes use other seeds
 PROMPT_SCENE_SEED = 777
 FIRST_NOISE_SEED = 1000
+
+
+def scene_id(world: str, scene_seed: int, index: int) -> str:
+    """The name of scene ``scene_for(scene_seed, index, world=world)`` in a prompt CSV's ``id`` column."""
+    return f"{world}:{int(scene_seed)}:{int(index)}"
+
+
+def scene_of(identity: str) -> Scene:
+    """The scene a :func:`scene_id` names; anything else is an error naming the value and the fix."""
+    parts = str(identity).split(":")
+    if len(parts) != 3 or parts[0] not in WORLDS or not all(p.isascii() and p.isdigit() for p in parts[1:]):
+        raise ValueError(f"{identity!r} does not name a toy scene (expected 'world:seed:index' with world one of "
+                         f"{', '.join(WORLDS)}, e.g. 'v2:777:12'): make the prompt CSV with `diffusion-probes "
+                         f"toy-prompts`, which writes each row's scene in its 'id' column")
+    return scene_for(int(parts[1]), int(parts[2]), world=parts[0])
 
 
 def toy_prompts(n: int, scene_seed: int = PROMPT_SCENE_SEED, first_seed: int = FIRST_NOISE_SEED,
@@ -25,9 +45,11 @@ def toy_prompts(n: int, scene_seed: int = PROMPT_SCENE_SEED, first_seed: int = F
 
 
 def write_prompt_csv(path: Path, n: int, scene_seed: int = PROMPT_SCENE_SEED, world: str = SHIPPED_WORLD) -> Path:
-    """``n`` captions of fresh scenes as a prompt CSV (``prompt,seed``) that ``data.prompts.source`` reads."""
-    rows = ({"prompt": p, "seed": s} for p, s in toy_prompts(n, scene_seed, world=world))
-    return write_csv(rows, ("prompt", "seed"), path)
+    """``n`` captions of fresh scenes as a prompt CSV (``prompt,seed,id``; ``id``: the scene) that
+    ``data.prompts.source`` reads."""
+    rows = ({"prompt": p, "seed": s, "id": scene_id(world, scene_seed, i)}
+            for i, (p, s) in enumerate(toy_prompts(n, scene_seed, world=world)))
+    return write_csv(rows, ("prompt", "seed", "id"), path)
 
 
 def toy_prompt_set(out: Path = Path("data/prompts/toy.csv"), n: int = 256, scene_seed: int = PROMPT_SCENE_SEED,

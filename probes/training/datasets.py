@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
-from probes.generation.sampling import CaptureSpec, GenerationSpec, generate
+from probes.generation.sampling import CaptureSpec, GenerationSpec
+from probes.generation.source import store_batches
 from probes.labels.cache import LabelCache
 from probes.prompts.sets import PromptRecord
 from probes.store.activations import ActivationStore, CorruptSample
@@ -118,7 +119,7 @@ class StreamingDataset(IterableDataset):
         mine = self.indices[rank::world]
         store, cond = src.store, src.store.manifest["capture"]["halves"].index("cond")
         layers = store.layers
-        for batch in generate(src.pipeline(), src.records, mine, src.generation, layers, src.capture,
+        for batch in store_batches(src.pipeline(), src.records, mine, src.generation, layers, src.capture,
                               acts_device=None, progress=src.progress, desc=f"streaming {self.split}",
                               universe=mine, decode=mine if self.split == "test" else ()):  # only test is decoded
             idx = batch.indices
