@@ -30,6 +30,8 @@ from probes.reporting.tables import (  # noqa: E402
 from probes.tasks import LOWER_IS_BETTER, get_task  # noqa: E402
 
 #: reference points (replication, last step, up3.0) drawn as a dashed line where they apply
+#: the model the published numbers are of (Chen et al. 2023 and the 2024 replication)
+PUBLISHED_MODELS = ("CompVis/stable-diffusion-v1-4",)
 PUBLISHED = {("foreground", "dice"): 0.85, ("depth", "spearman"): 0.71, ("depth", "pearson"): 0.74,
              ("shading", "spearman"): 0.62, ("shading", "pearson"): 0.64}
 
@@ -83,7 +85,7 @@ def rank_layers(rows: list[dict], task: str, metric: str, split: str) -> list[st
 
 
 def plot_metric_vs_step(rows: list[dict], split: str, task: str, metric: str, path: Path,
-                        title_suffix: str = "", highlight: int = HIGHLIGHT) -> Path:
+                        title_suffix: str = "", highlight: int = HIGHLIGHT, published: bool = False) -> Path:
     """Metric vs step: the ``highlight`` best layers in colour, the others thin and grey.
 
     Sixteen coloured lines cannot be told apart, and the question is usually "which layers, from
@@ -130,7 +132,7 @@ def plot_metric_vs_step(rows: list[dict], split: str, task: str, metric: str, pa
             pts = sorted((r["step"], r["value"]) for r in sel if r["layer"] == layer)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", lw=1.6, color="black", zorder=2,
                     label=describe(layer))
-    ref = PUBLISHED.get((task, metric))
+    ref = PUBLISHED.get((task, metric)) if published else None      # SD v1.4's numbers: only on SD v1.4 runs
     if ref is not None:
         ax.axhline(ref, color="grey", lw=0.8, ls="-.", label=f"published (up3.0, last step): {ref}")
     ax.set_ylabel(f"{metric} ({split} split,\nmean over images)")
@@ -292,14 +294,18 @@ def plot_emergence(rows: list[dict], task: str, path: Path, split: str = "test",
     return path
 
 
-def plot_all(rows: list[dict], out_dir: Path, split: str = "test", title_suffix: str = "") -> list[Path]:
+def plot_all(rows: list[dict], out_dir: Path, split: str = "test", title_suffix: str = "",
+             published: bool = False) -> list[Path]:
     """Both plots for every (task, metric) in ``split`` that has probes (the loss is left out), then
-    each task's emergence figure (probe vs labeler on decoded images vs classifier)."""
+    each task's emergence figure (probe vs labeler on decoded images vs classifier). ``published``:
+    draw the SD v1.4 paper's numbers (a run of SD v1.4's weights; on any other model they compare
+    nothing)."""
     paths = []
     pairs = list(dict.fromkeys((r["task"], r["metric"]) for r in rows if r["split"] == split
                                and r["metric"] not in NOT_SCORES and r["layer"] not in NOT_PROBES))
     for task, metric in pairs:
-        paths.append(plot_metric_vs_step(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_vs_step.png", title_suffix))
+        paths.append(plot_metric_vs_step(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_vs_step.png",
+                                         title_suffix, published=published))
         paths.append(plot_heatmap(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_heatmap.png", title_suffix))
         if any("gain" in r for r in _select(rows, split=split, task=task, metric=metric)):
             paths.append(plot_heatmap(rows, split, task, metric, out_dir / f"{split}_{task}_{metric}_gain_heatmap.png",

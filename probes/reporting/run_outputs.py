@@ -20,7 +20,7 @@ from probes.export.probeset import write_export
 from probes.metrics.per_image import FILE
 from probes.reporting.html import write_report
 from probes.reporting.panels import panel_indices, plot_panel
-from probes.reporting.plots import plot_all
+from probes.reporting.plots import PUBLISHED_MODELS, plot_all
 from probes.reporting.results import RunResults, collect_results
 from probes.reporting.tables import SUMMARY, format_table, metrics_record, write_metrics_csv
 
@@ -82,7 +82,8 @@ class RunOutputs(pl.Callback):
             self.written["probes"] = write_export(results.export, out / "probes")
         if self.plots:
             suffix = "  [RANDOM WEIGHTS: meaningless]" if spec_random else ""
-            self.written["plots"] = plot_all(rows, output_dir(out / "plots"), "test", suffix)
+            sd14 = not spec_random and dict(results.summary.get("model") or {}).get("model_id") in PUBLISHED_MODELS
+            self.written["plots"] = plot_all(rows, output_dir(out / "plots"), "test", suffix, published=sd14)
             if results.panels:
                 self.written["panels"] = {t: plot_panel(t, p, out / "plots" / f"panel_{t}.png")
                                           for t, p in results.panels.items()}
