@@ -177,7 +177,7 @@ def test_saved_config_reruns_from_another_folder(demo_run, tmp_path):
 def test_printed_config_reruns_from_another_folder(tmp_path):
     """``--print_config`` of a config with ``defaults:`` and relative group paths (``../labels/toy.yaml``)
     is self-contained: printed again from another folder, it is the same config."""
-    printed = run_inprocess("fit", "--config", "configs/toy/control.yaml", "--print_config")
+    printed = run_inprocess("fit", "--config", "configs/toy/control_permuted_own_images.yaml", "--print_config")
     assert "../labels/toy.yaml" not in printed and "toy_foreground" in printed
     (tmp_path / "control.yaml").write_text(printed)
     elsewhere = tmp_path / "elsewhere"

@@ -75,7 +75,7 @@ def toy_quality(out: Path = Path("outputs/toy_quality"), model: str = "data/toy/
     :param model: the toy model (a diffusers folder; ``data/...`` resolves against the data folder).
     :param one: one-object captions (shape and colour named).
     :param two: two-object captions with two colours (left/right holds).
-    :param permute_seed: the control's permutation seed (every U-Net weight tensor, as ``configs/toy/control.yaml``).
+    :param permute_seed: the control's permutation seed (every U-Net weight tensor, as ``configs/toy/control_permuted_own_images.yaml``).
     :param scene_seed: the captions' scene seed.
     :param world: the world the captions are drawn from (the model's).
     :param steps: sampler steps (K-LMS).
