@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch pair known to work together (torchvision must match torch; see README "Install").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Where the torch pair comes from: empty = the default index (CUDA wheels, ~6 GB of venv); a CPU-only
+# machine can use PyTorch's CPU index instead: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: help install demo experiment demo-tiny toy-model intervene lens test test-all lint bench clean
 
@@ -13,7 +16,7 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
