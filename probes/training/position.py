@@ -52,7 +52,7 @@ def train_mean(targets: Targets, task: Task, labels: np.ndarray, indices: Sequen
 
 
 def val_masks(targets: Targets, task: Task, labels: np.ndarray, indices: Sequence[int]) -> np.ndarray:
-    """``[N, H, W]`` bool masks of the validation split (binary tasks' thresholds are picked on them)."""
+    """``[N, H, W]`` bool masks of the split binary tasks' thresholds are picked on (val; train without val)."""
     parts = [y > 0.5 for _, y in target_chunks(targets, task, labels, indices)]
     if not parts:
         raise ValueError(f"task {task.name!r} is binary: its position baselines' thresholds are picked on the "

@@ -67,9 +67,13 @@ def test_height_only_labels_are_found_by_position_and_noise_is_not():
     assert scores["foreground"][PRIOR][:, 0].mean() > 0.99 and scores["foreground"][PLANE][:, 0].mean() > 0.99
 
 
-def test_a_binary_task_without_validation_images_is_refused():
+def test_a_binary_task_without_validation_images_fits_its_threshold_on_train():
+    """A run without val (nothing is selected there) still gets its prior map: the map and its
+    threshold both come from train, never from test."""
     masks = np.zeros((6, 4, 4), np.float32)
     masks[:, :2] = 1
-    with pytest.raises(ValueError, match="val_fraction"):
-        fit_position(targets, _dm({"foreground": masks}, n_train=6, n_val=0), ["foreground"])
+    position = fit_position(targets, _dm({"foreground": masks}, n_train=6, n_val=0), ["foreground"])
+    prior = position["foreground"][PRIOR]
+    assert prior.threshold is not None
+    assert np.array_equal(prior.map > prior.threshold, masks[0] > 0.5)
     assert torch.is_tensor(targets(type("T", (), {"kind": "binary"})(), torch.ones(1)))
