@@ -3,7 +3,6 @@ the plane a least-squares fit in pixel coordinates, thresholds come from val, an
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from scipy.stats import spearmanr
 
