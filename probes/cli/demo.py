@@ -65,10 +65,29 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     :param classifier_run: the classifier experiment's ``(label, folder, config)`` (None: skipped); its
         per-step classifier scores go into ``comparison.md``, its emergence figures into its own report.
     """
+    from probes.cli.train import WANDB_DIR_ENV, WANDB_GROUP_ENV
+
+    out_dir = Path(out)
+    # one W&B group and one wandb/ folder for the whole demo (`wandb sync <out>/wandb/offline-run-*`)
+    saved = {k: os.environ.get(k) for k in (WANDB_GROUP_ENV, WANDB_DIR_ENV)}
+    os.environ[WANDB_GROUP_ENV] = f"demo-{out_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ[WANDB_DIR_ENV] = str(out_dir)
+    try:
+        return _chain(out_dir, overrides, runs, classifier_run)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _chain(out_dir: Path, overrides: Sequence[str], runs: Sequence[tuple[str, str, str]],
+           classifier_run: tuple[str, str, str] | None) -> Path:
+    """The demo's fits, then its comparison (see :func:`demo`)."""
     from probes.cli.evaluate import comparison_report
     from probes.cli.train import train_main
 
-    out_dir = Path(out)
     seconds, loads = {}, {"start": load_average()}
     for _, folder, config in runs:
         t0 = time.perf_counter()

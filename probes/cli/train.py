@@ -2,6 +2,7 @@
 classifier callbacks, and testing right after fitting."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -27,6 +28,21 @@ def _run_name(cfg: Namespace) -> str:
 
 
 TRAIN_COMMANDS = ("fit", "validate", "test", "predict")
+#: set by a command that chains several fits (the demo): their W&B runs share a group and a wandb/ folder
+WANDB_GROUP_ENV, WANDB_DIR_ENV = "DPROBE_WANDB_GROUP", "DPROBE_WANDB_DIR"
+
+
+def wandb_defaults(init_args: Namespace, run_dir: str, environ: dict | None = None) -> None:
+    """Fill what a W&B logger's config left open: the run's name (its folder: the config's name and
+    time, or the demo's run label), its group and its ``wandb/`` folder (the chaining command's, so
+    that one ``wandb sync`` sends an experiment; otherwise the run folder)."""
+    env = os.environ if environ is None else environ
+    if "save_dir" in init_args and init_args.save_dir in (None, ".", "", "outputs"):
+        init_args.save_dir = env.get(WANDB_DIR_ENV) or run_dir
+    if init_args.get("name") is None:
+        init_args.name = Path(run_dir).name
+    if init_args.get("group") is None and env.get(WANDB_GROUP_ENV):
+        init_args.group = env[WANDB_GROUP_ENV]
 
 
 def train_main(argv: Sequence[str] | None = None) -> None:
@@ -96,7 +112,9 @@ class ProbeCLI(LightningCLI):
         loggers = cfg.trainer.get("logger")
         for lg in loggers if isinstance(loggers, list) else [loggers]:
             if isinstance(lg, Namespace) and "init_args" in lg:
-                if "save_dir" in lg.init_args and lg.init_args.save_dir in (None, ".", "", "outputs"):
+                if str(lg.get("class_path", "")).endswith("WandbLogger"):
+                    wandb_defaults(lg.init_args, run_dir)
+                elif "save_dir" in lg.init_args and lg.init_args.save_dir in (None, ".", "", "outputs"):
                     lg.init_args.save_dir = run_dir
         callbacks = cfg.trainer.get("callbacks") or []
         for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
