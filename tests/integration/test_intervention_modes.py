@@ -53,3 +53,10 @@ def test_mode_and_guidance_options_are_checked_before_any_compute(export, tmp_pa
         InterventionConfig(str(export), mode="latent", guidance_weight=-1.0)
     with pytest.raises(ValueError, match="latent mode edits no activation"):
         InterventionConfig(str(export), mode="latent", erase=["colour"])
+
+
+def test_erase_names_the_missing_store_before_loading_the_model(export, tmp_path):  # noqa: F811
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="erase: \\['colour'\\] fits LEACE on the probes' store"):
+        intervene(InterventionConfig(str(export), erase=["colour"], out=str(tmp_path / "e"), **SMALL))

@@ -33,6 +33,12 @@ from probes.experiments.intervention import score as scoring
 from probes.experiments.intervention import side_effects
 from probes.experiments.intervention.config import InterventionConfig
 from probes.experiments.intervention.editor import EditRecord, EditSettings, plan_edits
+from probes.experiments.intervention.erasure import (
+    ConceptEraser,
+    fit_store_erasers,
+    select_concepts,
+    store_toy_concepts,
+)
 from probes.experiments.intervention.guidance import GuidanceSettings
 from probes.experiments.intervention.report import (
     ConditionResult,
@@ -45,7 +51,7 @@ from probes.experiments.intervention.report import (
 from probes.experiments.intervention.session import InterventionSession
 from probes.experiments.intervention.targets import TargetMaker, offset_path, random_source, sample_shift
 from probes.experiments.intervention.video import active_wandb_run, log_video, render_frames, write_video
-from probes.export.probeset import LinearProbe, load_probes
+from probes.export.probeset import LinearProbe, ProbeSet, load_probes
 from probes.reporting.wandb_logger import start_wandb_run
 
 PER_IMAGE_COLUMNS = ["split", "index", "seed", "prompt", "condition", "metric", "value"]
@@ -133,8 +139,8 @@ def intervene(config: InterventionConfig) -> Path:
     latent_plan = plan_edits(probeset, c.task, c.edit_layers(), c.latent_steps()) if "latent" in c.modes() else []
     guide = GuidanceSettings(weight=c.guidance_weight, iterations=c.guidance_iterations, huber_delta=c.huber_delta,
                              binary_loss=probeset.binary_fit_loss if c.binary_loss == "auto" else binary_loss)
-    session = InterventionSession(probeset, c.task, c.device, c.prompts_dir, allow_other_model=c.allow_other_model)
     erasers = fit_erasers(probeset, plan, c.erase, c.erase_samples, c.progress) if c.erase else {}
+    session = InterventionSession(probeset, c.task, c.device, c.prompts_dir, allow_other_model=c.allow_other_model)
     modes = []
     if "activation" in c.modes():
         modes.append(EditMode("activation", plan, lambda r, t, bar: session.edit(r, plan, t, settings, bar, erasers),
@@ -271,10 +277,30 @@ def run_conditions(session: InterventionSession, modes: Sequence[EditMode], cond
     return results, per_image
 
 
-def fit_erasers(probeset, plan: Sequence[LinearProbe], erase: Sequence[str], samples: int,
-                progress: bool = True) -> Mapping:
-    """LEACE erasers for ``erase`` at every planned (step, layer), fitted on the probes' store."""
-    raise NotImplementedError("erase: [...] is not wired yet; use erase: []")
+def fit_erasers(probeset: ProbeSet, plan: Sequence[LinearProbe], erase: Sequence[str], samples: int,
+                progress: bool = True) -> Mapping[tuple[int, str], ConceptEraser]:
+    """LEACE erasers for the concepts ``erase`` names at every planned (step, layer), fitted on the first
+    ``samples`` training samples of the store the probes were trained on (never the test split the
+    intervention is scored on). The concepts are the toy world's (:func:`store_toy_concepts`)."""
+    from probes.labels.toy_nets import predict as toy_predict
+    from probes.store.activations import ActivationStore
+
+    root = Path(str(probeset.spec.store_dir or ""))
+    if not probeset.spec.store_dir or not (root / "manifest.json").exists():
+        raise FileNotFoundError(f"erase: {list(erase)} fits LEACE on the probes' store, but the export at "
+                                f"{probeset.path} records store {probeset.spec.store_dir!r}, which is not there; "
+                                f"run from where the store lives, or set erase: []")
+    store = ActivationStore(root)
+    label_cfg = dict(dict(probeset.spec.data_config).get("labels", {}).get("foreground", {}))
+    weights_dir = label_cfg.get("weights_dir") if str(label_cfg.get("name", "")).startswith("toy") else None
+    sources = select_concepts(erase, store_toy_concepts(store, lambda im: toy_predict("foreground", im, weights_dir)))
+    committed = store.committed()
+    train = [i for i, p in enumerate(store.manifest.get("prompts") or [])
+             if p.get("split") == "train" and i < len(committed) and committed[i]][:samples]
+    if not train:
+        raise ValueError(f"the store at {root} has no committed training samples to fit erase: {list(erase)} on")
+    wrap = (lambda xs: progress_bar(len(xs), "fitting erasers", "sample", True, iterable=xs)) if progress else iter
+    return fit_store_erasers(store, sources, [(p.info.step, p.info.layer) for p in plan], train, progress=wrap)
 
 
 def moving_video(session: InterventionSession, mode: EditMode, image: ImageResult,
