@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from probes.experiments.intervention.config import InterventionConfig
 from probes.experiments.intervention.run import intervene
 from tests.integration.test_intervention import export, read  # noqa: F401  (the module-scoped export fixture)
@@ -45,7 +47,7 @@ def test_both_modes_write_one_table_and_the_activation_mode_matches_its_own_run(
 
 
 def test_mode_and_guidance_options_are_checked_before_any_compute(export, tmp_path):  # noqa: F811
-    import pytest
+
 
     with pytest.raises(ValueError, match="mode must be one of"):
         InterventionConfig(str(export), mode="sideways")
@@ -56,7 +58,31 @@ def test_mode_and_guidance_options_are_checked_before_any_compute(export, tmp_pa
 
 
 def test_erase_names_the_missing_store_before_loading_the_model(export, tmp_path):  # noqa: F811
-    import pytest
+
 
     with pytest.raises(FileNotFoundError, match="erase: \\['colour'\\] fits LEACE on the probes' store"):
         intervene(InterventionConfig(str(export), erase=["colour"], out=str(tmp_path / "e"), **SMALL))
+
+
+@pytest.mark.slow
+def test_toy_model_both_modes_with_erasure_measure_every_side_effect(tmp_path):
+    """On the toy model: fit mean-difference foreground probes on a few fresh scenes, then run both
+    edit modes with colour and class erased; every side effect is measured, the classifier's too."""
+    from tests.e2e.test_cli import run_inprocess
+
+    run_dir = tmp_path / "probes_run"
+    run_inprocess("fit", "--config", "configs/toy/mean_difference.yaml", "--run_dir", str(run_dir),
+                  "--data.store_root", str(tmp_path / "stores"), "--data.prompts.limit", "40",
+                  "--data.capture.layers", "[up*]", "--data.capture.steps", "[0, 1, 2, 3, 4]",
+                  "--data.labels", "{foreground: {name: toy_foreground}}", "--data.generation.decode", "none",
+                  "--trainer.logger", "false", "--outputs.plots", "false")
+    out = intervene(InterventionConfig(str(run_dir / "probes"), task="foreground", images=2, mode="both",
+                                       erase=["colour", "class"], erase_samples=16, guidance_weight=0.05,
+                                       out=str(tmp_path / "toy"), progress=False))
+    summary = {(r["condition"], r["metric"]): float(r["value"]) for r in read(out / "metrics.csv")}
+    for mode in ("activation", "latent"):
+        for metric in ("success_rate", "pixel_mae", "pixel_psnr", "colour_shift", "same_class", "probe_loss_after"):
+            assert (f"{mode}/edit", metric) in summary, (mode, metric)
+        assert 0 <= summary[(f"{mode}/noop", "same_class")] <= 1
+    report = (out / "report.md").read_text()
+    assert "erase: `['colour', 'class']`" in report and "erased_directions" in report
