@@ -207,6 +207,9 @@ class _FakeStore:
         self.images = np.zeros((len(prompts), size, size, 3), np.uint8)
         self.root = "fake"
 
+    def image(self, index: int) -> np.ndarray:
+        return self.images[index]
+
 
 def test_sampled_store_concepts_come_from_one_object_captions_over_the_foreground():
     from probes.experiments.intervention.erasure import store_toy_concepts
