@@ -141,6 +141,9 @@ def intervene(config: InterventionConfig) -> Path:
                              binary_loss=probeset.binary_fit_loss if c.binary_loss == "auto" else binary_loss)
     erasers = fit_erasers(probeset, plan, c.erase, c.erase_samples, c.progress) if c.erase else {}
     session = InterventionSession(probeset, c.task, c.device, c.prompts_dir, allow_other_model=c.allow_other_model)
+    if "latent" in c.modes() and getattr(session.pipe, "unet", None) is None:
+        raise ValueError(f"mode: {c.mode} guides a U-Net's latent through its scheduler, and "
+                         f"{type(session.pipe).__name__} has no U-Net; use mode: activation")
     modes = []
     if "activation" in c.modes():
         modes.append(EditMode("activation", plan, lambda r, t, bar: session.edit(r, plan, t, settings, bar, erasers),
