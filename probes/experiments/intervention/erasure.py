@@ -160,7 +160,7 @@ def store_toy_concepts(store: Any, foreground: Callable[[np.ndarray], np.ndarray
 
     @functools.lru_cache(maxsize=64)
     def object_mask(i: int) -> np.ndarray:
-        return np.asarray(foreground(np.asarray(store.image(i))[None]))[0] > 0.5
+        return np.asarray(foreground(np.array(store.image(i))[None]))[0] > 0.5      # a copy: memmaps are read-only
 
     def maps(which: int) -> Callable[[int], np.ndarray]:
         def label_map(i: int) -> np.ndarray:
