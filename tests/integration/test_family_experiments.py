@@ -152,6 +152,16 @@ def test_zero_iterations_leave_sd3_images_unchanged(sd3_export, tmp_path):
     assert pixel and all(v == 0 for v in pixel)
 
 
+def test_latent_mode_on_a_transformer_is_refused_before_any_image(sd3_export, tmp_path):
+    from probes.experiments.intervention.config import InterventionConfig
+    from probes.experiments.intervention.run import intervene
+
+    with pytest.raises(ValueError, match="has no U-Net; use mode: activation"):
+        intervene(InterventionConfig(str(sd3_export), mode="both", layers=["joint1"], steps=[0], images=2,
+                                     out=str(tmp_path / "latent"), progress=False))
+    assert not (tmp_path / "latent").exists()
+
+
 def test_editor_writes_flux_single_stream_image_tokens_back_and_leaves_the_text():
     """FLUX's single-stream blocks: an edit of the image tokens reaches exactly the image stream the
     next block reads, the text stream stays the block's own, and an edit of nothing is the unedited

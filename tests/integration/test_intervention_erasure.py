@@ -198,3 +198,43 @@ def test_erasure_off_reproduces_the_edit_bit_for_bit_and_on_changes_it(tiny_pipe
     with pytest.raises(ValueError, match="no eraser"):
         ErasingEditor(tiny_pipe.unet, [probe, make_probe(layer, 2)], layers, block_target(), settings,
                       erasers={(1, "up2.1"): eraser})
+
+
+# -- the concepts `diffusion-probes intervene --erase` fits on -------------------------------------
+class _FakeStore:
+    def __init__(self, prompts: list[dict], start: str, size: int = 16) -> None:
+        self.manifest = {"prompts": prompts, "generation": {"start": start, "height": size, "width": size}}
+        self.images = np.zeros((len(prompts), size, size, 3), np.uint8)
+        self.root = "fake"
+
+    def image(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+
+def test_sampled_store_concepts_come_from_one_object_captions_over_the_foreground():
+    from probes.experiments.intervention.erasure import store_toy_concepts
+    from probes.toy.world import COLOURS, SHAPES
+
+    store = _FakeStore([{"prompt": "a blue sphere"}, {"prompt": "a red cube to the left of an orange cone"},
+                        {"prompt": "an orange cone"}], "noise")
+    left = np.zeros((1, 16, 16), np.float32)
+    left[:, :, :8] = 1.0                                       # the "object": the left half
+    concepts = store_toy_concepts(store, lambda images: np.repeat(left, len(images), 0))
+    colour, shape = concepts["colour"].token_labels(0, (4, 4)), concepts["class"].token_labels(0, (4, 4))
+    grid_left = np.tile(np.arange(4) < 2, 4)
+    assert (colour[grid_left] == COLOURS.index("blue")).all() and (colour[~grid_left] == -1).all()
+    assert (shape[grid_left] == SHAPES.index("sphere")).all() and (shape[~grid_left] == -1).all()
+    assert (concepts["colour"].token_labels(1, (4, 4)) == -1).all()     # two objects: which is where is unknown
+    assert (concepts["class"].token_labels(2, (4, 4))[grid_left] == SHAPES.index("cone")).all()
+
+
+def test_render_store_concepts_are_the_scenes_exact_masks():
+    from probes.experiments.intervention.erasure import store_toy_concepts
+    from probes.toy.prompts import scene_of
+    from probes.toy.world import render
+
+    store = _FakeStore([{"prompt": "x", "source_id": "v2:777:1"}], "renders", size=32)
+    concepts = store_toy_concepts(store, lambda images: pytest.fail("renders need no foreground labeler"))
+    exact = toy_concepts(lambda i: render(scene_of("v2:777:1"), 32))
+    for name in ("colour", "class"):
+        np.testing.assert_array_equal(concepts[name].token_labels(0, (8, 8)), exact[name].token_labels(0, (8, 8)))

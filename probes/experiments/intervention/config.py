@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from probes.experiments.intervention.targets import PATH_KINDS, RANDOM_KINDS
 
 CONDITIONS = ("edit", "noop", "random")
+#: ``activation``: optimise the layers' activations (the reference's edit); ``latent``: guide the latent x_t
+#: with the probes' loss (Readout Guidance); ``both``: run the two, one table with a row per mode
+MODES = ("activation", "latent", "both")
 #: the reference's defaults: foreground edits the 9 decoder layers at steps 0-4, depth all 16 at steps 0-2
 TASK_DEFAULTS: dict[str, dict[str, list]] = {
     "foreground": {"layers": ["up*"], "steps": [0, 1, 2, 3, 4]},
@@ -36,6 +39,17 @@ class InterventionConfig:
         mean-difference probes), ``cross_entropy`` or ``squared``.
     :param optimizer: ``adam`` (the reference's), ``sgd``, or ``projection`` (the smallest edit after
         which the probe reads the target: closed form, no iterations; see ``EditSettings``).
+    :param mode: ``activation`` (today's edit: optimise the activations), ``latent`` (back-propagate the
+        probes' loss to the latent x_t at ``guidance_steps`` and let the U-Net redraw) or ``both`` (the
+        two, one after the other; conditions are then named ``activation/edit``, ``latent/edit``, ...).
+    :param guidance_weight: latent mode: RMS change of the variance-preserving latent per iteration
+        (0 reproduces the original image bit for bit).
+    :param guidance_steps: latent mode: the steps to guide (default: the edit steps).
+    :param guidance_iterations: latent mode: gradient steps on the latent per guided step.
+    :param erase: activation mode: concepts the edit may not move linearly (LEACE fitted on the
+        probes' store, training samples): ``colour`` and/or ``class`` in the toy world; ``[]`` (default)
+        is today's edit bit for bit.
+    :param erase_samples: how many training samples of the store fit the erasers.
     :param conditions: any of ``edit``, ``noop``, ``random`` (default: all three).
     :param random_target: the random control's target: ``other_image`` (another test image's label)
         or ``random_shift`` (this image's label moved by an independent shift).
@@ -70,6 +84,12 @@ class InterventionConfig:
     huber_delta: float = 1.0
     binary_loss: str = "auto"
     optimizer: str = "adam"
+    mode: str = "activation"
+    guidance_weight: float = 0.02
+    guidance_steps: list[int] | None = None
+    guidance_iterations: int = 1
+    erase: list[str] = field(default_factory=list)
+    erase_samples: int = 64
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     random_target: str = "other_image"
     value_range: tuple[float, float] | None = (-9.0, 9.0)
@@ -94,6 +114,17 @@ class InterventionConfig:
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad:
             raise ValueError(f"unknown conditions {bad}; choose from {list(CONDITIONS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.guidance_weight < 0 or self.guidance_iterations < 1:
+            raise ValueError(f"guidance_weight must be >= 0 and guidance_iterations >= 1, got "
+                             f"{self.guidance_weight}, {self.guidance_iterations}")
+        self.erase = list(self.erase or [])
+        if self.erase and self.mode == "latent":
+            raise ValueError(f"erase: {self.erase} constrains the activation edit; latent mode edits no activation: "
+                             f"use mode: activation or both, or erase: []")
+        if self.erase_samples < 1:
+            raise ValueError(f"erase_samples must be >= 1, got {self.erase_samples}")
         if self.random_target not in RANDOM_KINDS:
             raise ValueError(f"random_target must be one of {list(RANDOM_KINDS)}, got {self.random_target!r}")
         if self.video_path not in PATH_KINDS:
@@ -104,6 +135,14 @@ class InterventionConfig:
     def edit_layers(self) -> list[str]:
         """The layers to edit: as given, else the task's default."""
         return self.layers or TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["depth"])["layers"]
+
+    def modes(self) -> list[str]:
+        """The edit modes to run, in order."""
+        return ["activation", "latent"] if self.mode == "both" else [self.mode]
+
+    def latent_steps(self) -> list[int]:
+        """The steps latent guidance acts on: as given, else the edit steps."""
+        return self.guidance_steps if self.guidance_steps is not None else self.edit_steps()
 
     def edit_steps(self) -> list[int]:
         """The steps to edit: as given, else the task's default."""

@@ -127,6 +127,53 @@ def toy_concepts(render_of: Callable[[int], Render], min_share: float = 0.5) -> 
             "class": MaskConcept("class", len(SHAPES), lambda i: render(i).classes, min_share)}
 
 
+def store_toy_concepts(store: Any, foreground: Callable[[np.ndarray], np.ndarray],
+                       min_share: float = 0.5) -> dict[str, MaskConcept]:
+    """The toy world's ``colour`` and ``class`` concepts for a toy store's samples.
+
+    - Store of renders (``generation.start: renders``, ``configs/toy/exact.yaml``): its images *are*
+      the scenes its prompts name (``source_id``), so the renderer's masks are exact
+      (:func:`toy_concepts`).
+    - Sampled store: an image shows the caption's objects wherever the model drew them, so the
+      scene's masks would label the wrong tokens. The concepts come from the caption instead (a prompt
+      attribute): a one-object caption (``a blue sphere``) names the object's colour and class, spread
+      over the pixels ``foreground(images [1, H, W, 3]) -> [1, H, W]`` (> 0.5) marks as object, e.g. the
+      toy foreground labeler; samples of several objects leave every token unlabelled (they do not
+      say which object is where), so they teach the eraser nothing.
+    """
+    from probes.toy.prompts import scene_of
+    from probes.toy.world import render
+
+    prompts = store.manifest.get("prompts") or []
+    generation = store.manifest.get("generation", {})
+    if generation.get("start", "noise") == "renders":
+        size = int(generation.get("height") or generation.get("width") or 64)
+        return toy_concepts(lambda i: render(scene_of(str(prompts[i].get("source_id", ""))), size), min_share)
+    shape = tuple(store.images.shape[1:3])
+
+    @functools.lru_cache(maxsize=64)
+    def named(i: int) -> tuple[int, int] | None:
+        words = str(prompts[i].get("prompt", "")).split() if i < len(prompts) else []
+        if len(words) != 3 or words[0] not in ("a", "an") or words[1] not in COLOURS or words[2] not in SHAPES:
+            return None
+        return COLOURS.index(words[1]), SHAPES.index(words[2])
+
+    @functools.lru_cache(maxsize=64)
+    def object_mask(i: int) -> np.ndarray:
+        return np.asarray(foreground(np.array(store.image(i))[None]))[0] > 0.5      # a copy: memmaps are read-only
+
+    def maps(which: int) -> Callable[[int], np.ndarray]:
+        def label_map(i: int) -> np.ndarray:
+            n = named(int(i))
+            if n is None:
+                return np.full(shape, -1, np.int64)
+            return np.where(object_mask(int(i)), n[which], -1).astype(np.int64)
+        return label_map
+
+    return {"colour": MaskConcept("colour", len(COLOURS), maps(0), min_share),
+            "class": MaskConcept("class", len(SHAPES), maps(1), min_share)}
+
+
 def select_concepts(names: Sequence[str], available: Mapping[str, ConceptSource]) -> list[ConceptSource]:
     """The sources of ``erase: [names]`` (empty: erasure off); unknown names list the valid ones."""
     unknown = [n for n in names if n not in available]

@@ -23,9 +23,17 @@ from probes.reporting.markup import embed_png, fmt_value, html_page, table  # no
 
 #: metrics shown in the report's table, per task kind, in this order (all are in metrics.csv)
 HEADLINE = {"binary": ("success_rate", "progress", "displacement", "dice_target", "dice_requested", "dice_original",
-                       "empty", "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst"),
+                       "empty", "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst",
+                       "pixel_psnr", "colour_shift", "same_class"),
             "regression": ("success_rate", "spearman_target", "spearman_requested", "spearman_original",
-                           "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst")}
+                           "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst",
+                           "pixel_psnr", "same_class")}
+#: shown as "n/a" when no condition has them (no classifier for these images), instead of left out
+ALWAYS_SHOWN = ("same_class",)
+#: the modes table (``mode: both``): one row per mode, these (condition, metric) columns
+MODE_COLUMNS = (("edit", "success_rate"), ("random", "success_rate"), ("noop", "pixel_mae"), ("noop", "pixel_psnr"),
+                ("noop", "colour_shift"), ("edit", "colour_shift"), ("edit", "same_class"),
+                ("edit", "probe_loss_before"), ("edit", "probe_loss_after"))
 
 
 @dataclass
@@ -69,7 +77,7 @@ def write_grid(results: Sequence[ImageResult], condition: str, kind: str, path: 
     fig, axes = plt.subplots(len(rows), 5, figsize=(10, 2.1 * len(rows)), squeeze=False)
     for row, r in zip(axes, rows):
         c = r.conditions[condition]
-        move = f" (shift {r.shift[0]:+d}, {r.shift[1]:+d} px)" if condition == "edit" else ""
+        move = f" (shift {r.shift[0]:+d}, {r.shift[1]:+d} px)" if condition.split("/")[-1] == "edit" else ""
         _show(row[0], r.original, kind, f"#{r.index} original")
         _show(row[1], r.label, kind, "original label")
         _show(row[2], c.target, kind, f"{condition} target{move}")
@@ -100,6 +108,33 @@ def verdict(summary: Sequence[dict], kind: str) -> str:
     return f"Intervention: {', '.join(parts) or 'no condition scored'} ({n} images)"
 
 
+def split_modes(summary: Sequence[dict]) -> dict[str, list[dict]]:
+    """Summary rows per edit mode, conditions without their ``mode/`` prefix (``""``: a one-mode run)."""
+    out: dict[str, list[dict]] = {}
+    for r in summary:
+        mode, _, condition = str(r["condition"]).rpartition("/")
+        out.setdefault(mode, []).append({**r, "condition": condition})
+    return out
+
+
+def mode_verdicts(summary: Sequence[dict], kind: str) -> list[str]:
+    """:func:`verdict` per edit mode (one line for a one-mode run, as before)."""
+    return [verdict(rows, kind) if not mode else f"[{mode}] {verdict(rows, kind)}"
+            for mode, rows in split_modes(summary).items()]
+
+
+def _modes_table(summary: Sequence[dict]) -> tuple[str, str] | None:
+    """One row per edit mode with the bar's numbers side by side (None for a one-mode run)."""
+    per_mode = split_modes(summary)
+    if len(per_mode) < 2:
+        return None
+    rows = []
+    for mode, rs in per_mode.items():
+        value = {(r["condition"], r["metric"]): r["value"] for r in rs}
+        rows.append([mode, *[fmt_value(value[key]) if key in value else "n/a" for key in MODE_COLUMNS]])
+    return table(["mode", *[f"{c} {m}" for c, m in MODE_COLUMNS]], rows)
+
+
 def _pct(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{100 * x:.0f} %"
 
@@ -113,24 +148,33 @@ def _definitions(kind: str) -> list[str]:
         success = ("success: the re-labelled depth ranks closer to the requested (shifted) target than to the "
                    "original label (Spearman).")
     return [success, "pixel_mae / pixel_max: absolute difference to the unedited image (0-255); the no-op's is the "
-                     "edit's side effect."]
+                     "edit's side effect. pixel_psnr: its PSNR in dB. colour_shift: CIELAB ΔE (CIE76) between the "
+                     "object's mean colour before and after (each under its own mask; 2.3 is just noticeable). "
+                     "same_class: share of images whose shapes the toy classifier still names alike (n/a: no "
+                     "classifier for these images). probe_loss_before / after: the probes' loss on the edited "
+                     "activations before and after the edit (latent mode: on the step's activations before and "
+                     "after guidance)."]
 
 
 def _results_table(summary: Sequence[dict], kind: str) -> tuple[str, str]:
     conditions = list(dict.fromkeys(r["condition"] for r in summary))
     value = {(r["condition"], r["metric"]): r["value"] for r in summary}
-    metrics = [m for m in HEADLINE[kind] if any((c, m) in value for c in conditions)]
+    metrics = [m for m in HEADLINE[kind] if m in ALWAYS_SHOWN or any((c, m) in value for c in conditions)]
     n = {c: int(value.get((c, "n_images"), 0)) for c in conditions}
     return table(["metric", *[f"{c} (n={n[c]})" for c in conditions]],
-                 [[m, *[fmt_value(value.get((c, m), math.nan)) for c in conditions]] for m in metrics])
+                 [[m, *[fmt_value(value[(c, m)]) if (c, m) in value else "n/a" for c in conditions]] for m in metrics])
 
 
 def write_markdown(path: Path, summary: Sequence[dict], kind: str, settings: dict, grids: dict[str, Path],
                    video: dict[str, Path] | None, notes: Sequence[str] = ()) -> Path:
     """``report.md``: the verdict, settings, the per-condition table, the grids and the video."""
     results, _ = _results_table(summary, kind)
-    lines = [f"# Intervention: {settings.get('task')}", "", f"**{verdict(summary, kind)}**", ""]
+    lines = [f"# Intervention: {settings.get('task')}", ""]
+    lines += [f"**{v}**\n" for v in mode_verdicts(summary, kind)]
     lines += [f"- {k}: `{v}`" for k, v in settings.items()]
+    modes = _modes_table(summary)
+    if modes:
+        lines += ["", "## Edit modes (test split)", "", modes[0]]
     lines += ["", "## Results (test split)", "", results, ""]
     d = _definitions(kind)
     lines += [d[0], d[1], *notes, ""]
@@ -153,12 +197,16 @@ def write_html(path: Path, summary: Sequence[dict], kind: str, settings: dict, g
     """``report.html``: :func:`write_markdown`'s content in one self-contained file (grids embedded)."""
     _, results = _results_table(summary, kind)
     _, setting_rows = table(["setting", "value"], [[k, str(v)] for k, v in settings.items()])
-    parts = [f"<h1>Intervention: {html.escape(str(settings.get('task')))}</h1>",
-             f"<p><b>{html.escape(verdict(summary, kind))}</b></p>"]
+    parts = [f"<h1>Intervention: {html.escape(str(settings.get('task')))}</h1>"]
+    parts += [f"<p><b>{html.escape(v)}</b></p>" for v in mode_verdicts(summary, kind)]
+    modes = _modes_table(summary)
+    if modes:
+        parts += ["<h2>Edit modes (test split)</h2>", modes[1]]
     parts += [f"<p style='background:#fee;padding:6px'><b>{html.escape(n)}</b></p>" for n in notes if n.strip()]
     parts += ["<h2>Results (test split)</h2>", results, *[f"<p>{html.escape(d)}</p>" for d in _definitions(kind)]]
     parts.append("<h2>Grids: original | its label | target | edited | re-labelled</h2>")
-    parts += [embed_png(g, GRID_CAPTIONS.get(c, c)) for c, g in grids.items()]
+    parts += [embed_png(g, f"{c.rpartition('/')[0]}: " * ("/" in c) + GRID_CAPTIONS.get(c.split("/")[-1], c))
+              for c, g in grids.items()]
     if video:
         parts += ["<h2>Video</h2>", f"<p><a href='{html.escape(video['gif'].name)}'>GIF</a> | "
                                     f"<a href='{html.escape(video['mp4'].name)}'>MP4</a></p>"]

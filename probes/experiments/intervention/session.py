@@ -8,7 +8,7 @@ labeler, so everything here comes from that record; nothing is specific to one m
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,9 @@ import torch
 
 from probes.diffusion.families.spec import denoiser_of, family_of
 from probes.diffusion.loading import DiffusionSpec, load_pipeline, resolved_revision
-from probes.experiments.intervention.editor import ActivationEditor, EditRecord, EditSettings
+from probes.experiments.intervention.editor import EditRecord, EditSettings
+from probes.experiments.intervention.erasure import ConceptEraser, ErasingEditor
+from probes.experiments.intervention.guidance import GuidanceSettings, LatentGuidance
 from probes.experiments.intervention.pipeline import sample_images
 from probes.export.probeset import LinearProbe, ProbeSet
 from probes.generation.sampling import GenerationSpec, image_size
@@ -145,14 +147,42 @@ class InterventionSession:
         return sample_images(self.pipe, records, self.generation)
 
     def edit(self, records: Sequence[PromptRecord], plan: Sequence[LinearProbe], targets: np.ndarray,
-             settings: EditSettings, on_edit: Callable[[EditRecord], None] | None = None
-             ) -> tuple[np.ndarray, list[EditRecord]]:
-        """The images of ``records`` generated with the ``plan``'s edits towards ``targets`` [B, H, W]."""
-        editor = ActivationEditor(denoiser_of(self.pipe), plan, self.probes.spec.layers,
-                                  torch.as_tensor(np.asarray(targets, np.float32)), settings, on_edit=on_edit,
-                                  cfg=self.cfg)
+             settings: EditSettings, on_edit: Callable[[EditRecord], None] | None = None,
+             erasers: Mapping[tuple[int, str], ConceptEraser] | None = None) -> tuple[np.ndarray, list[EditRecord]]:
+        """The images of ``records`` generated with the ``plan``'s edits towards ``targets`` [B, H, W]
+        (with ``erasers``: each edit kept to the directions that move no erased concept; none or
+        empty: the plain activation editor, bit for bit)."""
+        editor = ErasingEditor(denoiser_of(self.pipe), plan, self.probes.spec.layers,
+                               torch.as_tensor(np.asarray(targets, np.float32)), settings, on_edit=on_edit,
+                               erasers=erasers, cfg=self.cfg)
         images = sample_images(self.pipe, records, self.generation, [editor])
         return images, editor.records
+
+    def guide(self, records: Sequence[PromptRecord], plan: Sequence[LinearProbe], targets: np.ndarray,
+              settings: GuidanceSettings, on_edit: Callable[[EditRecord], None] | None = None
+              ) -> tuple[np.ndarray, list[EditRecord]]:
+        """The images of ``records`` generated with the latent guided towards ``targets`` at the
+        ``plan``'s steps (latent mode: the U-Net redraws from a guided x_t, no activation replaced)."""
+        guide = LatentGuidance(self.pipe, plan, self.probes.spec.layers,
+                               torch.as_tensor(np.asarray(targets, np.float32)), settings,
+                               guidance=self.guidance, on_edit=on_edit)
+        images = sample_images(self.pipe, records, self.generation, [guide])
+        return images, guide.records
+
+    @property
+    def has_classifier(self) -> bool:
+        """Whether a shape classifier exists for this model's images: the toy world's (its labelers are
+        ``toy_*``); Stable Diffusion images have none here."""
+        return str(getattr(self.labeler, "name", "")).startswith("toy")
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Which toy shapes each image shows ``[B, K]`` bool (the toy classifier, probability > 0.5)."""
+        if not self.has_classifier:
+            raise ValueError(f"no shape classifier for images labelled by {getattr(self.labeler, 'name', '?')!r}; "
+                             f"only the toy world has one")
+        from probes.labels.toy_nets import predict
+
+        return predict("classifier", images, getattr(self.labeler, "weights_dir", None)) > 0.5
 
     def label(self, images: np.ndarray, records: Sequence[PromptRecord]) -> np.ndarray:
         """Raw labels ``[B, H, W]`` (labeler units) of ``images``, checked against the probes' label size."""
