@@ -57,19 +57,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise IsADirectoryError(f"cannot write the file {path}: a folder of that name is in the way; move or delete it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + TMP_INFIX)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding, "newline": newline})) as f:
+    with atomic_path(path) as tmp:         # the temporary name, the rename and the clean-up live there
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": encoding, "newline": newline})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if path.is_symlink():
-            _warn_link(path, "output")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
