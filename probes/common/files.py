@@ -163,3 +163,18 @@ def is_regular_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a real file in a real folder (neither it nor its folder a symbolic link)."""
     path = Path(path)
     return path.is_file() and not path.is_symlink() and not path.parent.is_symlink()
+
+
+def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (``what``: "a run summary", ...); a truncated, edited or
+    foreign file is named with ``fix`` instead of surfacing as a bare ``JSONDecodeError``."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): it was "
+                         f"truncated (killed while writing?) or edited; {fix}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not {what} (a JSON {type(data).__name__}); {fix}")
+    return data

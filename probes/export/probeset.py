@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-from probes.common.files import atomic_write_bytes, atomic_write_text, output_dir
+from probes.common.files import atomic_write_bytes, atomic_write_text, output_dir, read_json_object
 from probes.common.version import code_version
 from probes.contract import ProbeSpec
 from probes.diffusion.layers import LayerInfo
@@ -281,14 +281,7 @@ class ProbeSet:
     @staticmethod
     def _read_meta(path: Path) -> dict[str, Any]:
         """The export's metadata; a truncated file is named (not a bare ``JSONDecodeError``)."""
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}): it was truncated or "
-                             f"edited; copy the export again, or re-export it ({EXPORT_HINT})") from err
-        if not isinstance(meta, dict):
-            raise ValueError(f"{path} is not probe metadata (a JSON {type(meta).__name__}); {EXPORT_HINT}")
-        return meta
+        return read_json_object(path, "probe metadata", f"copy the export again, or re-export it ({EXPORT_HINT})")
 
     @staticmethod
     def _read_weights(path: Path, sha256: str | None = None) -> dict[str, Tensor]:

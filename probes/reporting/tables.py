@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from probes.common.csv_rows import write_csv
+from probes.common.files import read_json_object
 from probes.metrics.baseline_rows import NOT_PROBES as PSEUDO_LAYERS
 from probes.reporting.markup import fmt_timestep, fmt_value
 from probes.tasks import better
@@ -61,14 +61,7 @@ def metrics_record(path: Path) -> dict[str, Any]:
 
 def read_summary(path: Path) -> dict[str, Any]:
     """A run's ``summary.json``; a truncated or foreign one is named with the fix."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): it was "
-                         f"truncated (a run killed while writing it?) or edited; {RERUN}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a run summary (a JSON {type(data).__name__}); {RERUN}")
-    return data
+    return read_json_object(path, "a run summary", RERUN)
 
 
 def read_metrics_csv(path: Path, record: dict[str, Any] | None = None) -> list[dict]:
