@@ -70,6 +70,19 @@ def test_lens_run_writes_report_csv_and_plots(lens_run: Path):
     assert html.count("data:image/png;base64") == len(plots)
 
 
+def test_lens_report_reads_like_the_probe_reports(lens_run: Path):
+    """The header is a table, every plot has a caption in words, no table names two columns alike."""
+    report = (lens_run / "report.md").read_text()
+    header = report.split("## What was run", 1)[1].split("\n## ", 1)[0]
+    assert "| setting | as run |" in header and "| features |" in header and "| command |" in header
+    assert "![semantic_heatmap" not in report and "k-NN class accuracy per layer" in report
+    assert "t-SNE map of the objects' features at layer" in report
+    tables = [block for block in report.split("\n\n") if block.startswith("| ")]
+    for block in tables:
+        names = [c.strip() for c in block.splitlines()[0].strip("|").split("|")]
+        assert len(names) == len(set(names)), f"two columns named alike: {names}"
+
+
 def test_rerun_reuses_every_cache(lens_run: Path, monkeypatch):
     """A second run finds every embedding cached: no feature is extracted again."""
     from probes.cli.main import main

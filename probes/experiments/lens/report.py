@@ -308,6 +308,37 @@ def trend_rows(rows: Sequence[dict], distance: str, metric: str = "instance_matc
     return out
 
 
+METRIC_WORDS = {"knn_accuracy": "k-NN class accuracy", "map": "class retrieval mAP",
+                "ratio": "intra-class / inter-class distance ratio", "instance_matching": "instance matching",
+                "class_retrieval": "class retrieval", "relative_distance": "relative distance"}
+
+
+def plot_caption(stem: str, distance: str) -> str:
+    """A plot's caption in words, from its file name (the stems :func:`write_plots` gives)."""
+    def metric(name: str) -> str:
+        return METRIC_WORDS.get(name, name.replace("_", " "))
+
+    if stem.startswith("semantic_heatmap_"):
+        return (f"{metric(stem.removeprefix('semantic_heatmap_'))} per layer (rows, forward order) and distance "
+                "(columns), the model beside its permuted-weights control; the best cell is boxed")
+    if stem == "layer_ranking":
+        return (f"k-NN class accuracy of every single layer under the {distance} distance, model against control, "
+                "chance dashed; stars mark the readings of \"first encoder layer at 16x16\"")
+    if stem.startswith("robustness_"):
+        return (f"{metric(stem.removeprefix('robustness_'))} against the strength of each image transformation "
+                f"(one panel each), one line per sweep layer ({distance} distance)")
+    if stem == "timestep":
+        return f"how the features' timestep t changes matching and retrieval ({distance} distance)"
+    if stem == "steps":
+        return f"how the number of denoising steps before the feature pass changes them ({distance} distance)"
+    if stem == "video":
+        return ("video frames: instance matching within the sequence and against every sequence, and relative "
+                f"distance, against the gap between frames ({distance} distance)")
+    if stem.startswith("tsne_"):
+        return f"t-SNE map of the objects' features at layer {stem.removeprefix('tsne_')}, coloured by class, model beside control"
+    return stem.replace("_", " ")
+
+
 def summary(rows: Sequence[dict], distance: str, labels: Sequence[str]) -> dict[str, Any]:
     """The numbers the issue's bars are judged on."""
     out: dict[str, Any] = {}
@@ -337,9 +368,9 @@ def write_report(out: Path, rows: Sequence[dict], plots: Sequence[Path], distanc
     if meta.get("warning"):
         md.extend([f"> {meta['warning']}", ""])
         hs.append(f"<p style='background:#fee;padding:6px'><b>{html.escape(meta['warning'])}</b></p>")
-    for key, value in meta.items():
-        if key not in ("title", "warning"):
-            add(f"{key}: {value}")
+    settings = [[key, value] for key, value in meta.items() if key not in ("title", "warning")]
+    if settings:
+        section("What was run", ["setting", "as run"], settings)
     s = summary(rows, distance, labels)
     if "control" in s:
         c = s["control"]
@@ -365,16 +396,17 @@ def write_report(out: Path, rows: Sequence[dict], plots: Sequence[Path], distanc
     tr = trend_rows(rows, distance)
     if tr:
         section(f"Trends of instance matching ({distance}): Spearman vs deviation from the reference",
-              ["experiment", "factor", "model", "layers", "nearest to reference", "value", "farthest", "value",
-               "spearman"],
+              ["experiment", "factor", "model", "layers", "reference level", "matching at reference",
+               "farthest level", "matching at farthest", "spearman"],
               [[t["experiment"], t["factor"], t["model"], t["layers"], f"{t['reference']:g}", fmt_value(t["at_reference"]),
                 f"{t['strongest']:g}", fmt_value(t["at_strongest"]), fmt_value(t["spearman"])] for t in tr])
         add("A negative Spearman means matching falls as the setting moves away from the reference (a monotone "
             "loss); values near 0 mean no monotone trend: read the curve (flips have one strength only, and "
             "a sweep that never hurts matching stays flat at 1).")
     for p in plots:
-        md.append(f"![{p.stem}](plots/{p.name})")
-        hs.append(embed_png(p))
+        words = plot_caption(p.stem, distance)
+        md.extend([f"![{words}](plots/{p.name})", "", f"*{words}*", ""])
+        hs.extend([embed_png(p), f"<p><i>{html.escape(words)}</i></p>"])
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_text(md_path, "\n".join(md) + "\n")
     atomic_write_text(html_path, html_page("Semantic lens", hs))
