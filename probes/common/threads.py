@@ -11,6 +11,11 @@ process, and one thread ran 3-4x faster than two). So the policy is:
    ``taskset``, SLURM's ``--cpus-per-task`` and container cpusets; a cgroup CPU quota caps it too),
    subtract the load other processes put on them (the 1-minute load average, scaled to our share
    of the machine), and use one thread per core left, at least one.
+3. The load average lags by a minute: right after a job ends (``make install``'s pip, the previous
+   run of a chain) it still counts that job, and a quiet machine would get one thread. So when it
+   says a core is taken, the CPUs' busy time is also sampled for a quarter of a second
+   (``/proc/stat``, while this process sleeps) and the smaller of the two is believed: a process
+   that is really running shows in both.
 
 On a CUDA machine the heavy work is on the GPU and the CPU threads only feed it, so the free-core
 count is used there too (it never hurts to leave busy cores alone).
@@ -64,8 +69,38 @@ def _cgroup_quota(path: Path) -> float | None:
         return None
 
 
+def busy_cpus_now(interval: float = 0.25, stat: Path = Path("/proc/stat"),
+                  sleep: Callable[[float], None] | None = None) -> float | None:
+    """How many of the machine's CPUs are busy right now, on average over ``interval`` seconds of
+    ``/proc/stat`` (None where there is no such file, e.g. macOS). The caller sleeps meanwhile, so
+    the figure is the other processes' use."""
+    import time
+
+    def sample() -> tuple[int, int, int] | None:
+        try:
+            lines = stat.read_text().splitlines()
+        except OSError:
+            return None
+        fields = [int(v) for v in lines[0].split()[1:9]] if lines and lines[0].startswith("cpu ") else []
+        if len(fields) < 5:
+            return None
+        cpus = sum(1 for line in lines[1:] if line.startswith("cpu"))
+        return sum(fields), fields[3] + fields[4], cpus    # total, idle + iowait, CPU count
+
+    first = sample()
+    if first is None:
+        return None
+    (sleep or time.sleep)(interval)
+    second = sample()
+    if second is None or second[0] <= first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return max(0.0, (total - idle) / total) * max(1, second[2])
+
+
 def choose_threads(env: Mapping[str, str] | None = None, available: int | None = None,
-                   loadavg: float | None = None, total_cpus: int | None = None) -> ThreadChoice:
+                   loadavg: float | None = None, total_cpus: int | None = None,
+                   busy_now: float | Callable[[], float | None] | None = None) -> ThreadChoice:
     """The thread policy of the module docstring, as a pure function of its inputs (testable).
 
     :param env: environment (default ``os.environ``).
@@ -73,6 +108,9 @@ def choose_threads(env: Mapping[str, str] | None = None, available: int | None =
     :param loadavg: the machine's 1-minute load average (default ``os.getloadavg()[0]``).
     :param total_cpus: CPUs of the whole machine, over which ``loadavg`` is spread (default
         ``os.cpu_count()``).
+    :param busy_now: the machine's busy CPUs now (:func:`busy_cpus_now`), or a function that
+        measures them, called only when the load average says a core is taken (point 3 of the
+        module docstring); None: the load average alone.
     """
     env = os.environ if env is None else env
     for name in ENV_VARS:
@@ -93,6 +131,10 @@ def choose_threads(env: Mapping[str, str] | None = None, available: int | None =
             loadavg = 0.0
     total = max(total_cpus or os.cpu_count() or available, available)
     others = max(0.0, loadavg) * available / total   # our share of the machine's load
+    if int(round(others)) >= 1 and busy_now is not None:
+        now = busy_now() if callable(busy_now) else busy_now
+        if now is not None:
+            others = min(others, max(0.0, now) * available / total)
     free = available - int(round(others))
     return ThreadChoice(max(1, min(available, free)), available, others, "free cores")
 
@@ -107,7 +149,7 @@ def apply_thread_policy(verbose: bool = True) -> ThreadChoice:
         return _applied
     import torch
 
-    choice = choose_threads()
+    choice = choose_threads(busy_now=busy_cpus_now)
     torch.set_num_threads(choice.threads)
     _applied = choice
     if verbose and choice.load is not None and choice.threads < choice.available:

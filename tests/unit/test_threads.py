@@ -46,3 +46,31 @@ def test_affinity_mask_not_cpu_count_decides_what_is_available(tmp_path):
     c = choose_threads(env={}, available=available_cpus(affinity=lambda pid: {5}, cpu_max=no_quota),
                        loadavg=0.0, total_cpus=64)
     assert c.threads == 1
+
+
+def test_a_load_average_that_lags_behind_a_finished_job_is_checked_against_the_cpus_now():
+    # the 1-minute average still counts a job that just ended; the CPUs say they are idle now
+    assert choose_threads(env={}, available=2, loadavg=0.9, total_cpus=2, busy_now=0.05).threads == 2
+    # a process that really runs shows in both: the core stays left alone
+    assert choose_threads(env={}, available=2, loadavg=1.0, total_cpus=2, busy_now=0.97).threads == 1
+    # no measurement (no /proc/stat): the load average alone
+    assert choose_threads(env={}, available=2, loadavg=0.9, total_cpus=2, busy_now=lambda: None).threads == 1
+
+    def never():
+        raise AssertionError("sampled although the load average says every core is free")
+
+    assert choose_threads(env={}, available=2, loadavg=0.1, total_cpus=2, busy_now=never).threads == 2
+
+
+def test_busy_cpus_are_read_from_proc_stat_deltas(tmp_path):
+    from probes.common.threads import busy_cpus_now
+
+    stat = tmp_path / "stat"
+    samples = iter([
+        "cpu  100 0 100 1000 0 0 0 0 0 0\ncpu0 50 0 50 500 0 0 0 0 0 0\ncpu1 50 0 50 500 0 0 0 0 0 0\n",
+        # 400 jiffies later: 100 busy (user 60 + system 40), 300 idle -> a quarter of 2 CPUs
+        "cpu  160 0 140 1300 0 0 0 0 0 0\ncpu0 80 0 70 650 0 0 0 0 0 0\ncpu1 80 0 70 650 0 0 0 0 0 0\n",
+    ])
+    stat.write_text(next(samples))
+    assert busy_cpus_now(stat=stat, sleep=lambda s: stat.write_text(next(samples))) == pytest.approx(0.5)
+    assert busy_cpus_now(stat=tmp_path / "absent") is None
