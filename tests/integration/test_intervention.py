@@ -141,3 +141,44 @@ def test_toy_model_moves_the_object_more_often_than_the_random_control(tmp_path)
                                        out=str(tmp_path / "toy"), progress=False))
     rate = {r["condition"]: float(r["value"]) for r in read(out / "metrics.csv") if r["metric"] == "success_rate"}
     assert rate["edit"] > rate["random"], rate
+
+
+def test_activation_shift_is_measured_against_the_probes_store(export, tmp_path, monkeypatch):
+    """With the probes' store there, every edit's tokens are measured against that (step, layer)'s token
+    Gaussian: an edit of zero iterations leaves them where they were (ratio exactly 1), a real edit
+    moves them; without the store the record says why nothing was measured."""
+    import numpy as np
+
+    from probes.experiments.intervention import run as run_module
+    from probes.export.probeset import load_probes
+    from probes.store.activations import ActivationStore
+
+    probes = load_probes(export)
+    up3 = [layer for layer in probes.spec.layers if layer.name.startswith("up3")]
+    manifest = {"fingerprint": "shift", "request": {}, "num_samples": 3, "generation": {"height": 8, "width": 8},
+                "capture": {"layers": [layer.to_dict() for layer in up3], "steps": [0, 1, 2],
+                            "halves": ["uncond", "cond"], "dtype": "float32"},
+                "prompts": [{"split": "train"}] * 3}
+    store = ActivationStore.create(tmp_path / "store", manifest)
+    rng = np.random.default_rng(0)
+    acts = {layer.name: rng.normal(size=(3, 3, 2, layer.grid[0] * layer.grid[1], layer.channels)).astype(np.float32)
+            for layer in up3}
+    store.write_batch([0, 1, 2], np.zeros((3, 8, 8, 3), np.uint8), acts, [{}] * 3)
+    monkeypatch.setattr(run_module, "probe_store", lambda probeset: ActivationStore(tmp_path / "store"))
+
+    def shifts(out: Path) -> list[float]:
+        return [float(r["value"]) for r in read(out / "per_image.csv")
+                if r["metric"] == "activation_shift" and r["condition"] == "edit"]
+
+    kw = dict(task="foreground", layers=["up3*"], steps=[0], images=2, batch_size=2, conditions=["edit"],
+              progress=False)
+    still = run_module.intervene(InterventionConfig(str(export), iterations=0, out=str(tmp_path / "zero"), **kw))
+    assert shifts(still) == [1.0, 1.0]
+    moved = run_module.intervene(InterventionConfig(str(export), iterations=8, lr=0.5, out=str(tmp_path / "moved"),
+                                                    **kw))
+    assert len(shifts(moved)) == 2 and all(s != 1.0 for s in shifts(moved))
+    assert "Mahalanobis" in (moved / "report.md").read_text()
+
+    monkeypatch.setattr(run_module, "probe_store", lambda probeset: None)
+    gone = run_module.intervene(InterventionConfig(str(export), iterations=2, out=str(tmp_path / "gone"), **kw))
+    assert shifts(gone) == [] and "not measured" in (gone / "report.md").read_text()

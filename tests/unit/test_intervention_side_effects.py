@@ -128,3 +128,24 @@ def test_probe_losses_average_the_edits_per_image():
     records = [EditRecord(0, "a", [2.0, 4.0], [1.0, 1.0]), EditRecord(1, "a", [4.0, 6.0], [0.0, 2.0])]
     assert probe_losses(records, 1) == (5.0, 1.5)
     assert all(math.isnan(v) for v in probe_losses([], 0))
+
+
+def test_mahalanobis_matches_scipy_and_the_editor_measure_is_per_image():
+    import torch
+    from scipy.spatial.distance import cdist
+
+    from probes.experiments.intervention.side_effects import shift_measure
+
+    rng = np.random.default_rng(1)
+    g = TokenGaussian(4).update(rng.normal(size=(300, 4)) @ rng.normal(size=(4, 4)))
+    x = rng.normal(size=(50, 4))
+    mean, precision = g.fitted()
+    np.testing.assert_allclose(g.distances(x), cdist(x, mean[None], metric="mahalanobis", VI=precision)[:, 0],
+                               rtol=1e-10)
+    measure = shift_measure({(2, "up1.0"): g})
+    before = torch.from_numpy(rng.normal(size=(2, 6, 4)).astype(np.float32))
+    after = before.clone()
+    after[1] *= 3
+    got = measure((2, "up1.0"), before, after)
+    assert got[0] == pytest.approx(1.0) and got[1] == pytest.approx(g.ratio(after[1].numpy(), before[1].numpy()))
+    assert got[1] > 1.5 and measure((3, "up1.0"), before, after) is None

@@ -50,6 +50,11 @@ class InterventionConfig:
         probes' store, training samples): ``colour`` and/or ``class`` in the toy world; ``[]`` (default)
         is today's edit bit for bit.
     :param erase_samples: how many training samples of the store fit the erasers.
+    :param activation_shift: activation mode: measure how far each edit moves the tokens out of their
+        distribution (Mahalanobis distance under the store's per-(step, layer) token mean and
+        covariance, edited over unedited); needs the probes' store, and is reported as not measured
+        without it.
+    :param shift_samples: how many training samples of the store fit those Gaussians.
     :param conditions: any of ``edit``, ``noop``, ``random`` (default: all three).
     :param random_target: the random control's target: ``other_image`` (another test image's label)
         or ``random_shift`` (this image's label moved by an independent shift).
@@ -90,6 +95,8 @@ class InterventionConfig:
     guidance_iterations: int = 1
     erase: list[str] = field(default_factory=list)
     erase_samples: int = 64
+    activation_shift: bool = True
+    shift_samples: int = 64
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     random_target: str = "other_image"
     value_range: tuple[float, float] | None = (-9.0, 9.0)
@@ -125,6 +132,8 @@ class InterventionConfig:
                              f"use mode: activation or both, or erase: []")
         if self.erase_samples < 1:
             raise ValueError(f"erase_samples must be >= 1, got {self.erase_samples}")
+        if self.shift_samples < 1:
+            raise ValueError(f"shift_samples must be >= 1, got {self.shift_samples}")
         if self.random_target not in RANDOM_KINDS:
             raise ValueError(f"random_target must be one of {list(RANDOM_KINDS)}, got {self.random_target!r}")
         if self.video_path not in PATH_KINDS:

@@ -86,6 +86,9 @@ class EditRecord:
     layer: str
     loss_before: list[float] = field(default_factory=list)
     loss_after: list[float] = field(default_factory=list)
+    #: per image, how far the edit moved the tokens out of their distribution (a ratio of mean
+    #: Mahalanobis distances, edited over unedited; empty where nothing measured it)
+    shift: list[float] = field(default_factory=list)
 
 
 def plan_edits(probes: ProbeSet, task: str, layers: str | Iterable[str], steps: Iterable[int]) -> list[LinearProbe]:
@@ -145,7 +148,8 @@ class ActivationEditor(ModuleHooks):
 
     def __init__(self, unet: nn.Module, probes: Sequence[LinearProbe], layers: Sequence[LayerInfo], target: Tensor,
                  settings: EditSettings = EditSettings(), guidance: bool = True,
-                 on_edit: Callable[[EditRecord], None] | None = None, cfg: str | None = None) -> None:
+                 on_edit: Callable[[EditRecord], None] | None = None, cfg: str | None = None,
+                 measure: Callable[[tuple[int, str], Tensor, Tensor], list[float] | None] | None = None) -> None:
         cfg = cfg if cfg is not None else ("batched" if guidance else "none")
         if cfg not in CFG_LAYOUTS:
             raise ValueError(f"cfg layout must be one of {', '.join(CFG_LAYOUTS)}, got {cfg!r}")
@@ -164,6 +168,7 @@ class ActivationEditor(ModuleHooks):
         self.unet, self.target, self.settings, self.cfg = unet, target, settings, cfg
         self.guidance = cfg == "batched"
         self.on_edit = on_edit
+        self.measure = measure       # (key, tokens before, tokens after) -> per-image shift, or None
         self._objectives: dict[tuple[int, str], ProbeObjective] = {}
         self.reset()
 
@@ -226,7 +231,9 @@ class ActivationEditor(ModuleHooks):
             else:
                 new = z.to(tokens.dtype)
             new = write_tokens(layer, out, new)
-            record = EditRecord(step=key[0], layer=layer.name, loss_before=before.tolist(), loss_after=after.tolist())
+            shift = self.measure(key, cond, z) if self.measure is not None else None
+            record = EditRecord(step=key[0], layer=layer.name, loss_before=before.tolist(), loss_after=after.tolist(),
+                                shift=list(shift or []))
             self.records.append(record)
             if self.on_edit is not None:
                 self.on_edit(record)

@@ -348,8 +348,9 @@ class ErasingEditor(ActivationEditor):
     def __init__(self, unet: nn.Module, probes: Sequence[LinearProbe], layers: Sequence[LayerInfo], target: Tensor,
                  settings: EditSettings = EditSettings(), guidance: bool = True,
                  on_edit: Callable[[EditRecord], None] | None = None,
-                 erasers: Mapping[tuple[int, str], ConceptEraser] | None = None, cfg: str | None = None) -> None:
-        super().__init__(unet, probes, layers, target, settings, guidance, on_edit, cfg)
+                 erasers: Mapping[tuple[int, str], ConceptEraser] | None = None, cfg: str | None = None,
+                 measure: Callable[[tuple[int, str], Tensor, Tensor], list[float] | None] | None = None) -> None:
+        super().__init__(unet, probes, layers, target, settings, guidance, on_edit, cfg, measure)
         self.erasers = dict(erasers or {})
         if self.erasers:
             missing = sorted(set(self.plan) - set(self.erasers))

@@ -24,16 +24,16 @@ from probes.reporting.markup import embed_png, fmt_value, html_page, table  # no
 #: metrics shown in the report's table, per task kind, in this order (all are in metrics.csv)
 HEADLINE = {"binary": ("success_rate", "progress", "displacement", "dice_target", "dice_requested", "dice_original",
                        "empty", "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst",
-                       "pixel_psnr", "colour_shift", "same_class"),
+                       "pixel_psnr", "colour_shift", "same_class", "activation_shift"),
             "regression": ("success_rate", "spearman_target", "spearman_requested", "spearman_original",
                            "probe_loss_before", "probe_loss_after", "pixel_mae", "pixel_max", "pixel_max_worst",
-                           "pixel_psnr", "same_class")}
+                           "pixel_psnr", "same_class", "activation_shift")}
 #: shown as "n/a" when no condition has them (no classifier for these images), instead of left out
 ALWAYS_SHOWN = ("same_class",)
 #: the modes table (``mode: both``): one row per mode, these (condition, metric) columns
 MODE_COLUMNS = (("edit", "success_rate"), ("random", "success_rate"), ("noop", "pixel_mae"), ("noop", "pixel_psnr"),
                 ("noop", "colour_shift"), ("edit", "colour_shift"), ("edit", "same_class"),
-                ("edit", "probe_loss_before"), ("edit", "probe_loss_after"))
+                ("edit", "probe_loss_before"), ("edit", "probe_loss_after"), ("edit", "activation_shift"))
 
 
 @dataclass
@@ -153,7 +153,9 @@ def _definitions(kind: str) -> list[str]:
                      "same_class: share of images whose shapes the toy classifier still names alike (n/a: no "
                      "classifier for these images). probe_loss_before / after: the probes' loss on the edited "
                      "activations before and after the edit (latent mode: on the step's activations before and "
-                     "after guidance)."]
+                     "after guidance). activation_shift: mean Mahalanobis distance of the edited tokens over the "
+                     "same tokens' before the edit, under the store's token mean and covariance at that step and "
+                     "layer (1: the edit stays as typical as the model's own activations; activation mode only)."]
 
 
 def _results_table(summary: Sequence[dict], kind: str) -> tuple[str, str]:

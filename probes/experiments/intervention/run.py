@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,16 @@ SUMMARY_COLUMNS = ["split", "condition", "metric", "value"]
 
 
 def _loss_scores(records: Sequence[EditRecord], k: int) -> dict[str, float]:
-    """Image ``k``'s probe loss before and after optimisation, averaged over the edits."""
+    """Image ``k``'s probe loss before and after optimisation, averaged over the edits, and how far the
+    edits moved its tokens out of their distribution (where measured)."""
     if not records:
         return {}
-    return {"probe_loss_before": float(np.mean([r.loss_before[k] for r in records])),
-            "probe_loss_after": float(np.mean([r.loss_after[k] for r in records]))}
+    out = {"probe_loss_before": float(np.mean([r.loss_before[k] for r in records])),
+           "probe_loss_after": float(np.mean([r.loss_after[k] for r in records]))}
+    shifts = [r.shift[k] for r in records if r.shift]
+    if shifts:
+        out["activation_shift"] = float(np.mean(shifts))
+    return out
 
 
 @dataclass
@@ -140,14 +146,17 @@ def intervene(config: InterventionConfig) -> Path:
     guide = GuidanceSettings(weight=c.guidance_weight, iterations=c.guidance_iterations, huber_delta=c.huber_delta,
                              binary_loss=probeset.binary_fit_loss if c.binary_loss == "auto" else binary_loss)
     erasers = fit_erasers(probeset, plan, c.erase, c.erase_samples, c.progress) if c.erase else {}
+    measure, shift_note = None, "not measured (activation_shift: false)"
+    if c.activation_shift and "activation" in c.modes():
+        measure, shift_note = fit_shift_measure(probeset, plan, c.shift_samples, c.progress)
     session = InterventionSession(probeset, c.task, c.device, c.prompts_dir, allow_other_model=c.allow_other_model)
     if "latent" in c.modes() and getattr(session.pipe, "unet", None) is None:
         raise ValueError(f"mode: {c.mode} guides a U-Net's latent through its scheduler, and "
                          f"{type(session.pipe).__name__} has no U-Net; use mode: activation")
     modes = []
     if "activation" in c.modes():
-        modes.append(EditMode("activation", plan, lambda r, t, bar: session.edit(r, plan, t, settings, bar, erasers),
-                              len(plan)))
+        modes.append(EditMode("activation", plan,
+                              lambda r, t, bar: session.edit(r, plan, t, settings, bar, erasers, measure), len(plan)))
     if "latent" in c.modes():
         modes.append(EditMode("latent", latent_plan, lambda r, t, bar: session.guide(r, latent_plan, t, guide, bar),
                               len({p.info.step for p in latent_plan})))
@@ -169,6 +178,8 @@ def intervene(config: InterventionConfig) -> Path:
         record.update(erase=list(c.erase), erase_samples=c.erase_samples,
                       erased_directions={f"{s}/{layer}": e.rank for (s, layer), e in sorted(erasers.items())})
     record["same_class"] = "toy classifier" if session.has_classifier else "n/a (no classifier for these images)"
+    if "activation" in c.modes():
+        record["activation_shift"] = shift_note
     if plan[0].info.kind == "regression":
         record["value_range"] = c.value_range
     own_run = c.wandb_project is not None
@@ -280,30 +291,64 @@ def run_conditions(session: InterventionSession, modes: Sequence[EditMode], cond
     return results, per_image
 
 
-def fit_erasers(probeset: ProbeSet, plan: Sequence[LinearProbe], erase: Sequence[str], samples: int,
-                progress: bool = True) -> Mapping[tuple[int, str], ConceptEraser]:
-    """LEACE erasers for the concepts ``erase`` names at every planned (step, layer), fitted on the first
-    ``samples`` training samples of the store the probes were trained on (never the test split the
-    intervention is scored on). The concepts are the toy world's (:func:`store_toy_concepts`)."""
-    from probes.labels.toy_nets import predict as toy_predict
+def probe_store(probeset: ProbeSet) -> Any | None:
+    """The activation store the probes were trained on, where the export's record of it still exists."""
     from probes.store.activations import ActivationStore
 
     root = Path(str(probeset.spec.store_dir or ""))
     if not probeset.spec.store_dir or not (root / "manifest.json").exists():
+        return None
+    return ActivationStore(root)
+
+
+def train_samples(store: Any, samples: int) -> list[int]:
+    """The first ``samples`` committed training samples of ``store`` (never the test split the
+    intervention is scored on)."""
+    committed = store.committed()
+    return [i for i, p in enumerate(store.manifest.get("prompts") or [])
+            if p.get("split") == "train" and i < len(committed) and committed[i]][:samples]
+
+
+def fit_erasers(probeset: ProbeSet, plan: Sequence[LinearProbe], erase: Sequence[str], samples: int,
+                progress: bool = True) -> Mapping[tuple[int, str], ConceptEraser]:
+    """LEACE erasers for the concepts ``erase`` names at every planned (step, layer), fitted on the first
+    ``samples`` training samples of the store the probes were trained on. The concepts are the toy
+    world's (:func:`store_toy_concepts`)."""
+    from probes.labels.toy_nets import predict as toy_predict
+
+    store = probe_store(probeset)
+    if store is None:
         raise FileNotFoundError(f"erase: {list(erase)} fits LEACE on the probes' store, but the export at "
                                 f"{probeset.path} records store {probeset.spec.store_dir!r}, which is not there; "
                                 f"run from where the store lives, or set erase: []")
-    store = ActivationStore(root)
     label_cfg = dict(dict(probeset.spec.data_config).get("labels", {}).get("foreground", {}))
     weights_dir = label_cfg.get("weights_dir") if str(label_cfg.get("name", "")).startswith("toy") else None
     sources = select_concepts(erase, store_toy_concepts(store, lambda im: toy_predict("foreground", im, weights_dir)))
-    committed = store.committed()
-    train = [i for i, p in enumerate(store.manifest.get("prompts") or [])
-             if p.get("split") == "train" and i < len(committed) and committed[i]][:samples]
+    train = train_samples(store, samples)
     if not train:
-        raise ValueError(f"the store at {root} has no committed training samples to fit erase: {list(erase)} on")
+        raise ValueError(f"the store at {store.root} has no committed training samples to fit erase: {list(erase)} on")
     wrap = (lambda xs: progress_bar(len(xs), "fitting erasers", "sample", True, iterable=xs)) if progress else iter
     return fit_store_erasers(store, sources, [(p.info.step, p.info.layer) for p in plan], train, progress=wrap)
+
+
+def fit_shift_measure(probeset: ProbeSet, plan: Sequence[LinearProbe], samples: int, progress: bool = True
+                      ) -> tuple[Callable | None, str]:
+    """The editor's distribution-shift measure (:func:`side_effects.shift_measure`), its Gaussians fitted
+    on the probes' store, and a note for the record; without the store, no measure and a note that says why."""
+    store = probe_store(probeset)
+    if store is None:
+        return None, (f"not measured: the probes' store {probeset.spec.store_dir!r} is not there "
+                      f"(it holds the token statistics)")
+    train = train_samples(store, samples)
+    if not train:
+        return None, f"not measured: the store at {store.root} has no committed training samples"
+    if progress:
+        print(f"[intervene] fitting token Gaussians on {len(train)} training samples for the activation shift",
+              flush=True)
+    half = "cond" if "cond" in store.manifest["capture"]["halves"] else store.manifest["capture"]["halves"][-1]
+    gaussians = side_effects.fit_token_gaussians(store, [(p.info.step, p.info.layer) for p in plan], train, half)
+    return side_effects.shift_measure(gaussians), (f"Mahalanobis distance of edited over unedited tokens, under the "
+                                                    f"token mean and covariance of {len(train)} training samples")
 
 
 def moving_video(session: InterventionSession, mode: EditMode, image: ImageResult,

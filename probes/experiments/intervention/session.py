@@ -148,13 +148,16 @@ class InterventionSession:
 
     def edit(self, records: Sequence[PromptRecord], plan: Sequence[LinearProbe], targets: np.ndarray,
              settings: EditSettings, on_edit: Callable[[EditRecord], None] | None = None,
-             erasers: Mapping[tuple[int, str], ConceptEraser] | None = None) -> tuple[np.ndarray, list[EditRecord]]:
+             erasers: Mapping[tuple[int, str], ConceptEraser] | None = None,
+             measure: Callable[[tuple[int, str], Any, Any], list[float] | None] | None = None
+             ) -> tuple[np.ndarray, list[EditRecord]]:
         """The images of ``records`` generated with the ``plan``'s edits towards ``targets`` [B, H, W]
         (with ``erasers``: each edit kept to the directions that move no erased concept; none or
-        empty: the plain activation editor, bit for bit)."""
+        empty: the plain activation editor, bit for bit; ``measure``: each edit's per-image
+        distribution shift, recorded on its :class:`EditRecord`)."""
         editor = ErasingEditor(denoiser_of(self.pipe), plan, self.probes.spec.layers,
                                torch.as_tensor(np.asarray(targets, np.float32)), settings, on_edit=on_edit,
-                               erasers=erasers, cfg=self.cfg)
+                               erasers=erasers, cfg=self.cfg, measure=measure)
         images = sample_images(self.pipe, records, self.generation, [editor])
         return images, editor.records
 

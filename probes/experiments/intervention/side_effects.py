@@ -28,14 +28,13 @@ measure here is one side effect, reported for every run:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from concept_erasure import optimal_linear_shrinkage
-from scipy.spatial.distance import cdist
 
 from probes.experiments.intervention.editor import EditRecord
 
@@ -149,10 +148,12 @@ class TokenGaussian:
         return self._fitted
 
     def distances(self, x: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of every token of ``x [..., d]`` (flattened to ``[N]``)."""
+        """Mahalanobis distance of every token of ``x [..., d]`` (flattened to ``[N]``): ``sqrt(dᵀ P d)``
+        with one matrix product for all tokens (scipy's ``cdist(..., "mahalanobis")`` loops over them;
+        the tests check both agree)."""
         mean, precision = self.fitted()
-        x = np.asarray(x, np.float64).reshape(-1, self.channels)
-        return cdist(x, mean[None], metric="mahalanobis", VI=precision)[:, 0]
+        d = np.asarray(x, np.float64).reshape(-1, self.channels) - mean
+        return np.sqrt(np.maximum(np.einsum("nd,nd->n", d @ precision, d), 0.0))
 
     def ratio(self, edited: np.ndarray, unedited: np.ndarray) -> float:
         """Mean distance of ``edited`` tokens over the mean distance of ``unedited`` ones."""
@@ -178,6 +179,20 @@ def fit_token_gaussians(store: Any, keys: Iterable[tuple[int, str]], indices: Se
         for i in indices:
             g.update(store.activation(layer, int(i))[slot[step], h])
     return out
+
+
+def shift_measure(gaussians: Mapping[tuple[int, str], TokenGaussian]
+                  ) -> Callable[[tuple[int, str], torch.Tensor, torch.Tensor], list[float] | None]:
+    """An editor's ``measure``: per image, the :meth:`TokenGaussian.ratio` of its edited tokens to the
+    same tokens before the edit, under the edited (step, layer)'s Gaussian (None where none was fitted)."""
+    def measure(key: tuple[int, str], before: torch.Tensor, after: torch.Tensor) -> list[float] | None:
+        g = gaussians.get((int(key[0]), str(key[1])))
+        if g is None:
+            return None
+        b = before.detach().float().cpu().numpy()
+        a = after.detach().float().cpu().numpy()
+        return [g.ratio(a[i], b[i]) for i in range(len(b))]
+    return measure
 
 
 def probe_losses(records: Sequence[EditRecord], image: int) -> tuple[float, float]:
