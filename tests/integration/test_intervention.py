@@ -33,7 +33,7 @@ def export(tiny_pipe, tmp_path_factory) -> Path:
     diffusion = DiffusionSpec(source="random", architecture="tiny", precision="fp32")
     generation = GenerationSpec(steps=STEPS, batch_size=2)
     layers = list(LayerRegistry.from_unet(tiny_pipe.unet, (16, 16)))
-    data_config = {"diffusion": asdict(diffusion), "prompts": asdict(PromptSpec(source=str(prompts), test_fraction=0.5)),
+    data_config = {"diffusion": asdict(diffusion), "prompts": asdict(PromptSpec(source=str(prompts), test_fraction=0.5, val_fraction=0.67)),
                    "generation": asdict(generation), "capture": asdict(CaptureSpec()),
                    "labels": {"foreground": {"name": "otsu"}, "depth": {"name": "vertical"}}, "mode": "cached"}
     spec = ProbeSpec(layers=layers, steps=range(STEPS), timesteps=sampler_timesteps(tiny_pipe, generation),
@@ -182,3 +182,20 @@ def test_activation_shift_is_measured_against_the_probes_store(export, tmp_path,
     monkeypatch.setattr(run_module, "probe_store", lambda probeset: None)
     gone = run_module.intervene(InterventionConfig(str(export), iterations=2, out=str(tmp_path / "gone"), **kw))
     assert shifts(gone) == [] and "not measured" in (gone / "report.md").read_text()
+
+
+def test_settings_are_chosen_on_validation_scenes(export, tmp_path):
+    """``split: val`` edits the validation prompts (where settings are chosen) and says so in every row."""
+    from probes.experiments.intervention.run import intervene
+
+    out = intervene(InterventionConfig(str(export), task="foreground", layers=["up3*"], steps=[0], iterations=0,
+                                       images=2, batch_size=2, conditions=["edit"], split="val",
+                                       out=str(tmp_path / "val"), progress=False))
+    rows = read(out / "per_image.csv")
+    assert rows and {r["split"] for r in rows} == {"val"}
+    test_prompts = {r["prompt"] for r in read(intervene(InterventionConfig(
+        str(export), task="foreground", layers=["up3*"], steps=[0], iterations=0, images=2, batch_size=2,
+        conditions=["edit"], out=str(tmp_path / "test"), progress=False)) / "per_image.csv")}
+    assert not {r["prompt"] for r in rows} & test_prompts
+    with pytest.raises(ValueError, match="split must be test or val"):
+        InterventionConfig(str(export), split="train")

@@ -60,7 +60,9 @@ class InterventionConfig:
         or ``random_shift`` (this image's label moved by an independent shift).
     :param value_range: regression targets are rescaled to this range in z-units (reference
         [-9, 9]); ``null`` keeps the training z-score.
-    :param images: how many test images (the first ones of the test split).
+    :param images: how many images (the first ones of ``split``).
+    :param split: ``test`` (the reported numbers) or ``val``: choose edit settings on validation
+        scenes, then run the chosen ones once on test.
     :param batch_size: images per pipeline call (all conditions use the same batches).
     :param seed: seed of the shifts and random pairings (per image: independent of ``images``).
     :param video: write the moving-object video (first test image): one intervention per frame, about
@@ -101,6 +103,7 @@ class InterventionConfig:
     random_target: str = "other_image"
     value_range: tuple[float, float] | None = (-9.0, 9.0)
     images: int = 16
+    split: str = "test"
     batch_size: int = 1
     seed: int = 0
     video: bool = False
@@ -132,6 +135,9 @@ class InterventionConfig:
                              f"use mode: activation or both, or erase: []")
         if self.erase_samples < 1:
             raise ValueError(f"erase_samples must be >= 1, got {self.erase_samples}")
+        if self.split not in ("test", "val"):
+            raise ValueError(f"split must be test or val (settings are chosen on val, reported on test), "
+                             f"got {self.split!r}")
         if self.shift_samples < 1:
             raise ValueError(f"shift_samples must be >= 1, got {self.shift_samples}")
         if self.random_target not in RANDOM_KINDS:

@@ -149,7 +149,8 @@ def intervene(config: InterventionConfig) -> Path:
     measure, shift_note = None, "not measured (activation_shift: false)"
     if c.activation_shift and "activation" in c.modes():
         measure, shift_note = fit_shift_measure(probeset, plan, c.shift_samples, c.progress)
-    session = InterventionSession(probeset, c.task, c.device, c.prompts_dir, allow_other_model=c.allow_other_model)
+    session = InterventionSession(probeset, c.task, c.device, c.prompts_dir, allow_other_model=c.allow_other_model,
+                                  split=c.split)
     if "latent" in c.modes() and getattr(session.pipe, "unet", None) is None:
         raise ValueError(f"mode: {c.mode} guides a U-Net's latent through its scheduler, and "
                          f"{type(session.pipe).__name__} has no U-Net; use mode: activation")
@@ -168,7 +169,7 @@ def intervene(config: InterventionConfig) -> Path:
               "optimizer": c.optimizer,
               "probe_fit": str(probeset.meta.get("module_class") or probeset.meta.get("hparams", {}).get("_class_path", "")).rsplit(".", 1)[-1],
               "conditions": c.conditions,
-              "random_target": c.random_target, "images": c.images, "seed": c.seed, "image_size": list(session.size),
+              "random_target": c.random_target, "images": c.images, "split": c.split, "seed": c.seed, "image_size": list(session.size),
               "model": dict(probeset.spec.model).get("model_id"), "edits_per_image": len(plan)}
     if c.mode != "activation":
         record.update(mode=c.mode, guidance_weight=c.guidance_weight,
@@ -284,7 +285,7 @@ def run_conditions(session: InterventionSession, modes: Sequence[EditMode], cond
                     if kept is not None:
                         scores["same_class"] = float(kept[j])
                     res.conditions[label] = ConditionResult(targets[condition][k], edited[j], relabel, scores)
-                    per_image += [{"split": "test", "index": res.index, "seed": res.seed, "prompt": res.prompt,
+                    per_image += [{"split": getattr(session, "split", "test"), "index": res.index, "seed": res.seed, "prompt": res.prompt,
                                    "condition": label, "metric": m, "value": v} for m, v in scores.items()]
             start += len(chunk)
     bar.close()

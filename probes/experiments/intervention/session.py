@@ -98,8 +98,9 @@ class InterventionSession:
     """
 
     def __init__(self, probes: ProbeSet, task: str, device: str = "auto", prompts_dir: str | None = None,
-                 pipe=None, labeler: Labeler | None = None, allow_other_model: bool = False) -> None:
-        self.probes, self.task = probes, task
+                 pipe=None, labeler: Labeler | None = None, allow_other_model: bool = False,
+                 split: str = "test") -> None:
+        self.probes, self.task, self.split = probes, task, split
         spec = probes.spec
         if task not in spec.tasks:
             raise KeyError(f"the export at {probes.path} has no probes for task {task!r}; its tasks: {list(spec.tasks)}")
@@ -113,9 +114,9 @@ class InterventionSession:
         self.device = resolve_device(device)
         self.generation = GenerationSpec(**dict(cfg["generation"]))
         prompts = dict(cfg["prompts"], **({"local_dir": prompts_dir} if prompts_dir else {}))
-        self.records = [r for r in load_prompts(PromptSpec(**prompts)) if r.split == "test"]
+        self.records = [r for r in load_prompts(PromptSpec(**prompts)) if r.split == split]
         if not self.records:
-            raise ValueError(f"the export's prompt set ({prompts.get('source')}) has no test prompts")
+            raise ValueError(f"the export's prompt set ({prompts.get('source')}) has no {split} prompts")
         self.pipe = pipe if pipe is not None else load_pipeline(diffusion, self.device)
         if not allow_other_model:
             check_loaded_model(probes, self.pipe)
