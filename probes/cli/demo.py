@@ -161,10 +161,35 @@ def sample_quality_section(out_dir: Path, runs: Sequence[tuple[str, str, str]]
              "colours, is the first-named colour left of the second as drawn? A control with random or permuted "
              "weights draws noise, so its rates say what these measures give for images that show nothing.")
     md, h = quality_table(qualities)
-    lines = ["## Do the samples show what their captions say?", "", intro, "", md, "", BARS_NOTE, ""]
-    section = ("Do the samples show what their captions say?", "\n\n".join([intro, md, BARS_NOTE]),
-               f"<p>{html.escape(intro)}</p>{h}<p>{html.escape(BARS_NOTE)}</p>")
+    grids_md, grids_html = sample_grids(out_dir, runs)
+    lines = ["## Do the samples show what their captions say?", "", intro, "", md, "", BARS_NOTE, "", *grids_md]
+    section = ("Do the samples show what their captions say?", "\n\n".join([intro, md, BARS_NOTE, *grids_md]),
+               f"<p>{html.escape(intro)}</p>{h}<p>{html.escape(BARS_NOTE)}</p>{''.join(grids_html)}")
     return lines, qualities, section
+
+
+def sample_grids(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> tuple[list[str], list[str]]:
+    """The first test samples of every run that draws its own images (``samples_<folder>.png`` in
+    ``out_dir``), as Markdown lines and HTML figures, each captioned with what the images are."""
+    from probes.reporting.markup import embed_png
+    from probes.reporting.samples import store_sample_grid
+    from probes.store.activations import ActivationStore
+
+    md, hs = [], []
+    for label, folder, _ in runs:
+        if not own_images(out_dir / folder):
+            continue
+        store = ActivationStore((out_dir / folder / "store").resolve())
+        path = store_sample_grid(store, out_dir / f"samples_{folder}.png", f"{label}: first test samples")
+        if label == runs[0][0]:
+            words = f"{label}: its first test samples under their captions (what its probes and labels saw)."
+        else:
+            words = (f"{label}: its first test samples. Its weights are not a trained model's, so these are noise; "
+                     "its labels are the labelers' output on noise, and its scores say what the measures give for "
+                     "images that show nothing (the floor the model is compared with).")
+        md += [f"![{label} samples]({path.name})", "", f"*{words}*", ""]
+        hs.append(embed_png(path, words))
+    return md, hs
 
 
 def verdict_lines(summary: dict[str, Any]) -> list[str]:

@@ -1,0 +1,54 @@
+"""The demo report's sample grids: every run that draws its own images shows its first test samples,
+captioned; a control's caption says its samples are noise and what its scores then measure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from probes.store.activations import ActivationStore
+
+
+def _store(folder: Path, images_from: str | None = None) -> ActivationStore:
+    prompts = [{"prompt": f"a red cube number {i}", "split": "test" if i % 2 else "train"} for i in range(6)]
+    manifest = {"fingerprint": folder.name, "request": {}, "num_samples": 6, "generation": {"height": 8, "width": 8},
+                "capture": {"layers": [{"name": "up1.0", "module": "m", "channels": 2, "grid": [2, 2]}],
+                            "steps": [0], "halves": ["cond"], "dtype": "float32"}, "prompts": prompts}
+    if images_from:
+        manifest["images_from"] = images_from
+    store = ActivationStore.create(folder / "store", manifest)
+    rng = np.random.default_rng(0)
+    images = None if images_from else rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    store.write_batch(list(range(6)), images,
+                      {"up1.0": rng.normal(size=(6, 1, 1, 4, 2)).astype(np.float32)}, [{}] * 6)
+    return store
+
+
+def test_store_sample_grid_shows_the_first_test_samples(tmp_path):
+    from probes.reporting.samples import store_sample_grid, write_sample_grid
+
+    store = _store(tmp_path / "model")
+    path = store_sample_grid(store, tmp_path / "grid.png", "model", n=2)
+    assert Image.open(path).size[0] > 100
+    with pytest.raises(ValueError, match="no committed val samples"):
+        store_sample_grid(store, tmp_path / "none.png", "model", split="val")
+    with pytest.raises(ValueError, match="one caption per image"):
+        write_sample_grid([np.zeros((8, 8, 3), np.uint8)], [], tmp_path / "bad.png", "bad")
+
+
+def test_demo_grids_caption_the_model_and_call_the_control_noise(tmp_path):
+    from probes.cli.demo import sample_grids
+
+    _store(tmp_path / "model")
+    _store(tmp_path / "control_permuted_own_images")
+    _store(tmp_path / "control_random_same_images", images_from=str(tmp_path / "model" / "store"))
+    runs = [("model", "model", "m.yaml"), ("control_permuted_own_images", "control_permuted_own_images", "c.yaml"),
+            ("control_random_same_images", "control_random_same_images", "r.yaml")]
+    md, hs = sample_grids(tmp_path, runs)
+    assert (tmp_path / "samples_model.png").exists() and (tmp_path / "samples_control_permuted_own_images.png").exists()
+    assert not (tmp_path / "samples_control_random_same_images.png").exists()      # it shows the model's images
+    text = "\n".join(md)
+    assert "![model samples](samples_model.png)" in text and "these are noise" in text
+    assert len(hs) == 2 and all("data:image/png;base64" in h for h in hs)
