@@ -52,3 +52,16 @@ def test_demo_grids_caption_the_model_and_call_the_control_noise(tmp_path):
     text = "\n".join(md)
     assert "![model samples](samples_model.png)" in text and "these are noise" in text
     assert len(hs) == 2 and all("data:image/png;base64" in h for h in hs)
+
+
+def test_the_demo_runs_one_control_of_each_kind_and_the_experiment_all_of_them():
+    import yaml
+
+    from probes.cli.demo import ALL_RUNS, RUNS
+    from probes.paths import REPO_ROOT
+
+    folders = [folder for _, folder, _ in RUNS]
+    assert folders[0] == "model" and any("own_images" in f for f in folders) and any("same_images" in f for f in folders)
+    experiment = yaml.safe_load((REPO_ROOT / "configs/toy/experiment.yaml").read_text())
+    assert [tuple(r) for r in experiment["runs"]] == list(ALL_RUNS)
+    assert all((REPO_ROOT / config).exists() for _, _, config in ALL_RUNS)
