@@ -123,10 +123,16 @@ def test_bad_options_fail_before_any_compute(export, tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_model_moves_the_object_more_often_than_the_random_control(tmp_path):
-    """The bar's direction on a real (toy) model, end to end: fit mean-difference foreground probes
-    of the decoder layers at steps 0-4 on ~100 fresh toy scenes, then edit 8 test scenes toward a
-    moved mask and toward another scene's mask (the random control)."""
+def test_toy_model_edit_reaches_its_probe_target_and_reports_every_side_effect(tmp_path):
+    """The mechanics on a real (toy) model, end to end: fit mean-difference foreground probes of the
+    decoder layers at steps 0-4 on ~100 fresh toy scenes, then edit 8 test scenes toward a moved mask
+    and toward another scene's mask (the random control). The edit must lower its probes' loss and
+    every side effect must be measured (the probes' store is there, so the activation shift too).
+
+    Not asserted: that the object moves more often than under the random target. It did on the V1
+    model (68.8 % vs 3.1 %), and this test asserted it; on the V2 model it does not (64 test scenes:
+    11 % [5, 21] vs 6 % [2, 15], not distinguishable; BENCHMARKS.md, "The intervention on V2"), so it
+    is a measurement there, not a property of the code."""
     from probes.experiments.intervention.run import intervene
     from tests.e2e.test_cli import run_inprocess
 
@@ -139,8 +145,11 @@ def test_toy_model_moves_the_object_more_often_than_the_random_control(tmp_path)
     out = intervene(InterventionConfig(str(run_dir / "probes"), task="foreground", images=8,
                                        conditions=["edit", "random"], binary_loss="cross_entropy", video=False,
                                        out=str(tmp_path / "toy"), progress=False))
-    rate = {r["condition"]: float(r["value"]) for r in read(out / "metrics.csv") if r["metric"] == "success_rate"}
-    assert rate["edit"] > rate["random"], rate
+    summary = {(r["condition"], r["metric"]): float(r["value"]) for r in read(out / "metrics.csv")}
+    assert summary[("edit", "probe_loss_after")] < 0.8 * summary[("edit", "probe_loss_before")], summary
+    for metric in ("success_rate", "pixel_mae", "pixel_psnr", "colour_shift", "same_class", "activation_shift"):
+        assert ("edit", metric) in summary and ("random", metric) in summary, metric
+    assert summary[("edit", "activation_shift")] > 1.0      # 128 Adam steps leave the tokens' distribution
 
 
 def test_activation_shift_is_measured_against_the_probes_store(export, tmp_path, monkeypatch):
