@@ -415,8 +415,15 @@ class ProbeModule(pl.LightningModule):
                         if name != "loss":
                             logged[f"{split}/{t}/{name}/{layer.name}/step_{step:02d}"] = v
         if logged and not self.trainer.sanity_checking:
-            self.log_dict(logged, rank_zero_only=True)  # values are already all-reduced
+            self.log_scores(logged)  # values are already all-reduced
         return rows
+
+    def log_scores(self, scores: dict[str, float]) -> None:
+        """Every head's scores, straight to the loggers (W&B's per-head curves). Through ``self.log_dict``
+        Lightning wraps each of these thousands of scalars in a result object and moves it between
+        devices, which took longer than the ridge solve; the loggers' methods are rank-zero only."""
+        for logger in self.loggers:
+            logger.log_metrics(scores, step=self.global_step)
 
     def _compute(self, metric: HeadMetrics, t: str, split: str) -> Tensor:
         values = metric.compute().cpu()

@@ -398,5 +398,4 @@ class RidgeProbeModule(ProbeModule):
         if self._gain_candidates:
             self._select_gain(rows)
         self.results["val"] = rows
-        self.log_dict({f"val/{r['task']}/{r['metric']}/{r['layer']}/step_{r['step']:02d}": r["value"] for r in rows},
-                      rank_zero_only=True)
+        self.log_scores({f"val/{r['task']}/{r['metric']}/{r['layer']}/step_{r['step']:02d}": r["value"] for r in rows})

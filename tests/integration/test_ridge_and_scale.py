@@ -72,6 +72,34 @@ def test_ridge_recovers_planted_signal_and_picks_lambda_on_val(tmp_path):
     assert len(lam) == 2 * 2 * 2 and all(r["value"] in module.hparams.lambdas for r in lam)
 
 
+
+@pytest.mark.parametrize("kind", ["ridge", "sgd"])
+def test_val_scores_reach_the_loggers_once_per_head(tmp_path, kind):
+    """W&B's per-head curves: every validation score (and ridge's chosen λ) goes to each logger, in one call."""
+    from pytorch_lightning.loggers.logger import Logger
+
+    class Recording(Logger):
+        name, version = "recording", 0
+        calls: list = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append(dict(metrics))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    dm = planted(tmp_path)
+    module = RidgeProbeModule() if kind == "ridge" else ProbeModule(lr=0.01)
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=Recording(), enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(module, datamodule=dm)
+    val = [c for c in Recording.calls if "val/depth/spearman/up3.0/step_00" in c]   # not the per-task losses
+    assert len(val) == 1
+    rows = module.results["val"]
+    expected = {f"val/{r['task']}/{r['metric']}/{r['layer']}/step_{r['step']:02d}": r["value"] for r in rows
+                if r["metric"] != "loss"}
+    assert len(expected) > 2 * 2 * 2 and val[0] == pytest.approx(expected)
+    assert ("val/depth/ridge_lambda/up3.0/step_01" in val[0]) == (kind == "ridge")
+
 def tiny_dm(tmp, mode, batch_size=1, **kw):
     return ActivationDataModule(
         diffusion=DiffusionSpec(source="random", architecture="tiny"),
