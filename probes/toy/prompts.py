@@ -9,14 +9,17 @@ shipped set (world :data:`~probes.toy.world.SHIPPED_WORLD`).
 Each row also names its scene (column ``id``, read as the record's ``source_id``: ``world:seed:index``,
 :func:`scene_id`), so the exact-label protocol can render the scene a caption describes and label it
 exactly, whichever rows a run keeps; the prompt fingerprint reads only prompts and seeds, so adding
-the column kept every store's name.
+the column kept every store's name. A one-object scene's row also carries its shape (column
+``class_index``, the index in :data:`~probes.toy.world.SHAPES`, the toy classifier's output order; blank
+for scenes of several objects), so a run on these prompts can score the classifier on decoded
+images (``classifier: configs/classifier/toy.yaml``) on the same test images as its probes.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from probes.common.csv_rows import write_csv
-from probes.toy.world import SHIPPED_WORLD, WORLDS, Scene, scene_for
+from probes.toy.world import SHAPES, SHIPPED_WORLD, WORLDS, Scene, scene_for
 
 #: scene seed of prompt sets; the toy model's training scenes use other seeds
 PROMPT_SCENE_SEED = 777
@@ -44,12 +47,21 @@ def toy_prompts(n: int, scene_seed: int = PROMPT_SCENE_SEED, first_seed: int = F
     return [(scene_for(scene_seed, i, world=world).caption(), first_seed + i) for i in range(n)]
 
 
+def scene_class(scene: Scene) -> int | None:
+    """The class a classifier should name in the scene's image: its shape's index in
+    :data:`~probes.toy.world.SHAPES` when it shows one object; None (no single answer) otherwise."""
+    return SHAPES.index(scene.objects[0].shape) if len(scene.objects) == 1 else None
+
+
 def write_prompt_csv(path: Path, n: int, scene_seed: int = PROMPT_SCENE_SEED, world: str = SHIPPED_WORLD) -> Path:
-    """``n`` captions of fresh scenes as a prompt CSV (``prompt,seed,id``; ``id``: the scene) that
-    ``data.prompts.source`` reads."""
-    rows = ({"prompt": p, "seed": s, "id": scene_id(world, scene_seed, i)}
-            for i, (p, s) in enumerate(toy_prompts(n, scene_seed, world=world)))
-    return write_csv(rows, ("prompt", "seed", "id"), path)
+    """``n`` captions of fresh scenes as a prompt CSV (``prompt,seed,id,class_index``; ``id``: the scene;
+    ``class_index``: :func:`scene_class`, blank for several objects) that ``data.prompts.source`` reads."""
+    rows = []
+    for i, (p, s) in enumerate(toy_prompts(n, scene_seed, world=world)):
+        label = scene_class(scene_for(scene_seed, i, world=world))
+        rows.append({"prompt": p, "seed": s, "id": scene_id(world, scene_seed, i),
+                     "class_index": "" if label is None else label})
+    return write_csv(rows, ("prompt", "seed", "id", "class_index"), path)
 
 
 def toy_prompt_set(out: Path = Path("data/prompts/toy.csv"), n: int = 256, scene_seed: int = PROMPT_SCENE_SEED,

@@ -48,3 +48,21 @@ def test_demo_prompt_set_is_captions_of_the_shipped_world():
         rows = [(r["prompt"], int(r["seed"])) for r in csv.DictReader(f)]
     assert len(rows) == 256 and rows == toy_prompts(256)
     assert rows != toy_prompts(256, world="v1")       # V1 stays selectable, and draws other scenes
+
+
+@pytest.mark.parametrize("name, n", [("toy.csv", 256), ("toy_experiment.csv", 1000)])
+def test_shipped_toy_prompts_give_one_object_scenes_their_shape(name, n):
+    """The classifier in the demo's run is scored against these: the shape of the scene's only object,
+    in the classifier's output order, and no class where the caption names several objects."""
+    from probes.prompts.sets import PromptSpec, load_prompts
+    from probes.toy.world import SHAPES
+
+    records = load_prompts(PromptSpec(source=str(data_path("prompts", name))))
+    assert len(records) == n
+    one = [r for r in records if " to the left of " not in r.prompt and " and " not in r.prompt]
+    assert 0 < len(one) < n
+    for r in records:
+        if r in one:
+            assert r.label == SHAPES.index(r.prompt.split()[-1]), r.prompt
+        else:
+            assert r.label is None, r.prompt
