@@ -10,8 +10,9 @@ sample quality (do the samples show what their captions say: shape, colour, left
 intervals and chance), then per task:
 the best probe, the prior map and the plane, the gain over position, every run against its own
 baselines and the model against each control (paired bootstrap intervals over test images),
-aligned depth metrics, and emergence relative to the prior map. ``configs/toy/experiment.yaml`` is
-the same on 500 test and 200 validation scenes.
+aligned depth metrics, and emergence relative to the prior map; last, the replication's classifier
+experiment, which the model's run (and the own-images control's) scores on the decoded images of its
+one-object test scenes. ``configs/toy/experiment.yaml`` is the same on 500 test and 200 validation scenes.
 """
 from __future__ import annotations
 
@@ -48,11 +49,6 @@ LEGEND = {
     "control_random_same_images": "a freshly initialised U-Net run on the model's own trajectory, probed against "
                                   "the model's labels",
 }
-#: the replication's classifier experiment, run beside the comparison (not a control: its prompts are
-#: one-object scenes with a class, which the classifier is scored against): (label, folder, config)
-CLASSIFIER_RUN = ("toy model, one-object prompts with a class", "classifier", "configs/toy/classifier.yaml")
-
-
 def load_average() -> str:
     """The machine's 1/5/15-minute load, for the timings' context (shared machines)."""
     try:
@@ -62,16 +58,23 @@ def load_average() -> str:
 
 
 def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequence[tuple[str, str, str]] = RUNS,
-         classifier_run: tuple[str, str, str] | None = CLASSIFIER_RUN) -> Path:
+         classifier_run: tuple[str, str, str] | None = None, jobs: int | None = None) -> Path:
     """Run every config of ``runs`` into ``out/<folder>``, then compare them in ``out/comparison.md``.
 
     :param out: output folder (one run folder per config, ``comparison.md``, ``summary.json``, ``report/``).
     :param overrides: extra command-line options for every run (e.g. ``--data.prompts.limit 8``).
     :param runs: ``(label, folder, config)`` triples; the first is the model, the others its controls.
-    :param classifier_run: the classifier experiment's ``(label, folder, config)`` (None: skipped); its
-        per-step classifier scores go into ``comparison.md``, its emergence figures into its own report.
+    :param classifier_run: an extra run's ``(label, folder, config)`` whose classifier scores join
+        ``comparison.md`` (e.g. ``configs/toy/classifier.yaml``, one-object scenes only). None: only the
+        runs' own (the model's config scores the classifier on its one-object test scenes).
+    :param jobs: runs at a time, as processes side by side (:mod:`probes.cli.side_by_side`; a same-image
+        control starts when the model's run is done). None: one per core the thread policy finds free;
+        1: one after another in this process.
     """
     from probes.cli.train import WANDB_DIR_ENV, WANDB_GROUP_ENV
+
+    if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a whole number >= 1 (runs at a time; 1: one after another), not {jobs!r}")
 
     out_dir = Path(out)
     # one W&B group and one wandb/ folder for the whole demo (`wandb sync <out>/wandb/offline-run-*`)
@@ -79,7 +82,7 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
     os.environ[WANDB_GROUP_ENV] = f"demo-{out_dir.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.environ[WANDB_DIR_ENV] = str(out_dir)
     try:
-        return _chain(out_dir, overrides, runs, classifier_run)
+        return _chain(out_dir, overrides, runs, classifier_run, jobs)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -89,23 +92,14 @@ def demo(out: str = "outputs/demo", overrides: Sequence[str] = (), runs: Sequenc
 
 
 def _chain(out_dir: Path, overrides: Sequence[str], runs: Sequence[tuple[str, str, str]],
-           classifier_run: tuple[str, str, str] | None) -> Path:
+           classifier_run: tuple[str, str, str] | None, jobs: int | None) -> Path:
     """The demo's fits, then its comparison (see :func:`demo`)."""
     from probes.cli.evaluate import comparison_report
-    from probes.cli.train import train_main
 
-    seconds, loads = {}, {"start": load_average()}
-    for _, folder, config in runs:
-        t0 = time.perf_counter()
-        train_main(["fit", "--config", str(REPO_ROOT / config), "--run_dir", str(out_dir / folder), *overrides])
-        seconds[folder] = time.perf_counter() - t0
-    classifier_lines: list[str] = []
-    if classifier_run is not None:
-        t0 = time.perf_counter()
-        train_main(["fit", "--config", str(REPO_ROOT / classifier_run[2]), "--run_dir",
-                    str(out_dir / classifier_run[1]), *overrides])
-        seconds[classifier_run[1]] = time.perf_counter() - t0
-        classifier_lines = classifier_section(out_dir, classifier_run)
+    loads = {"start": load_average()}
+    fits = [*runs, *([classifier_run] if classifier_run else [])]
+    seconds = run_fits(out_dir, fits, overrides, jobs)
+    classifier_lines = classifier_section(out_dir, fits)
     loads["end"] = load_average()
     t0 = time.perf_counter()
     lines, summary, section = comparison(out_dir, runs)
@@ -123,21 +117,81 @@ def _chain(out_dir: Path, overrides: Sequence[str], runs: Sequence[tuple[str, st
     return out_dir
 
 
-def classifier_section(out_dir: Path, run: tuple[str, str, str]) -> list[str]:
-    """The classifier on decoded images, per step (the replication's experiment)."""
-    from probes.reporting.tables import read_metrics_csv
+def replays_model(config: str, overrides: Sequence[str] = ()) -> bool:
+    """Whether a run replays the model's recorded trajectory (a same-image control): it reads the
+    model's store, so it can start only when the model's run is done."""
+    import yaml
 
-    label, folder, config = run
-    clf = [r for r in read_metrics_csv(out_dir / folder / "metrics.csv") if r["task"] == "classification"]
-    per_step = {(r["metric"], r["step"]): r["value"] for r in clf}
-    steps = sorted({r["step"] for r in clf})
-    return [f"## The classifier on decoded images ({label}: `{config}`)", "",
-            f"The toy shape classifier on the image decoded after each step ({clf[0]['layer'] if clf else '-'}), "
-            f"test split, against the prompt's shape (chance top-1: 0.25). Emergence figures: "
-            f"`{folder}/report.html`.", "",
-            "| step | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps),
-            *[f"| {m} | " + " | ".join(fmt_cell(per_step.get((m, s))) for s in steps) + " |" for m in ("top1", "prob")],
-            ""]
+    from probes.cli.compose import config_bases
+
+    if any(str(o).startswith("--data.replay") for o in overrides):
+        return True
+    return any(((yaml.safe_load(p.read_text()) or {}).get("data") or {}).get("replay")
+               for p in config_bases(REPO_ROOT / config))
+
+
+def run_fits(out_dir: Path, fits: Sequence[tuple[str, str, str]], overrides: Sequence[str],
+             jobs: int | None) -> dict[str, float]:
+    """Every ``(label, folder, config)`` fit into ``out_dir/<folder>``: one after another in this process
+    (``jobs`` 1, or one free core), else side by side as processes (:mod:`probes.cli.side_by_side`),
+    logs in ``out_dir/logs``. Returns each run's wall seconds (side by side, also ``all runs``: the
+    wall time of them all, less than their sum)."""
+    from probes.cli.side_by_side import Job, run_side_by_side
+    from probes.common.threads import busy_cpus_now, choose_threads
+
+    cores = choose_threads(busy_now=busy_cpus_now).threads
+    slots = min(len(fits), cores if jobs is None else jobs)
+    argv = {folder: ["fit", "--config", str(REPO_ROOT / config), "--run_dir", str(out_dir / folder), *overrides]
+            for _, folder, config in fits}
+    seconds: dict[str, float] = {}
+    if slots <= 1:
+        from probes.cli.train import train_main
+
+        for _, folder, _ in fits:
+            t0 = time.perf_counter()
+            train_main(argv[folder])
+            seconds[folder] = time.perf_counter() - t0
+        return seconds
+    model = fits[0][1]
+    plan = [Job(folder, tuple(argv[folder]), (model,) if k and replays_model(config, overrides) else ())
+            for k, (_, folder, config) in enumerate(fits)]
+    t0 = time.perf_counter()
+    seconds = run_side_by_side(plan, slots=slots, cores=max(cores, slots), log_dir=out_dir / "logs")
+    seconds["all runs"] = time.perf_counter() - t0
+    return seconds
+
+
+def classifier_section(out_dir: Path, runs: Sequence[tuple[str, str, str]]) -> list[str]:
+    """The classifier on decoded images, per step (the replication's experiment), for every run that
+    scored it (a same-image control's images are the model's, so its configs leave it out)."""
+    from probes.reporting.tables import read_metrics_csv
+    from probes.store.activations import read_manifest
+
+    table, layers, steps = [], set(), []
+    for label, folder, _ in runs:
+        path = out_dir / folder / "metrics.csv"
+        clf = [r for r in read_metrics_csv(path) if r["task"] == "classification"] if path.exists() else []
+        if not clf:
+            continue
+        prompts = read_manifest((out_dir / folder / "store").resolve() / "manifest.json").get("prompts", [])
+        classes = [p["label"] for p in prompts if p.get("split") == "test" and p.get("label") is not None]
+        n = len(classes)
+        common = max(classes.count(c) for c in set(classes)) / n if n else float("nan")
+        per_step = {(r["metric"], r["step"]): r["value"] for r in clf}
+        steps = sorted({r["step"] for r in clf})
+        layers |= {r["layer"] for r in clf}
+        table += [f"| {label} ({n} images; most common shape {common:.2f}) | {m} | "
+                  + " | ".join(fmt_cell(per_step.get((m, s))) for s in steps) + " |" for m in ("top1", "prob")]
+    if not table:
+        return []
+    return ["## The classifier on decoded images", "",
+            f"The toy shape classifier on the image decoded after each step ({', '.join(sorted(layers))}) of the "
+            "one-object test scenes, against the caption's shape: top-1 accuracy and the probability it gives that "
+            "shape. Chance top-1 is 0.25 for a uniform guess of the four shapes, and the most common shape's share of "
+            "the scenes for a classifier that always names it (what a control that draws noise tends to do). The "
+            "probes' emergence on the same images: each run's `report.html`.", "",
+            "| run | measure | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps),
+            *table, ""]
 
 
 def own_images(folder: Path) -> bool:

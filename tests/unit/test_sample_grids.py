@@ -12,7 +12,8 @@ from probes.store.activations import ActivationStore
 
 
 def _store(folder: Path, images_from: str | None = None) -> ActivationStore:
-    prompts = [{"prompt": f"a red cube number {i}", "split": "test" if i % 2 else "train"} for i in range(6)]
+    prompts = [{"prompt": f"a red cube number {i}", "split": "test" if i % 2 else "train", "label": 1 if i < 4 else None}
+               for i in range(6)]
     manifest = {"fingerprint": folder.name, "request": {}, "num_samples": 6, "generation": {"height": 8, "width": 8},
                 "capture": {"layers": [{"name": "up1.0", "module": "m", "channels": 2, "grid": [2, 2]}],
                             "steps": [0], "halves": ["cond"], "dtype": "float32"}, "prompts": prompts}
@@ -65,3 +66,61 @@ def test_the_demo_runs_one_control_of_each_kind_and_the_experiment_all_of_them()
     experiment = yaml.safe_load((REPO_ROOT / "configs/toy/experiment.yaml").read_text())
     assert [tuple(r) for r in experiment["runs"]] == list(ALL_RUNS)
     assert all((REPO_ROOT / config).exists() for _, _, config in ALL_RUNS)
+
+
+def test_the_demo_scores_the_classifier_in_the_model_run_not_in_the_same_image_controls():
+    """The classifier experiment reads the model's one-object test scenes (no run of its own); a
+    same-image control's decoded images are the model's, so its configs leave the classifier out."""
+    import yaml
+
+    from probes.cli.compose import config_bases
+    from probes.paths import REPO_ROOT
+
+    def classifier(config: str):
+        value = "unset"
+        for path in config_bases(REPO_ROOT / config):      # bases first, the last that sets it wins
+            data = yaml.safe_load(path.read_text()) or {}
+            value = data.get("classifier", value)
+        return value
+
+    assert classifier("configs/toy/demo.yaml") == "../classifier/toy.yaml"
+    assert classifier("configs/toy/control_permuted_own_images.yaml") == "../classifier/toy.yaml"
+    from probes.experiments.classify.stage import ClassifierScores
+
+    for control in ("control_permuted_same_images", "control_random_same_images"):
+        off = classifier(f"configs/toy/{control}.yaml")      # the class group takes a mapping, never null
+        assert off == {"name": None} and ClassifierScores(**off).config is None
+    assert "classifier_run" not in yaml.safe_load((REPO_ROOT / "configs/toy/experiment.yaml").read_text())
+
+
+def test_demo_classifier_section_counts_each_runs_one_object_test_scenes(tmp_path):
+    from probes.cli.demo import classifier_section
+    from probes.reporting.tables import write_metrics_csv
+
+    for folder, top1 in (("model", 0.9), ("control_permuted_own_images", 0.25), ("control_random_same_images", None)):
+        _store(tmp_path / folder)
+        rows = [{"split": "test", "task": "foreground", "layer": "up1.0", "step": s, "timestep": 999.0 - s,
+                 "metric": "dice", "value": 0.5} for s in (0, 1)]
+        if top1 is not None:
+            rows += [{"split": "test", "task": "classification", "layer": "classifier_noisy", "step": s,
+                      "timestep": 999.0 - s, "metric": m, "value": top1 if m == "top1" else 0.5}
+                     for s in (0, 1) for m in ("top1", "top5", "prob")]
+        write_metrics_csv(rows, tmp_path / folder / "metrics.csv")
+    runs = [(f, f, "x.yaml") for f in ("model", "control_permuted_own_images", "control_random_same_images")]
+    text = "\n".join(classifier_section(tmp_path, runs))
+    lines = text.splitlines()
+    # test scenes 1 and 3 have a class, the same one
+    model = [ln for ln in lines if ln.startswith("| model (2 images; most common shape 1.00) | top1 |")]
+    assert len(model) == 1 and model[0].count("0.9") == 2, lines
+    assert "control_permuted_own_images" in text and "control_random_same_images" not in text
+    assert "| step 0 | step 1 |" in text and "Chance top-1 is 0.25" in text
+    assert classifier_section(tmp_path, runs[2:]) == []
+
+
+def test_the_demo_starts_a_same_image_control_after_the_model_and_checks_jobs(tmp_path):
+    from probes.cli.demo import ALL_RUNS, demo, replays_model
+
+    assert [replays_model(config) for _, _, config in ALL_RUNS] == [False, False, True, True]
+    assert replays_model("configs/toy/demo.yaml", ["--data.replay.weights", "random"])
+    with pytest.raises(ValueError, match="jobs must be a whole number >= 1"):
+        demo(str(tmp_path / "demo"), jobs=0)
