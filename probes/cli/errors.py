@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from jsonargparse import ArgumentParser
 from pytorch_lightning.cli import LightningArgumentParser
 
+from probes.cli.side_by_side import RunFailed
 from probes.common.env import env_flag
 from probes.common.registry import UnknownName
 
@@ -29,7 +30,8 @@ DEBUG_FLAG, DEBUG_ENV = "--debug", "DPROBE_DEBUG"
 
 #: what a user's mistake raises: the project's checks, and the parser's
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, UnknownName, FileNotFoundError, NotADirectoryError,
-                                                IsADirectoryError, FileExistsError, ArgumentError)
+                                                IsADirectoryError, FileExistsError, ArgumentError,
+                                                RunFailed)   # its message quotes the failed run's own error
 
 _UNION = "Does not validate against any of the Union subtypes"
 _UNKNOWN_KEY = (re.compile(r"Subcommand '[^']+' does not accept option '([^']+)'"),
@@ -160,7 +162,7 @@ def is_user_error(err: BaseException) -> bool:
 
 def explain(err: BaseException) -> str:
     """The message a user reads for ``err`` (a ``KeyError``'s without the quotes it prints with)."""
-    if isinstance(err, UsageError):
+    if isinstance(err, (UsageError, RunFailed)):      # RunFailed quotes a log: its lines stay lines
         return str(err)
     return sentence(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
 
