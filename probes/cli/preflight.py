@@ -208,9 +208,12 @@ def check_prerequisites(dm: Any, model: Any = None, stage: str | None = "fit",
         if estimate is not None:
             weights[0] = replace(weights[0], what=f"{weights[0].what}; this run's store: {estimate}")
     found += weights
-    for task, cfg in dm.labels.items():
-        cfg = dict(cfg)
-        found += build_labeler(cfg.pop("name"), **cfg).prerequisites(f"data.labels.{task}")
+    decode = getattr(getattr(dm, "generation", None), "decode", "none")
+    for key, labels in (("data.labels", dm.labels),
+                        ("data.decoded_labels", getattr(dm, "decoded_labels", {}) if decode != "none" else {})):
+        for task, cfg in labels.items():
+            cfg = dict(cfg)
+            found += build_labeler(cfg.pop("name"), **cfg).prerequisites(f"{key}.{task}")
     for consumer in consumers:
         found += list(getattr(consumer, "prerequisites", list)())
     found = [m for m in (_still_missing(m) for m in found) if m is not None]

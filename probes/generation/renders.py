@@ -15,6 +15,12 @@ labels belong to the very image whose latent the U-Net sees:
    but drifts from the render);
 4. the U-Net runs once, on the caption's embedding, with the capture hooks on.
 
+With ``generation.decode: noisy`` the test images' intermediate images are decoded as in the
+sampling protocol, from the latent the sampler would hand to the next step if it stayed on the
+render's path: the render's latent noised to the next step's level, and at the last step the clean
+latent (the VAE's reconstruction of the render). A labeler on these, scored against the renderer's
+exact labels, is the decoded-image baseline that does not end at 1 by construction.
+
 The conditional pass alone (capture layout ``none``): without a trajectory, guidance steers nothing,
 and a U-Net's conditional half does not depend on the unconditional one beside it in a batch (every
 operation is per sample), so a batched ``[uncond, cond]`` call would only double the cost. The store
@@ -39,6 +45,7 @@ from probes.generation.sampling import (
     GenerationSpec,
     StepProgress,
     batches,
+    decode_latents,
     denoising,
     image_size,
     make_scheduler,
@@ -84,13 +91,24 @@ def denoiser_input(scheduler, steps: int, x0: torch.Tensor, noise: torch.Tensor,
     return scheduler.scale_model_input(noisy, t)
 
 
+def next_latent(scheduler, steps: int, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
+    """The latent a sampler that stayed on ``x0``'s path hands on after ``step`` (``decode: noisy``):
+    ``x0`` noised to the next step's timestep, and ``x0`` itself after the last step."""
+    scheduler.set_timesteps(steps)
+    if step + 1 >= len(scheduler.timesteps):
+        return x0
+    t = scheduler.timesteps[step + 1]
+    return scheduler.add_noise(x0, noise, t.reshape(1).expand(len(x0)))
+
+
 def noised_renders(pipe, records: Sequence[PromptRecord], todo: Sequence[int], spec: GenerationSpec,
                    layers: Sequence[LayerInfo], capture: CaptureSpec, acts_device: str | None = "cpu",
                    progress: bool = True, desc: str = "noising renders",
                    universe: Sequence[int] | None = None, decode: Collection[int] | None = None
                    ) -> Iterator[GeneratedBatch]:
     """:func:`probes.generation.sampling.generate`'s batches for ``generation.start=renders``: same
-    chunks, same fields; the image is the render and nothing is decoded (``decode`` is ignored)."""
+    chunks, same fields; the image is the render, and with ``decode: noisy`` the samples of ``decode``
+    (default: every wanted one) get :func:`next_latent` decoded at every captured step."""
     family = family_of(pipe)
     spec.check_family(family)
     check_capture(layers, capture)
@@ -98,6 +116,7 @@ def noised_renders(pipe, records: Sequence[PromptRecord], todo: Sequence[int], s
     if height != width:
         raise ValueError(f"the toy renderer draws square images; generation height/width are {height}x{width}")
     todo_set = set(int(i) for i in todo)
+    decode_set = todo_set if decode is None else {int(i) for i in decode}
     order = [r.index for r in records] if universe is None else list(universe)
     chunks = [c for c in batches(order, spec.batch_size) if todo_set.intersection(c)]
     by_index = {r.index: r for r in records}
@@ -116,6 +135,9 @@ def noised_renders(pipe, records: Sequence[PromptRecord], todo: Sequence[int], s
             cap.reset()
             calls0 = cap.unet_calls
             images = renders_of(recs, height)
+            keep = [k for k, i in enumerate(chunk) if i in todo_set]
+            rows = [k for k in keep if chunk[k] in decode_set] if spec.decode != "none" else []
+            decoded = None if spec.decode == "none" else np.zeros((0, len(cap.steps), height, width, 3), np.uint8)
             with denoising(pipe):
                 x0 = encode(pipe, images)
                 noise = initial_latents([r.seed for r in recs], tuple(x0.shape[1:])).to(x0.device, x0.dtype)
@@ -126,8 +148,12 @@ def noised_renders(pipe, records: Sequence[PromptRecord], todo: Sequence[int], s
                         denoiser(sample, t, encoder_hidden_states=embeds, return_dict=False)
                     cap.on_step_end(pipe, i, t, {})
                     bar.step(done + (cap.unet_calls - calls0) * len(chunk))
+                if rows:
+                    lat = torch.stack([next_latent(pipe.scheduler, spec.steps, x0[rows], noise[rows], s)
+                                       for s in cap.steps], 1)                          # [R, S_sel, C, h, w]
+                    decoded = decode_latents(pipe, lat.flatten(0, 1), height, width).reshape(
+                        len(rows), len(cap.steps), height, width, 3)
             acts = cap.collect(acts_device)
-            keep = [k for k, i in enumerate(chunk) if i in todo_set]
             sel = torch.tensor(keep)
             calls = cap.unet_calls - calls0
             done += calls * len(chunk)
@@ -135,5 +161,6 @@ def noised_renders(pipe, records: Sequence[PromptRecord], todo: Sequence[int], s
             yield GeneratedBatch(indices=[chunk[k] for k in keep], images=images[keep],
                                  acts={n: a[sel.to(a.device)] for n, a in acts.items()},
                                  timesteps=[float(t) for t in cap.timesteps], sigmas=list(cap.sigmas),
-                                 decoded_images=None, unet_calls=calls, guided_calls=calls * len(chunk))
+                                 decoded_images=decoded, unet_calls=calls, guided_calls=calls * len(chunk),
+                                 decoded_indices=[chunk[k] for k in rows])
     bar.close()

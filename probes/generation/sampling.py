@@ -72,7 +72,9 @@ class GenerationSpec:
         world's exact-label protocol, :mod:`probes.generation.renders`: each record's scene is rendered,
         encoded, noised to every step's timestep with the seed's noise and run through the denoiser
         once per captured step, conditional pass only; nothing is sampled, so ``guidance_scale``
-        steers nothing and the store's image is the render).
+        steers nothing and the store's image is the render; ``decode: noisy`` decodes the render's
+        latent noised to the *next* step's level, the sampler's x_{t-1} on the render's own path, and at
+        the last step the clean latent: the VAE's reconstruction of the render).
     :param decode_x0: deprecated (before ``decode`` existed): ``true`` means ``decode: x0``.
     """
 
@@ -117,9 +119,10 @@ class GenerationSpec:
             raise ValueError(f"generation.max_sequence_length must be >= 1 or null, got {self.max_sequence_length}")
         if self.start not in STARTS:
             raise ValueError(f"generation.start must be one of {' | '.join(STARTS)}, got {self.start!r}")
-        if self.start == "renders" and self.decode != "none":
-            raise ValueError(f"generation.start=renders samples no trajectory, so there are no intermediate images to "
-                             f"decode (generation.decode={self.decode!r}): set generation.decode=none")
+        if self.start == "renders" and self.decode == "x0":
+            raise ValueError("generation.start=renders samples no trajectory, so no sampler predicts an x0 to decode "
+                             "(generation.decode='x0'): set generation.decode=noisy (the render's latent at the next "
+                             "step's noise level, what the sampler would hand on) or none")
 
     def check_family(self, family: Family) -> None:
         """Refuse, at config time, settings the model family cannot run."""

@@ -45,6 +45,16 @@ ALIGNED = (("abs_rel", "AbsRel", False), ("rmse", "RMSE", False), ("delta1", "δ
 DECODED_NOTE = "ends at 1 by construction: the labels are this labeler's output on the final image"
 
 
+def decoded_note(pi: PerImageScores | None, task: str) -> str:
+    """What the decoded-image labeler's curve is scored against: its own output on the final image (it
+    ends at 1 by construction), unless the run recorded another labeler for the labels (exact labels)."""
+    info = pi.info if pi is not None else {}
+    own, decoded = info.get("labeler", {}).get(task), info.get("decoded_labeler", {}).get(task)
+    if own is not None and decoded is not None and own != decoded:
+        return f"the labeler {decoded} scored against the labels of {own}: not 1 by construction"
+    return DECODED_NOTE
+
+
 def load_run(run: str | Path) -> tuple[list[dict], PerImageScores | None]:
     """A run folder's ``metrics.csv`` rows and its per-image scores (None for runs made before them)."""
     run = Path(run)
@@ -177,7 +187,7 @@ def emergence_rows(rows: list[dict], pi: PerImageScores | None, task: str, metri
         if final is not None and abs(final.estimate - ((base - vals[-1]) if low else (vals[-1] - base))) > 1e-4:
             final = None          # per-image scores of another selection: no interval rather than a wrong one
         e = relative_emergence(steps, vals, base, final, lower_is_better=low)
-        note = e.note + (f"; {DECODED_NOTE}" if kind == "decoded" else "")
+        note = e.note + (f"; {decoded_note(pi, task)}" if kind == "decoded" else "")
         out.append({"curve": label, "step": e.step, "cell": e.cell(), "note": note, "final": vals[-1],
                     "final_gain": final})
     return out

@@ -11,15 +11,13 @@ splits and the :class:`~probes.contract.ProbeSpec` the probes are shaped by.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from probes.common.config_group import GroupFile
@@ -28,10 +26,9 @@ from probes.diffusion.families.layers import check_patterns
 from probes.diffusion.families.spec import get_family
 from probes.diffusion.loading import DiffusionSpec, load_pipeline
 from probes.generation.sampling import CaptureSpec, GenerationSpec
-from probes.labels import check_labeler
 from probes.labels import stage as labels_stage
 from probes.labels.cache import LabelCache
-from probes.labels.stage import build_labelers
+from probes.labels.stage import build_labelers, labeler_configs
 from probes.prompts.sets import PromptRecord, PromptSpec, load_prompts, split_indices
 from probes.replay.run import ReplaySpec, ensure_replay_store, replay_pipeline
 from probes.replay.trajectory import StoreTrajectory
@@ -84,6 +81,11 @@ class ActivationDataModule(pl.LightningDataModule):
         the extra keys are the labeler's arguments. Or the path of a YAML file holding that
         mapping (a labels group, ``configs/labels/*.yaml``), read when the config is parsed so that a
         saved or printed config holds the mapping itself.
+    :param decoded_labels: the labelers of the decoded intermediate images (``generation.decode``),
+        per task, where they are not the labels' own (same forms as ``labels``). Default: each task's
+        labels labeler, whose curve then ends at 1 by construction (its labels are its own output on
+        the final image); the toy world's exact-label protocol names the pseudo-labelers here, so the
+        decoded-image baseline is scored against the renderer's exact labels.
     :param mode: ``cached`` (activations written to the store, then read for as many epochs as
         needed: SGD probes) or ``streaming`` (nothing cached: each split is generated while it is
         consumed, for one-pass closed-form probes, ``probes.training.ridge.RidgeProbeModule``).
@@ -117,7 +119,8 @@ class ActivationDataModule(pl.LightningDataModule):
                  store_dir: str | None = None, store_root: str = "outputs/stores", batch_size: int = 4,
                  num_workers: int = 0, device: str = "auto", progress: bool = True,
                  exact_train_shards: bool = False, target_norm: dict[str, Any] | None = None,
-                 replay: ReplaySpec | None = None) -> None:
+                 replay: ReplaySpec | None = None,
+                 decoded_labels: dict[str, dict[str, Any]] | GroupFile | None = None) -> None:
         super().__init__()
         if replay is not None and not capture.record_inputs:
             raise ValueError(f"data.replay ({replay.weights} U-Net on the trained model's trajectory) needs the "
@@ -129,17 +132,15 @@ class ActivationDataModule(pl.LightningDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers!r} (0: load in the main process)")
         self.diffusion, self.prompts, self.generation, self.capture = diffusion, prompts, generation, capture
-        if isinstance(labels, GroupFile):             # a labels group named in a config, read when parsed
-            labels = labels.content
-        elif isinstance(labels, (str, os.PathLike)):  # a labels group file, e.g. configs/labels/sd14.yaml
-            labels = yaml.safe_load(Path(labels).read_text())
-        self.labels = dict(labels or {"foreground": {"name": "otsu"}})
-        for task, cfg in self.labels.items():
-            if not isinstance(cfg, Mapping) or "name" not in cfg:
-                raise ValueError(f"data.labels.{task} must be a mapping with a 'name' (a labeler), got {cfg!r}")
-            self.labels[task] = dict(cfg)  # an export's frozen config (MappingProxyType) becomes a plain dict
-            get_task(task)                 # checked now, before any compute: unknown names list the valid ones
-            check_labeler(cfg["name"])
+        self.labels = labeler_configs(labels, "data.labels") or {"foreground": {"name": "otsu"}}
+        #: the labelers of the decoded intermediate images, when not the labels' own (e.g. the toy
+        #: pseudo-labelers on decoded renders, scored against the renderer's exact labels)
+        self.decoded_labels = labeler_configs(decoded_labels, "data.decoded_labels")
+        extra = sorted(set(self.decoded_labels) - set(self.labels))
+        if extra:
+            raise ValueError(f"data.decoded_labels names tasks {extra} that data.labels does not label "
+                             f"({sorted(self.labels)}): a decoded image's labels are scored against the final "
+                             f"image's labels of the same task")
         self.target_norm = check_target_norm(target_norm, tuple(self.labels))  # before any compute
         self.replay = replay
         family = get_family(diffusion.family_name)    # the layer names and the call depend on the model family
@@ -174,7 +175,8 @@ class ActivationDataModule(pl.LightningDataModule):
                 "generation": asdict(self.generation), "capture": asdict(self.capture),
                 "labels": self.labels, "mode": self.mode, "store_dir": str(self.resolved_store_dir()),
                 "batch_size": self.batch_size, "num_workers": self.num_workers, "device": self.device,
-                "target_norm": self.target_norm, **({"replay": asdict(self.replay)} if self.replay else {})}
+                "target_norm": self.target_norm, **({"replay": asdict(self.replay)} if self.replay else {}),
+                **({"decoded_labels": self.decoded_labels} if self.decoded_labels else {})}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], **overrides: Any) -> ActivationDataModule:
@@ -186,7 +188,8 @@ class ActivationDataModule(pl.LightningDataModule):
                    batch_size=cfg.get("batch_size", 4), num_workers=cfg.get("num_workers", 0),
                    device=cfg.get("device", "auto"), progress=cfg.get("progress", True),
                    target_norm=cfg.get("target_norm"),
-                   replay=ReplaySpec(**cfg["replay"]) if cfg.get("replay") else None)
+                   replay=ReplaySpec(**cfg["replay"]) if cfg.get("replay") else None,
+                   decoded_labels=cfg.get("decoded_labels"))
 
     def records(self) -> list[PromptRecord]:
         if not hasattr(self, "_records"):
@@ -254,11 +257,14 @@ class ActivationDataModule(pl.LightningDataModule):
         what = "images" if self.streaming else "activations and images"
         needs = [(f"{what} of {len(todo)} samples", store_bytes(layout, todo, test))]
         decoded = decoded_latent(layout["generation"])
-        for task, labeler in build_labelers(self.labels).items():
+        labelers = build_labelers(self.labels)
+        on_decoded = labels_stage.decoded_labelers_of(labelers, build_labelers(self.decoded_labels))
+        for task, labeler in labelers.items():
             rows = LabelCache(store, task, labeler).missing(range(len(records))) if store is not None else records
             needs.append((f"{task} labels", label_bytes(len(rows), h, w)))
             if decoded != "none":
-                dec_rows = LabelCache(store, task, labeler, "decoded").missing(test) if store is not None else test
+                dec = on_decoded[task]
+                dec_rows = LabelCache(store, task, dec, "decoded").missing(test) if store is not None else test
                 needs.append((f"{task} labels of decoded {decoded} images",
                               label_bytes(len(dec_rows), h, w, len(layout["capture"]["steps"]))))
         return needs
@@ -323,13 +329,15 @@ class ActivationDataModule(pl.LightningDataModule):
                                  rank, world, barrier, progress)
         self.store = store
         labelers = build_labelers(self.labels)
+        decoded_labelers = build_labelers(self.decoded_labels)
         splits = split_indices(records)
         model = store.manifest["model"]
         if self.replay is not None:
             batch = self.generation.batch_size
             self.label_caches, self.decoded_label_caches = labels_stage.label_store(
                 store, labelers, shard_of(range(store.num_samples), batch, rank, world),
-                shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier)
+                shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier,
+                decoded_labelers)
             stats, self.label_ranges = scan_caches(self.label_caches, store.num_samples, splits["train"],
                                                    lambda i: describe_sample(self, i))
             if self.streaming:
@@ -347,7 +355,8 @@ class ActivationDataModule(pl.LightningDataModule):
                 model, store_dir = self.store.manifest["model"], self.store.root
         elif self.streaming:   # labelled while streamed (the datasets fill the caches)
             self.label_caches = labels_stage.label_caches(store, labelers)
-            self.decoded_label_caches = labels_stage.label_caches(store, labelers, "decoded")
+            self.decoded_label_caches = labels_stage.label_caches(
+                store, labels_stage.decoded_labelers_of(labelers, decoded_labelers), "decoded")
             source = StreamSource(pipeline=self.pipeline, records=records, generation=self.generation,
                                   capture=self.capture, store=store, label_caches=self.label_caches,
                                   decoded_label_caches=self.decoded_label_caches, device=self._device,
@@ -358,7 +367,8 @@ class ActivationDataModule(pl.LightningDataModule):
             batch = self.generation.batch_size
             self.label_caches, self.decoded_label_caches = labels_stage.label_store(
                 store, labelers, shard_of(range(store.num_samples), batch, rank, world),
-                shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier)
+                shard_of(splits["test"], batch, rank, world), self._device(), progress, barrier,
+                decoded_labelers)
             self.datasets = {s: ActivationDataset(store, idx, self.label_caches,
                                                   {i: describe_sample(self, i) for i in idx})
                              for s, idx in splits.items() if idx}

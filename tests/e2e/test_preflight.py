@@ -94,3 +94,14 @@ def test_the_tiny_demo_passes_the_check(tmp_path):
         "generation": {"steps": 2}, "capture": {"layers": ["up3.0"]}, "labels": {"depth": {"name": "vertical"}},
         "store_root": str(tmp_path)})
     assert check_prerequisites(dm, ProbeModule(), "fit") == []
+
+
+def test_missing_weights_of_a_decoded_images_labeler_are_listed_with_its_key(tmp_path, empty_caches):
+    """A labeler named only for the decoded images (``data.decoded_labels``) is checked like the labels'."""
+    with pytest.raises(SystemExit) as done:
+        run_inprocess("fit", "--config", "configs/tiny.yaml", "--run_dir", str(tmp_path / "run"),
+                      "--data.store_root", str(tmp_path / "stores"),
+                      "--data.decoded_labels", '{foreground: {name: tracer}}', env_extra=empty_caches)
+    msg = str(done.value.code)
+    assert "data.decoded_labels.foreground" in msg and "TRACER" in msg, msg
+    assert not (tmp_path / "run").exists()

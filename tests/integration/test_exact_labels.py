@@ -117,3 +117,36 @@ def test_exact_labeler_refuses_a_store_of_sampled_images_and_loose_images():
         labeler(np.zeros((1, 64, 64, 3), np.uint8), np.array([0]))
     with pytest.raises(ValueError, match="kind='normals'"):
         ToyExact(kind="normals")
+
+
+def test_decoded_renders_are_the_renders_latent_on_its_own_path_decoded(exact_store):
+    """``decode: noisy`` with renders: after step s the render's latent at the next step's noise level,
+    x0 + sigma_(s+1) noise (by hand from the scheduler's sigmas), decoded; after the last step x0 itself,
+    i.e. the VAE's reconstruction of the render. Only the samples asked for are decoded."""
+    from probes.generation.renders import noised_renders
+    from probes.generation.sampling import CaptureSpec, GenerationSpec, make_scheduler
+
+    _, records, pipe = exact_store
+    generation = GenerationSpec(steps=STEPS, batch_size=N, start="renders", decode="noisy")
+    capture = CaptureSpec(layers=["mid.0"], steps=KEPT, dtype="float32")
+    from probes.diffusion.families.layers import pipeline_registry
+
+    layers = pipeline_registry(pipe, 64, 64).select(["mid.0"])
+    (batch,) = list(noised_renders(pipe, records, [0, 1, 2], generation, layers, capture, progress=False,
+                                   decode=[0, 2]))
+    assert batch.decoded_indices == [0, 2] and batch.decoded_images.shape == (2, len(KEPT), 64, 64, 3)
+    sched = make_scheduler(pipe, "lms")
+    sched.set_timesteps(STEPS)
+    rgb = np.stack([r.rgb for r in _scenes(records)])[[0, 2]]
+    pixels = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    noise = torch.cat([torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(records[k].seed))
+                       for k in (0, 2)])
+    with torch.no_grad():
+        x0 = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        for slot, step in enumerate(KEPT):
+            sigma = float(sched.sigmas[step + 1]) if step + 1 < STEPS else 0.0
+            img = pipe.vae.decode((x0 + sigma * noise) / pipe.vae.config.scaling_factor).sample
+            want = ((img.clamp(-1, 1) + 1) / 2 * 255).round().permute(0, 2, 3, 1).numpy()
+            got = batch.decoded_images[:, slot].astype(np.float64)
+            assert np.abs(got - want).max() <= 1, f"step {step}"        # uint8 rounding of the same floats
+    assert sigma == 0.0 and not np.array_equal(batch.decoded_images[:, -1], rgb)   # a reconstruction, not the render

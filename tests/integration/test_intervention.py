@@ -141,7 +141,7 @@ def test_toy_model_edit_reaches_its_probe_target_and_reports_every_side_effect(t
                   "--data.store_root", str(tmp_path / "stores"), "--data.prompts.limit", "40",
                   "--data.capture.layers", "[up*]", "--data.capture.steps", "[0, 1, 2, 3, 4]",
                   "--data.labels", "{foreground: {name: toy_foreground}}", "--data.generation.decode", "none",
-                  "--trainer.logger", "false", "--outputs.plots", "false")
+                  "--classifier.name", "null", "--trainer.logger", "false", "--outputs.plots", "false")
     out = intervene(InterventionConfig(str(run_dir / "probes"), task="foreground", images=8,
                                        conditions=["edit", "random"], binary_loss="cross_entropy", video=False,
                                        out=str(tmp_path / "toy"), progress=False))

@@ -75,7 +75,7 @@ def test_toy_model_both_modes_with_erasure_measure_every_side_effect(tmp_path):
                   "--data.store_root", str(tmp_path / "stores"), "--data.prompts.limit", "40",
                   "--data.capture.layers", "[up*]", "--data.capture.steps", "[0, 1, 2, 3, 4]",
                   "--data.labels", "{foreground: {name: toy_foreground}}", "--data.generation.decode", "none",
-                  "--trainer.logger", "false", "--outputs.plots", "false")
+                  "--classifier.name", "null", "--trainer.logger", "false", "--outputs.plots", "false")
     out = intervene(InterventionConfig(str(run_dir / "probes"), task="foreground", images=2, mode="both",
                                        erase=["colour", "class"], erase_samples=16, guidance_weight=0.05,
                                        out=str(tmp_path / "toy"), progress=False))

@@ -123,7 +123,7 @@ def test_probes_on_the_toy_model_beat_its_permuted_control_on_foreground(tmp_pat
 
     small = ["--data.prompts.limit", "24", "--data.labels", "{foreground: {name: toy_foreground}}",
              "--data.store_root", str(tmp_path / "stores"), "--trainer.logger", "false", "--outputs.plots", "false",
-             "--data.generation.decode", "none"]
+             "--data.generation.decode", "none", "--classifier.name", "null"]
     demo(str(tmp_path / "demo"), overrides=small, runs=RUNS[:2], classifier_run=None)   # the model, the permuted control
     model = _best_test(tmp_path / "demo" / "model")
     control = _best_test(tmp_path / "demo" / "control_permuted_own_images")

@@ -76,3 +76,20 @@ def test_disk_budget_includes_the_label_caches(tmp_path, monkeypatch):
     assert "label" in str(err.value)
     stores = list((tmp_path / "b").glob("*")) if (tmp_path / "b").exists() else []
     assert all(not (s / "manifest.json").exists() for s in stores), "refused only after creating the store"
+
+
+def test_decoded_labels_name_labelled_tasks_and_known_labelers(tmp_path):
+    """``data.decoded_labels`` (another labeler for the decoded images) is checked with the labels, before any compute."""
+    from probes.common.registry import UnknownName
+    from probes.reporting.beyond_position import DECODED_NOTE, decoded_note
+
+    with pytest.raises(ValueError, match=r"data.decoded_labels names tasks \['shading'\] that data.labels does not"):
+        tiny_dm(tmp_path, decoded_labels={"shading": {"name": "luminance"}})
+    with pytest.raises((UnknownName, KeyError), match="otsuu"):
+        tiny_dm(tmp_path, decoded_labels={"foreground": {"name": "otsuu"}})
+    with pytest.raises(ValueError, match="data.decoded_labels.depth must be a mapping with a 'name'"):
+        tiny_dm(tmp_path, decoded_labels={"depth": "vertical"})
+    dm = tiny_dm(tmp_path, decoded_labels={"depth": {"name": "vertical"}})
+    assert dm.config()["decoded_labels"] == {"depth": {"name": "vertical"}}
+    assert "decoded_labels" not in tiny_dm(tmp_path).config()             # exports made before it stay the same
+    assert decoded_note(None, "depth") == DECODED_NOTE                    # the labels' own labeler: 1 by construction

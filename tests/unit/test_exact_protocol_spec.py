@@ -39,5 +39,6 @@ def test_generation_start_is_checked_and_leaves_sampled_stores_fingerprints_alon
     assert GenerationSpec(start="renders").fingerprint_fields()["start"] == "renders"
     with pytest.raises(ValueError, match="noise | renders"):
         GenerationSpec(start="render")
-    with pytest.raises(ValueError, match="generation.decode=none"):
-        GenerationSpec(start="renders", decode="noisy")
+    with pytest.raises(ValueError, match="set generation.decode=noisy"):
+        GenerationSpec(start="renders", decode="x0")
+    assert GenerationSpec(start="renders", decode="noisy").decode == "noisy"   # the render's own path, decoded
