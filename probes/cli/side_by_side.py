@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from probes.common.files import open_log
+
 #: lines of a failed run's log quoted in the error
 TAIL_LINES = 12
 
@@ -41,15 +43,6 @@ class Job:
 def threads_each(cores: int, concurrent: int) -> int:
     """Torch threads for each of ``concurrent`` runs sharing ``cores``: never more threads than cores."""
     return max(1, cores // max(1, concurrent))
-
-
-def open_log(path: Path) -> IO[str]:
-    """A fresh log file that is never written through a link planted at its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_symlink():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    return os.fdopen(fd, "w", encoding="utf-8")
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:

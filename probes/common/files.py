@@ -178,3 +178,15 @@ def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict[str, 
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not {what} (a JSON {type(data).__name__}); {fix}")
     return data
+
+
+def open_log(path: str | os.PathLike) -> IO[str]:
+    """A fresh log file for a process's console, written while it runs (so not atomic: a crash must
+    leave what was written), but never through a link planted at its name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        _warn_link(path, "log")
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "w", encoding="utf-8")

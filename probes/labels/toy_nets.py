@@ -143,8 +143,11 @@ def _load_net(name: str, weights_dir: Path) -> nn.Module:
         raise ValueError(f"{path} has sha256 {got}, but MANIFEST.sha256 says {want}: the file is "
                          f"corrupt or stale; {FIX}")
     config = json.loads(path.with_suffix(".json").read_text())
-    net = build(name, config)
-    net.load_state_dict(load_file(str(path)))
+    # the net is cached for every later caller: its first may be a stage run under Lightning's
+    # inference mode, whose tensors a later caller with autograd on (an intervention's loss) cannot use
+    with torch.inference_mode(False):
+        net = build(name, config)
+        net.load_state_dict(load_file(str(path)))
     return net.eval()
 
 

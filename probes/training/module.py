@@ -415,13 +415,18 @@ class ProbeModule(pl.LightningModule):
                         if name != "loss":
                             logged[f"{split}/{t}/{name}/{layer.name}/step_{step:02d}"] = v
         if logged and not self.trainer.sanity_checking:
-            self.log_scores(logged)  # values are already all-reduced
+            if split == "test":      # once per run, and what ``trainer.test`` returns: through Lightning
+                self.log_dict(logged, rank_zero_only=True)  # values are already all-reduced
+            else:                    # every validation epoch: straight to the loggers
+                self.log_scores(logged)
         return rows
 
     def log_scores(self, scores: dict[str, float]) -> None:
-        """Every head's scores, straight to the loggers (W&B's per-head curves). Through ``self.log_dict``
-        Lightning wraps each of these thousands of scalars in a result object and moves it between
-        devices, which took longer than the ridge solve; the loggers' methods are rank-zero only."""
+        """Every head's validation scores, straight to the loggers (W&B's per-head curves). Through
+        ``self.log_dict`` Lightning wraps each of these thousands of scalars in a result object and moves
+        it between devices, at every epoch, which took longer than the ridge solve; the loggers' methods
+        are rank-zero only. (The test scores, logged once, still go through Lightning: ``trainer.test``
+        returns them.)"""
         for logger in self.loggers:
             logger.log_metrics(scores, step=self.global_step)
 

@@ -200,3 +200,17 @@ def test_changing_one_networks_settings_retrains_only_that_network(tmp_path):
     other_data = cli.Recipe(**{**cli.asdict(TINY), "scenes": 9})   # shared field: both retrain
     cli.train(tmp_path, other_data, eval_n=2)
     assert (tmp_path / "dense.safetensors").stat().st_mtime_ns != dense_mtime
+
+
+def test_a_net_first_loaded_under_inference_mode_serves_autograd_later():
+    """The demo's classifier stage loads the shared net inside Lightning's inference mode; the
+    intervention's loss then runs it with autograd on."""
+    labelers._load_net.cache_clear()
+    try:
+        with torch.inference_mode():
+            load_toy_net("classifier")
+        x = torch.rand(1, 3, 64, 64, requires_grad=True)
+        load_toy_net("classifier")(x).sum().backward()
+        assert x.grad is not None
+    finally:
+        labelers._load_net.cache_clear()
