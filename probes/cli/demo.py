@@ -49,6 +49,8 @@ LEGEND = {
     "control_random_same_images": "a freshly initialised U-Net run on the model's own trajectory, probed against "
                                   "the model's labels",
 }
+
+
 def load_average() -> str:
     """The machine's 1/5/15-minute load, for the timings' context (shared machines)."""
     try:

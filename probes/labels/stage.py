@@ -19,6 +19,7 @@ from probes.labels import check_labeler
 from probes.labels.base import Labeler, build_labeler
 from probes.labels.cache import LabelCache
 from probes.store.activations import ActivationStore
+from probes.tasks import get_task
 
 
 def labeler_configs(labels: Mapping[str, Any] | GroupFile | str | os.PathLike | None, key: str
@@ -30,8 +31,6 @@ def labeler_configs(labels: Mapping[str, Any] | GroupFile | str | os.PathLike | 
         labels = labels.content
     elif isinstance(labels, (str, os.PathLike)):  # a labels group file, e.g. configs/labels/sd14.yaml
         labels = yaml.safe_load(Path(labels).read_text())
-    from probes.tasks import get_task
-
     out = {}
     for task, cfg in dict(labels or {}).items():
         if not isinstance(cfg, Mapping) or "name" not in cfg:

@@ -73,11 +73,11 @@ def collect_results(module: Any, dm: Any = None, stages: Sequence[Any] = (), exp
         if per_image is not None:
             for t, (idx, vals) in decoded.items():
                 per_image.arrays[f"{t}/decoded"] = np.moveaxis(reorder(vals, idx, per_image.index), 0, -1).transpose(1, 0, 2)
-            # whether the decoded images' labeler is the labels' own (its curve then ends at 1 by construction)
-            other = getattr(dm, "decoded_labels", None) or {}
-            per_image.info["decoded_labeler"] = {t: (other.get(t) or dm.labels[t])["name"] for t in decoded
-                                                 if t in getattr(dm, "labels", {})}
-            per_image.info["labeler"] = {t: dm.labels[t]["name"] for t in decoded if t in getattr(dm, "labels", {})}
+            # which labelers made the labels and the decoded images' labels (the same one: that curve ends at
+            # 1 by construction); read off the caches the scores came from
+            caches, dec = getattr(dm, "label_caches", {}), getattr(dm, "decoded_label_caches", {})
+            per_image.info["labeler"] = {t: caches[t].labeler.name for t in decoded if t in caches}
+            per_image.info["decoded_labeler"] = {t: dec[t].labeler.name for t in decoded if t in dec}
     spec = module.spec
     best = best_heads(rows)
     summary = {"model": spec.model, "is_random": spec.is_random, "store_dir": spec.store_dir, "best": best,
