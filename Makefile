@@ -31,17 +31,15 @@ experiment: install  ## the demo's comparison on 500 test / 200 val scenes (conf
 demo-tiny: install  ## the pipeline alone on a tiny RANDOM-weight SD (CPU, ~1 min; numbers meaningless by design)
 	WANDB_SILENT=true $(PY) train.py fit --config configs/tiny.yaml
 
-# toy-model: the model recipe up to its VAE, then the labelers (which train on VAE round trips) on one
-# core beside the rest of the model recipe (latents, U-Net, samples) on the other. Measured for the
-# shipped V2 weights, one thread each, 2 shared cores (data/toy/*/RECIPE.md): render 100 s, VAE 553 s,
-# then latents 117 s + text 4 s + U-Net 6,234 s + samples 7 s beside labelers 1,327 s wall
-# (render 59, VAE round trips 91, dense 889, classifier 248, evaluation 40): about 7,015 s (117 min).
+# toy-model: the model recipe up to its VAE, then the labelers (which train on VAE round trips, one
+# thread), then the rest of the model recipe (latents, U-Net on two threads, samples). Measured on 2
+# quiet cores (data/toy/*/RECIPE.md, BENCHMARKS.md): render 100 s, VAE 553 s, labelers 1,327 s
+# (measured beside the V2 U-Net), latents 117 s, text 4 s, U-Net 9,000 steps at ~0.5 s, samples 7 s.
 toy-model: install  ## retrain the toy world's diffusion model and labelers from scratch (CPU, ~2 h on 2 cores; resumable: rerun to continue)
 	$(PY) -m probes.cli.main toy-model --out data/toy/model --work outputs/toy --until vae
 	$(PY) -m probes.cli.main toy-labelers train --config configs/toy/labelers.yaml --out data/toy/labelers \
-		--vae outputs/toy/vae.ckpt --force true & labelers=$$!; \
-	$(PY) -m probes.cli.main toy-model --out data/toy/model --work outputs/toy; model=$$?; \
-	wait $$labelers; labelers=$$?; test $$model -eq 0 && test $$labelers -eq 0
+		--vae outputs/toy/vae.ckpt --force true
+	$(PY) -m probes.cli.main toy-model --out data/toy/model --work outputs/toy
 
 intervene: install  ## causal test: move the object, on the demo's ridge probes and on mean-difference probes (after make demo)
 	WANDB_SILENT=true $(PY) -m probes.cli.main intervene --config configs/intervention/foreground.yaml \

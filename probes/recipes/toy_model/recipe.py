@@ -256,6 +256,9 @@ def run(config: Path, out: Path, work: Path, command: str, until: str | None = N
     embeds = denoiser.embed_captions(text_encoder, tokenizer, distinct)
     rec.update(text_s=time.time() - tick, n_captions=len(distinct) - 1)
 
+    # the U-Net stage may use more threads than the stages before it: ``make toy-model`` trains
+    # the labelers before it, so it has both cores to itself
+    torch.set_num_threads(int(cfg["unet"]["train"].get("threads", cfg.get("threads", 1))))
     unet = denoiser.build_unet(cfg["unet"]["arch"], seed + 2)
     ures, ema = denoiser.train_unet(unet, latents * rec["scaling_factor"], caption_index, embeds,
                                      cfg["unet"]["train"], cfg["scheduler"], work / "unet.ckpt", seed + 2)
