@@ -32,10 +32,11 @@ demo-tiny: install  ## the pipeline alone on a tiny RANDOM-weight SD (CPU, ~1 mi
 	WANDB_SILENT=true $(PY) train.py fit --config configs/tiny.yaml
 
 # toy-model: the model recipe up to its VAE, then the labelers (which train on VAE round trips, one
-# thread), then the rest of the model recipe (latents, U-Net on two threads, samples). Measured on 2
-# quiet cores (data/toy/*/RECIPE.md, BENCHMARKS.md): render 100 s, VAE 553 s, labelers 1,327 s
-# (measured beside the V2 U-Net), latents 117 s, text 4 s, U-Net 9,000 steps at ~0.5 s, samples 7 s.
-toy-model: install  ## retrain the toy world's diffusion model and labelers from scratch (CPU, ~2 h on 2 cores; resumable: rerun to continue)
+# thread), then the rest of the model recipe (latents, U-Net on two threads, samples): the U-Net
+# stage loses 3-4x beside another job, so nothing runs beside it. Quiet 2 cores, measured by stage
+# (data/toy/*/RECIPE.md, BENCHMARKS.md "The V3 trial"): render 73 s, VAE 346 s, labelers ~1,300 s,
+# latents 83 s, text 3 s, U-Net 5,000 steps at 0.5-0.6 s, samples 3 s: about 75 min.
+toy-model: install  ## retrain the toy world's diffusion model and labelers from scratch (CPU, ~75 min on 2 quiet cores; resumable: rerun to continue)
 	$(PY) -m probes.cli.main toy-model --out data/toy/model --work outputs/toy --until vae
 	$(PY) -m probes.cli.main toy-labelers train --config configs/toy/labelers.yaml --out data/toy/labelers \
 		--vae outputs/toy/vae.ckpt --force true

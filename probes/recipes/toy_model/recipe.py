@@ -258,7 +258,9 @@ def run(config: Path, out: Path, work: Path, command: str, until: str | None = N
 
     # the U-Net stage may use more threads than the stages before it: ``make toy-model`` trains
     # the labelers before it, so it has both cores to itself
-    torch.set_num_threads(int(cfg["unet"]["train"].get("threads", cfg.get("threads", 1))))
+    unet_threads = int(cfg["unet"]["train"].get("threads", cfg.get("threads", 1)))
+    torch.set_num_threads(unet_threads)
+    rec["machine"] += f"; {unet_threads} thread(s) in the U-Net stage"
     unet = denoiser.build_unet(cfg["unet"]["arch"], seed + 2)
     ures, ema = denoiser.train_unet(unet, latents * rec["scaling_factor"], caption_index, embeds,
                                      cfg["unet"]["train"], cfg["scheduler"], work / "unet.ckpt", seed + 2)
