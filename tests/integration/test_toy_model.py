@@ -120,7 +120,7 @@ def test_unet_stage_layout_changes_speed_not_training(tmp_path: Path) -> None:
         seen = []
         original = recipe.denoiser.train_unet
 
-        def spy(unet, *args, **kwargs):
+        def spy(unet, *args, seen=seen, original=original, **kwargs):
             seen.append(torch.get_num_threads())
             trained = original(unet, *args, **kwargs)
             assert all(p.is_contiguous() for p in unet.parameters())
