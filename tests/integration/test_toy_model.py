@@ -105,38 +105,47 @@ def test_recipe_stops_after_the_vae_for_the_labelers_and_continues_from_there(tm
         recipe.run(config, out, work, "test", until="unet")
 
 
-def test_unet_stage_layout_changes_speed_not_training(tmp_path: Path) -> None:
-    """V3 trains its U-Net channels-last on two threads: the same losses and weights as the default
-    layout (summation order aside), weights handed back contiguous (safetensors saves no others),
-    and the stage's thread count applied only to the stage."""
+def test_unet_stage_layout_changes_speed_not_training(tmp_path: Path, monkeypatch) -> None:
+    """The U-Net stage trains channels-last on its own thread count: the same losses and weights as
+    the default layout (summation order aside), weights handed back contiguous (safetensors saves no
+    others), and the stage's thread count set before it trains."""
     from probes.recipes.toy_model import recipe
 
+    original, seen = recipe.denoiser.train_unet, []
+
+    def spy(unet, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        trained = original(unet, *args, **kwargs)
+        assert all(p.is_contiguous() for p in unet.parameters())
+        return trained
+
+    monkeypatch.setattr(recipe.denoiser, "train_unet", spy)
     threads = torch.get_num_threads()
     runs = {}
-    for name, channels_last in (("cl", True), ("plain", False)):
-        cfg = yaml.safe_load(tiny_config(tmp_path / f"{name}.yaml", 3).read_text())
-        cfg["unet"]["train"].update(channels_last=channels_last, threads=2)
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-        seen = []
-        original = recipe.denoiser.train_unet
-
-        def spy(unet, *args, seen=seen, original=original, **kwargs):
-            seen.append(torch.get_num_threads())
-            trained = original(unet, *args, **kwargs)
-            assert all(p.is_contiguous() for p in unet.parameters())
-            return trained
-
-        recipe.denoiser.train_unet = spy
-        try:
+    try:
+        for name, channels_last in (("cl", True), ("plain", False)):
+            cfg = yaml.safe_load(tiny_config(tmp_path / f"{name}.yaml", 3).read_text())
+            cfg["unet"]["train"].update(channels_last=channels_last, threads=2)
+            (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
             recipe.run(tmp_path / f"{name}.yaml", tmp_path / f"{name}-model", tmp_path / f"{name}-work", "test")
-        finally:
-            recipe.denoiser.train_unet = original
-            torch.set_num_threads(threads)
-        assert seen == [2]
-        runs[name] = torch.load(tmp_path / f"{name}-work" / "unet.ckpt", weights_only=False)
+            runs[name] = torch.load(tmp_path / f"{name}-work" / "unet.ckpt", weights_only=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [2, 2]
     assert runs["cl"]["losses"] == pytest.approx(runs["plain"]["losses"], rel=1e-4)
     for k, v in runs["cl"]["model"].items():
         torch.testing.assert_close(v, runs["plain"]["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_recipe_refuses_a_bad_thread_count_before_any_work(tmp_path: Path) -> None:
+    from probes.recipes.toy_model import recipe
+
+    cfg = yaml.safe_load(tiny_config(tmp_path / "a.yaml", 2).read_text())
+    cfg["unet"]["train"]["threads"] = 0
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"unet\.train\.threads=0"):
+        recipe.run(tmp_path / "a.yaml", tmp_path / "model", tmp_path / "work", "test")
+    assert not (tmp_path / "work").exists()
 
 
 def test_saved_tokenizer_matches_offline_tokenizer(tmp_path: Path) -> None:

@@ -232,6 +232,11 @@ def run(config: Path, out: Path, work: Path, command: str, until: str | None = N
     if until is not None and until not in STOP_AFTER:
         raise ValueError(f"until={until!r} is no stage to stop after; use one of {STOP_AFTER} or leave it unset")
     cfg = load_config(config)
+    # the U-Net stage may use more threads than the stages before it: ``make toy-model`` trains
+    # the labelers before it, so it has both cores to itself
+    unet_threads = int(cfg["unet"]["train"].get("threads", cfg.get("threads", 1)))
+    if unet_threads < 1:
+        raise ValueError(f"unet.train.threads={unet_threads} in {config}: give a thread count of 1 or more")
     torch.set_num_threads(int(cfg.get("threads", 1)))
     work.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["seed"])
@@ -256,9 +261,6 @@ def run(config: Path, out: Path, work: Path, command: str, until: str | None = N
     embeds = denoiser.embed_captions(text_encoder, tokenizer, distinct)
     rec.update(text_s=time.time() - tick, n_captions=len(distinct) - 1)
 
-    # the U-Net stage may use more threads than the stages before it: ``make toy-model`` trains
-    # the labelers before it, so it has both cores to itself
-    unet_threads = int(cfg["unet"]["train"].get("threads", cfg.get("threads", 1)))
     torch.set_num_threads(unet_threads)
     rec["machine"] += f"; {unet_threads} thread(s) in the U-Net stage"
     unet = denoiser.build_unet(cfg["unet"]["arch"], seed + 2)
